@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Measures a standalone Herald with loadgen, one scenario after another, and
+# prints one line per run. Reproduces the tables of docs/benchmarks.md:
+#
+#   bash bench/loadgen-table.sh            # the fixed scenarios
+#   bash bench/loadgen-table.sh ladder     # 1k subscribers, rising rates
+#   bash bench/loadgen-table.sh idle       # RSS per idle connection at 10k
+#
+# Herald and loadgen share the machine; each run's JSON is kept in
+# target/loadgen-table/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release -q -p herald -p herald-loadgen
+out=target/loadgen-table
+mkdir -p "$out"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+port=${PORT:-18080}
+target/release/herald --listen "127.0.0.1:$port" >"$out/herald.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+ws="ws://127.0.0.1:$port/ws?channel={channel}"
+sse="http://127.0.0.1:$port/sse?channel={channel}"
+
+run() {
+  local name=$1
+  shift
+  target/release/loadgen fanout --quiet --server-pid "$pid" --json "$out/$name.json" "$@" >"$out/$name.txt"
+  python3 - "$out/$name.json" "$name" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+d, c = r["delivery_latency_us"], r["completion_latency_us"]
+print(f"{sys.argv[2]:<14} subs {r['subscribers']:>5} {r['transport']:<3} rate {r['rate']:>7.0f}/s  "
+      f"deliv/s {r['deliveries_per_s']:>9.0f}  lost {r['lost']:>6}  "
+      f"deliv p50/p99 {d['p50']/1000:7.2f}/{d['p99']/1000:7.2f} ms  complete p50/p99 {c['p50']/1000:7.2f}/{c['p99']/1000:7.2f} ms  "
+      f"server {r.get('server_cpu_us_per_delivery') or 0:5.2f} us/d  client {r['client_cpu_us_per_delivery']:5.2f} us/d  "
+      f"hiccup p99 {r['machine_hiccup_us']['p99']/1000:6.2f} ms  saturated {r['client_saturated']}")
+EOF
+}
+
+case "${1:-table}" in
+table)
+  run ws-1k --url "$ws" --subscribers 1000 --rate 100 --duration 10 --warmup 2
+  run ws-5k --url "$ws" --subscribers 5000 --rate 20 --duration 10 --warmup 2
+  run sse-1k --url "$sse" --transport sse --subscribers 1000 --rate 100 --duration 10 --warmup 2
+  ;;
+ladder)
+  for rate in ${RATES:-100 200 400 800 1600 3200}; do
+    run "ladder-$rate" --url "$ws" --subscribers 1000 --rate "$rate" --duration 5 --warmup 1
+  done
+  ;;
+idle)
+  target/release/loadgen connect --quiet --url "ws://127.0.0.1:$port/ws?channel=idle" \
+    --connections "${CONNECTIONS:-10000}" --rate 2000 --hold 3 --server-pid "$pid" --json "$out/idle.json"
+  ;;
+*)
+  echo "usage: $0 [table|ladder|idle]" >&2
+  exit 2
+  ;;
+esac

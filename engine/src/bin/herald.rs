@@ -1,0 +1,120 @@
+//! `herald`: the standalone server.
+//!
+//! With no arguments it serves `127.0.0.1:8080` with the local broker.
+//! Settings come from defaults, then `--config FILE`, then `HERALD_*`
+//! environment variables and flags.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use herald::{Config, Herald, SlowConsumerPolicy};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// WebSocket + SSE fan-out server.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "HERALD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Shards (threads); 0 = one per core.
+    #[arg(long, env = "HERALD_SHARDS")]
+    shards: Option<usize>,
+    /// TOML config file; flags and environment override it.
+    #[arg(long, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Largest message payload in bytes.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// Open client connections allowed at once.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Subscriptions allowed per connection.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS")]
+    max_subscriptions: Option<usize>,
+    /// Bytes queued per connection before the slow-consumer policy applies.
+    #[arg(long, env = "HERALD_OUTBOUND_QUEUE_BYTES")]
+    outbound_queue_bytes: Option<usize>,
+    /// What to do with a subscriber whose queue is full.
+    #[arg(long, env = "HERALD_SLOW_CONSUMER", value_parser = ["disconnect", "drop"])]
+    slow_consumer: Option<String>,
+    /// Largest HTTP request head in bytes (431 above it).
+    #[arg(long, env = "HERALD_MAX_REQUEST_HEAD_BYTES")]
+    max_request_head_bytes: Option<usize>,
+    /// Deadline for a whole request head, in milliseconds.
+    #[arg(long, env = "HERALD_REQUEST_HEAD_TIMEOUT_MS")]
+    request_head_timeout_ms: Option<u64>,
+    /// Server ping interval on idle WebSockets, in milliseconds.
+    #[arg(long, env = "HERALD_PING_INTERVAL_MS")]
+    ping_interval_ms: Option<u64>,
+    /// Close a WebSocket silent for this long, in milliseconds.
+    #[arg(long, env = "HERALD_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Channels whose counters are remembered.
+    #[arg(long, env = "HERALD_MAX_CHANNELS")]
+    max_channels: Option<usize>,
+    /// Refuse `publish` commands from WebSocket clients.
+    #[arg(long, env = "HERALD_NO_CLIENT_PUBLISH")]
+    no_client_publish: bool,
+    /// Also serve `GET /echo`, a WebSocket echo endpoint for conformance tests.
+    #[arg(long, env = "HERALD_ECHO")]
+    echo: bool,
+    /// Seconds to drain connections on SIGINT/SIGTERM.
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
+}
+
+fn config(args: &Args) -> anyhow::Result<Config> {
+    let mut c = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = args.$f { c.$f = v; } )* };
+    }
+    set!(listen, shards, max_message_bytes, max_connections, max_subscriptions, outbound_queue_bytes, max_request_head_bytes);
+    set!(request_head_timeout_ms, ping_interval_ms, idle_timeout_ms, max_channels);
+    if let Some(p) = &args.slow_consumer {
+        c.slow_consumer = p.parse::<SlowConsumerPolicy>().map_err(anyhow::Error::msg)?;
+    }
+    if args.no_client_publish {
+        c.client_publish = false;
+    }
+    if args.echo {
+        c.echo = true;
+    }
+    Ok(c)
+}
+
+async fn signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let config = config(&args)?;
+    let herald = Herald::start(config).context("cannot start herald")?;
+    if let Some(addr) = herald.local_addr() {
+        tracing::info!(%addr, shards = herald.config().shards, "listening");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let which = signal().await?;
+        tracing::info!(signal = which, "draining connections");
+        herald.shutdown(Duration::from_secs(args.shutdown_grace_secs)).await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,193 @@
+//! The local broker's channel table: for each channel, its epoch, its next
+//! offset and the set of shards with subscribers.
+//!
+//! The table is split into stripes, each behind its own mutex, so publishes
+//! to different channels rarely meet. A publish takes its stripe's lock for
+//! the few instructions that spend an offset and queue the message on the
+//! shards, so every shard sees a channel's messages in offset order. Nothing
+//! on the per-subscriber path takes a lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{PublishError, Published};
+use crate::message::{Epoch, Message};
+use crate::proto::json::Payload;
+use crate::shard::inbox::{Dispatch, ShardSet};
+
+const STRIPES: usize = 64;
+
+#[derive(Debug)]
+struct Entry {
+    name: Arc<str>,
+    shards: ShardSet,
+    epoch: Epoch,
+    next_offset: u64,
+}
+
+type Stripe = Mutex<HashMap<Arc<str>, Entry>>;
+
+#[derive(Debug)]
+pub(crate) struct ChannelTable {
+    stripes: Box<[Stripe]>,
+    len: AtomicUsize,
+    max: usize,
+}
+
+/// The table is full of channels that have subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableFull;
+
+fn stripe_of(name: &str) -> usize {
+    // FNV-1a: cheap and good enough to spread names over stripes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in name.as_bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % STRIPES as u64) as usize
+}
+
+impl ChannelTable {
+    pub(crate) fn new(max_channels: usize) -> ChannelTable {
+        ChannelTable { stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(), len: AtomicUsize::new(0), max: max_channels }
+    }
+
+    fn lock(&self, i: usize) -> MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+        // A panic while holding a stripe cannot leave an entry half-written
+        // (every update is a plain field store), so a poisoned lock is safe to use.
+        self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gets the entry for `name`, creating it (with a new epoch) if needed.
+    fn entry<'a>(&self, map: &'a mut HashMap<Arc<str>, Entry>, stripe: usize, name: &str) -> Result<&'a mut Entry, TableFull> {
+        if !map.contains_key(name) {
+            if self.len.load(Ordering::Relaxed) >= self.max && !self.evict_idle(map, stripe) {
+                return Err(TableFull);
+            }
+            self.len.fetch_add(1, Ordering::Relaxed);
+            let name: Arc<str> = name.into();
+            map.insert(Arc::clone(&name), Entry { name, shards: ShardSet::default(), epoch: Epoch::random(), next_offset: 1 });
+        }
+        map.get_mut(name).ok_or(TableFull)
+    }
+
+    /// Forgets one channel without subscribers, from the locked stripe or
+    /// another one that is free right now.
+    fn evict_idle(&self, locked: &mut HashMap<Arc<str>, Entry>, stripe: usize) -> bool {
+        if remove_idle(locked) {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return true;
+        }
+        for (i, other) in self.stripes.iter().enumerate() {
+            if i == stripe {
+                continue;
+            }
+            if let Ok(mut map) = other.try_lock() {
+                if remove_idle(&mut map) {
+                    self.len.fetch_sub(1, Ordering::Relaxed);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Spends the next offset of `channel` and queues the message on every
+    /// shard with subscribers, atomically with respect to other publishes
+    /// to the channel.
+    pub(crate) fn publish(&self, dispatch: &Dispatch, channel: &str, payload: Payload) -> Result<Published, PublishError> {
+        let stripe = stripe_of(channel);
+        let mut map = self.lock(stripe);
+        let entry = self.entry(&mut map, stripe, channel).map_err(|_| PublishError::ChannelLimit)?;
+        let shards = entry.shards;
+        dispatch.reserve(shards).map_err(|_| PublishError::Overloaded)?;
+        let offset = entry.next_offset;
+        entry.next_offset += 1;
+        let published = Published { channel: Arc::clone(&entry.name), offset, epoch: entry.epoch };
+        if !shards.is_empty() {
+            let msg = Arc::new(Message::new(Arc::clone(&entry.name), offset, payload));
+            dispatch.push(shards, &msg);
+        }
+        drop(map);
+        dispatch.wake(shards);
+        Ok(published)
+    }
+
+    /// Adds `shard` to the channel's shard set (its first local subscriber).
+    pub(crate) fn subscribe(&self, channel: &str, shard: usize) -> Result<(Arc<str>, Epoch), TableFull> {
+        let stripe = stripe_of(channel);
+        let mut map = self.lock(stripe);
+        let entry = self.entry(&mut map, stripe, channel)?;
+        entry.shards.insert(shard);
+        Ok((Arc::clone(&entry.name), entry.epoch))
+    }
+
+    /// Removes `shard` from the channel's shard set (its last local
+    /// subscriber left). The entry stays, keeping the offset counter.
+    pub(crate) fn unsubscribe(&self, channel: &str, shard: usize) {
+        let mut map = self.lock(stripe_of(channel));
+        if let Some(e) = map.get_mut(channel) {
+            e.shards.remove(shard);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+}
+
+fn remove_idle(map: &mut HashMap<Arc<str>, Entry>) -> bool {
+    let idle = map.iter().find(|(_, e)| e.shards.is_empty()).map(|(k, _)| Arc::clone(k));
+    idle.is_some_and(|k| map.remove(&k).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_contiguous_and_reach_subscribed_shards_only() {
+        let d = Dispatch::new(2, 16);
+        let t = ChannelTable::new(100);
+        let (_, epoch) = t.subscribe("news", 1).unwrap();
+        for want in 1..=3 {
+            let p = t.publish(&d, "news", Payload::text("x")).unwrap();
+            assert_eq!((p.offset, p.epoch), (want, epoch));
+        }
+        assert!(d.inbox(0).pop().is_none());
+        let offsets: Vec<u64> = std::iter::from_fn(|| d.inbox(1).pop()).map(|m| m.offset).collect();
+        assert_eq!(offsets, vec![1, 2, 3]);
+        t.unsubscribe("news", 1);
+        assert_eq!(t.publish(&d, "news", Payload::text("x")).unwrap().offset, 4, "the counter outlives subscribers");
+        assert!(d.inbox(1).pop().is_none());
+    }
+
+    #[test]
+    fn a_full_table_forgets_idle_channels_then_refuses() {
+        let d = Dispatch::new(1, 16);
+        let t = ChannelTable::new(2);
+        t.subscribe("a", 0).unwrap();
+        let b1 = t.publish(&d, "b", Payload::text("x")).unwrap();
+        // "c" evicts the idle "b"; "b" then comes back with a new epoch.
+        t.publish(&d, "c", Payload::text("x")).unwrap();
+        assert_eq!(t.len(), 2);
+        t.subscribe("c", 0).unwrap();
+        assert_eq!(t.publish(&d, "b", Payload::text("x")), Err(PublishError::ChannelLimit));
+        t.unsubscribe("c", 0);
+        let b2 = t.publish(&d, "b", Payload::text("x")).unwrap();
+        assert_eq!(b2.offset, 1);
+        assert_ne!(b2.epoch, b1.epoch);
+    }
+
+    #[test]
+    fn a_full_shard_queue_spends_no_offset() {
+        let d = Dispatch::new(1, 1);
+        let t = ChannelTable::new(10);
+        t.subscribe("a", 0).unwrap();
+        assert_eq!(t.publish(&d, "a", Payload::text("1")).unwrap().offset, 1);
+        assert_eq!(t.publish(&d, "a", Payload::text("2")), Err(PublishError::Overloaded));
+        d.inbox(0).pop();
+        assert_eq!(t.publish(&d, "a", Payload::text("3")).unwrap().offset, 2);
+    }
+}

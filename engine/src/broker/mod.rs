@@ -1,0 +1,60 @@
+//! Brokers: where a publish goes before it reaches the shards.
+//!
+//! - [`local`]: the default, in-process broker. Offsets and epochs live in
+//!   this node's channel table.
+
+pub(crate) mod local;
+
+use std::sync::Arc;
+
+use crate::message::Epoch;
+use crate::proto::ErrorCode;
+
+/// A publish accepted by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// The message's offset in its channel (from 1).
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: Epoch,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The channel name breaks the rules.
+    #[error("{0}")]
+    BadChannel(#[from] crate::proto::channel::ChannelError),
+    /// The payload is over the maximum message size.
+    #[error("payload is {size} bytes, over the limit of {max}")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A shard's queue is full; retry later.
+    #[error("server overloaded: a shard queue is full")]
+    Overloaded,
+    /// The channel table is full of channels with subscribers.
+    #[error("channel limit reached")]
+    ChannelLimit,
+    /// The server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+}
+
+impl PublishError {
+    /// The protocol error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PublishError::BadChannel(_) => ErrorCode::BadChannel,
+            PublishError::TooLarge { .. } => ErrorCode::TooLarge,
+            PublishError::Overloaded => ErrorCode::Overloaded,
+            PublishError::ChannelLimit => ErrorCode::Limit,
+            PublishError::ShuttingDown => ErrorCode::Unavailable,
+        }
+    }
+}

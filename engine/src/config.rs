@@ -1,0 +1,276 @@
+//! Configuration: a plain struct with builder setters, readable from TOML.
+//!
+//! Every limit has a default and a key. Memory per connection is bounded by
+//! `outbound_queue_bytes` (frames waiting to be written) plus, while a
+//! client sends a frame or a fragmented message, `max_message_bytes` plus
+//! [`COMMAND_OVERHEAD_BYTES`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Room in an inbound frame for a command around its payload (`op`,
+/// a channel name of up to 255 bytes, `id`).
+pub const COMMAND_OVERHEAD_BYTES: usize = 1024;
+
+/// What happens when a subscriber's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection: WebSocket close 1008 "slow consumer", SSE
+    /// stream ended. The default.
+    Disconnect,
+    /// Drop the frame and count it; the subscriber sees the gap as a jump
+    /// in the channel's offsets.
+    Drop,
+}
+
+impl std::str::FromStr for SlowConsumerPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
+            "drop" => Ok(SlowConsumerPolicy::Drop),
+            other => Err(format!("unknown slow-consumer policy {other:?} (expected disconnect or drop)")),
+        }
+    }
+}
+
+/// Herald's configuration. `Config::default()` is the standalone default:
+/// `127.0.0.1:8080`, one shard per core, local broker.
+///
+/// TOML keys are the field names; durations are in milliseconds with an
+/// `_ms` suffix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Number of shards (threads); 0 means one per available core. At most 128.
+    pub shards: usize,
+    /// Largest message payload in bytes (publish bodies, `data` of a publish
+    /// command); a client frame or reassembled message may be this plus
+    /// [`COMMAND_OVERHEAD_BYTES`]. Default 64 KiB.
+    pub max_message_bytes: usize,
+    /// Largest HTTP request head in bytes; over it the answer is 431.
+    /// Default 16 KiB (at least 8 KiB).
+    pub max_request_head_bytes: usize,
+    /// Deadline for receiving a whole request head, from its first byte;
+    /// trickled bytes do not extend it. Default 10 s.
+    pub request_head_timeout_ms: u64,
+    /// Open client connections allowed at once (TCP connections in the
+    /// standalone server; WebSocket and SSE connections when embedded).
+    /// Default 100,000.
+    pub max_connections: usize,
+    /// Subscriptions allowed per connection. Default 1,024.
+    pub max_subscriptions: usize,
+    /// Channels whose counters are remembered. When full, a channel with no
+    /// subscriber is forgotten (its next publish starts a new epoch); when
+    /// every channel has subscribers, new channels are refused (`limit`).
+    /// Default 1,000,000 (about 150 bytes each plus the name).
+    pub max_channels: usize,
+    /// Bytes of frames queued for one connection before the slow-consumer
+    /// policy applies. Default 1 MiB.
+    pub outbound_queue_bytes: usize,
+    /// What happens when a connection's outbound queue is full.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Messages waiting for one shard before publishes to it are refused
+    /// with `overloaded` (HTTP 503). Default 65,536 (16 bytes each).
+    pub shard_queue_capacity: usize,
+    /// Interval between server pings on an idle WebSocket. Default 25 s.
+    pub ping_interval_ms: u64,
+    /// A WebSocket that sends nothing (not even a pong) for this long is
+    /// closed with 1001 "idle timeout". Default 60 s.
+    pub idle_timeout_ms: u64,
+    /// How long a closing connection may take to flush its close frame and
+    /// see the client's reply. Default 5 s.
+    pub close_timeout_ms: u64,
+    /// Interval of the `:` keep-alive comment on an idle SSE stream. Default 15 s.
+    pub sse_keepalive_ms: u64,
+    /// Whether WebSocket clients may publish. Default true; when false the
+    /// `publish` command gets error `forbidden`.
+    pub client_publish: bool,
+    /// Serve `GET /echo`, a WebSocket echo endpoint for conformance
+    /// testing. Default false.
+    pub echo: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: 0,
+            max_message_bytes: 64 * 1024,
+            max_request_head_bytes: 16 * 1024,
+            request_head_timeout_ms: 10_000,
+            max_connections: 100_000,
+            max_subscriptions: 1024,
+            max_channels: 1_000_000,
+            outbound_queue_bytes: 1024 * 1024,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
+            shard_queue_capacity: 65_536,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            close_timeout_ms: 5_000,
+            sse_keepalive_ms: 15_000,
+            client_publish: true,
+            echo: false,
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The path.
+        path: String,
+        /// The parse error.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Most shards supported (the channel index keeps shard sets as 128-bit masks).
+pub const MAX_SHARDS: usize = 128;
+
+macro_rules! setter {
+    ($(#[$m:meta])* $name:ident: $ty:ty) => {
+        $(#[$m])*
+        pub fn $name(&mut self, value: $ty) -> &mut Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+macro_rules! duration_setter {
+    ($(#[$m:meta])* $name:ident => $field:ident) => {
+        $(#[$m])*
+        pub fn $name(&mut self, value: Duration) -> &mut Self {
+            self.$field = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
+            self
+        }
+    };
+}
+
+impl Config {
+    /// Reads a TOML file; keys it does not set keep their defaults.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+    }
+
+    setter!(/// Sets [`Config::listen`].
+        listen: SocketAddr);
+    setter!(/// Sets [`Config::shards`].
+        shards: usize);
+    setter!(/// Sets [`Config::max_message_bytes`].
+        max_message_bytes: usize);
+    setter!(/// Sets [`Config::max_request_head_bytes`].
+        max_request_head_bytes: usize);
+    setter!(/// Sets [`Config::max_connections`].
+        max_connections: usize);
+    setter!(/// Sets [`Config::max_subscriptions`].
+        max_subscriptions: usize);
+    setter!(/// Sets [`Config::max_channels`].
+        max_channels: usize);
+    setter!(/// Sets [`Config::outbound_queue_bytes`].
+        outbound_queue_bytes: usize);
+    setter!(/// Sets [`Config::slow_consumer`].
+        slow_consumer: SlowConsumerPolicy);
+    setter!(/// Sets [`Config::shard_queue_capacity`].
+        shard_queue_capacity: usize);
+    setter!(/// Sets [`Config::client_publish`].
+        client_publish: bool);
+    setter!(/// Sets [`Config::echo`].
+        echo: bool);
+    duration_setter!(/// Sets [`Config::request_head_timeout_ms`].
+        request_head_timeout => request_head_timeout_ms);
+    duration_setter!(/// Sets [`Config::ping_interval_ms`].
+        ping_interval => ping_interval_ms);
+    duration_setter!(/// Sets [`Config::idle_timeout_ms`].
+        idle_timeout => idle_timeout_ms);
+    duration_setter!(/// Sets [`Config::close_timeout_ms`].
+        close_timeout => close_timeout_ms);
+    duration_setter!(/// Sets [`Config::sse_keepalive_ms`].
+        sse_keepalive => sse_keepalive_ms);
+
+    /// Checks ranges and resolves `shards = 0` to the core count.
+    pub fn validated(&self) -> Result<Config, ConfigError> {
+        let mut c = self.clone();
+        if c.shards == 0 {
+            c.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(ConfigError::Invalid(what.to_string())) };
+        check(c.shards <= MAX_SHARDS, &format!("shards must be at most {MAX_SHARDS}"))?;
+        check(c.max_message_bytes >= 1, "max_message_bytes must be at least 1")?;
+        check(c.max_request_head_bytes >= 8192, "max_request_head_bytes must be at least 8192")?;
+        check(c.request_head_timeout_ms >= 1, "request_head_timeout_ms must be at least 1")?;
+        check(c.max_connections >= 1, "max_connections must be at least 1")?;
+        check(c.max_subscriptions >= 1, "max_subscriptions must be at least 1")?;
+        check(c.max_channels >= 1, "max_channels must be at least 1")?;
+        check(c.outbound_queue_bytes >= 1024, "outbound_queue_bytes must be at least 1024")?;
+        // The JSON escaping of a text payload can make its frame up to six
+        // times its size: the queue must hold the largest frame whole, or a
+        // subscriber with an empty queue would overflow on it.
+        check(
+            c.outbound_queue_bytes >= c.max_message_bytes.saturating_mul(6).saturating_add(1024),
+            "outbound_queue_bytes must be at least 6 × max_message_bytes + 1024 (the largest frame must fit an empty queue)",
+        )?;
+        check(c.close_timeout_ms >= 1, "close_timeout_ms must be at least 1")?;
+        check(c.shard_queue_capacity >= 1, "shard_queue_capacity must be at least 1")?;
+        check(c.ping_interval_ms >= 1, "ping_interval_ms must be at least 1")?;
+        check(c.idle_timeout_ms >= 1, "idle_timeout_ms must be at least 1")?;
+        check(c.sse_keepalive_ms >= 1, "sse_keepalive_ms must be at least 1")?;
+        Ok(c)
+    }
+
+    pub(crate) fn dur(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_overrides_defaults() {
+        let c: Config = toml::from_str("max_connections = 5\nslow_consumer = \"drop\"\nlisten = \"0.0.0.0:9000\"").unwrap();
+        assert_eq!(c.max_connections, 5);
+        assert_eq!(c.slow_consumer, SlowConsumerPolicy::Drop);
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.max_message_bytes, 64 * 1024);
+        assert!(toml::from_str::<Config>("max_conections = 5").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn builder_and_validation() {
+        let mut c = Config::default();
+        c.shards(3).idle_timeout(Duration::from_secs(2)).max_subscriptions(4);
+        let v = c.validated().unwrap();
+        assert_eq!((v.shards, v.idle_timeout_ms, v.max_subscriptions), (3, 2000, 4));
+        assert!(Config::default().validated().unwrap().shards >= 1);
+        assert!(Config::default().max_request_head_bytes(100).validated().is_err());
+        assert!(Config::default().shards(MAX_SHARDS + 1).validated().is_err());
+        let err = Config::default().max_message_bytes(1 << 20).validated().unwrap_err().to_string();
+        assert!(err.contains("outbound_queue_bytes"), "{err}");
+        assert!(Config::default().max_message_bytes(1 << 20).outbound_queue_bytes(8 << 20).validated().is_ok());
+    }
+}

@@ -1,0 +1,285 @@
+//! Counters kept per shard and summed at scrape, so the hot path never
+//! contends on a shared cache line.
+//!
+//! Each shard writes only its own [`ShardMetrics`]; code that runs outside
+//! a shard (the embedder's threads, the acceptor) writes the extra
+//! "global" slot. `/metrics` renders the sum in Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::proto::ErrorCode;
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub(crate) struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    #[inline]
+    pub(crate) fn inc(&self) {
+        self.add(1);
+    }
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Wire forms a message is encoded into, each at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    WsJson = 0,
+    WsRaw = 1,
+    SseJson = 2,
+    SseRaw = 3,
+}
+
+impl Form {
+    pub(crate) const ALL: [Form; 4] = [Form::WsJson, Form::WsRaw, Form::SseJson, Form::SseRaw];
+    fn label(self) -> &'static str {
+        match self {
+            Form::WsJson => "ws_json",
+            Form::WsRaw => "ws_raw",
+            Form::SseJson => "sse_json",
+            Form::SseRaw => "sse_raw",
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disconnect {
+    /// The client sent a close frame (WebSocket) or went away (either).
+    Client = 0,
+    /// The outbound queue overflowed under the `disconnect` policy.
+    SlowConsumer = 1,
+    /// Nothing received for the idle timeout.
+    IdleTimeout = 2,
+    /// RFC 6455 violation (close 1002).
+    ProtocolError = 3,
+    /// Text that is not UTF-8 (close 1007).
+    InvalidUtf8 = 4,
+    /// Frame or message over the limit (close 1009).
+    TooLarge = 5,
+    /// Server shutdown (close 1001).
+    Shutdown = 6,
+    /// A socket error.
+    IoError = 7,
+}
+
+impl Disconnect {
+    const ALL: [Disconnect; 8] = [
+        Disconnect::Client,
+        Disconnect::SlowConsumer,
+        Disconnect::IdleTimeout,
+        Disconnect::ProtocolError,
+        Disconnect::InvalidUtf8,
+        Disconnect::TooLarge,
+        Disconnect::Shutdown,
+        Disconnect::IoError,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            Disconnect::Client => "client",
+            Disconnect::SlowConsumer => "slow_consumer",
+            Disconnect::IdleTimeout => "idle_timeout",
+            Disconnect::ProtocolError => "protocol_error",
+            Disconnect::InvalidUtf8 => "invalid_utf8",
+            Disconnect::TooLarge => "too_large",
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::IoError => "io_error",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram buckets, in microseconds.
+const BUCKETS_US: [u64; 16] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    buckets: [Counter; BUCKETS_US.len() + 1],
+    sum_ns: Counter,
+}
+
+impl Histogram {
+    #[inline]
+    pub(crate) fn record(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = BUCKETS_US.iter().position(|&b| us <= b).unwrap_or(BUCKETS_US.len());
+        self.buckets[i].inc();
+        self.sum_ns.add(d.as_nanos() as u64);
+    }
+}
+
+/// One shard's counters (or the global slot's).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct ShardMetrics {
+    pub ws_opened: Counter,
+    pub ws_closed: Counter,
+    pub sse_opened: Counter,
+    pub sse_closed: Counter,
+    pub rejected_max_connections: Counter,
+    pub subscriptions_added: Counter,
+    pub subscriptions_removed: Counter,
+    pub published: Counter,
+    pub encoded: [Counter; 4],
+    pub delivered_ws: Counter,
+    pub delivered_sse: Counter,
+    pub bytes_delivered: Counter,
+    pub dropped_slow_consumer: Counter,
+    pub disconnects: [Counter; 8],
+    pub errors: [Counter; ErrorCode::ALL.len()],
+    pub publish_overloaded: Counter,
+    pub broker_reconnects: Counter,
+    pub publish_to_write: Histogram,
+}
+
+impl ShardMetrics {
+    pub(crate) fn disconnect(&self, reason: Disconnect) {
+        self.disconnects[reason as usize].inc();
+    }
+    pub(crate) fn error(&self, code: ErrorCode) {
+        self.errors[code.index()].inc();
+    }
+}
+
+/// All shards' counters plus the global slot (the last one).
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    slots: Box<[ShardMetrics]>,
+}
+
+impl Metrics {
+    pub(crate) fn new(shards: usize) -> Metrics {
+        Metrics { slots: (0..=shards).map(|_| ShardMetrics::default()).collect() }
+    }
+
+    pub(crate) fn shard(&self, i: usize) -> &ShardMetrics {
+        &self.slots[i]
+    }
+
+    pub(crate) fn global(&self) -> &ShardMetrics {
+        &self.slots[self.slots.len() - 1]
+    }
+
+    fn sum(&self, f: impl Fn(&ShardMetrics) -> &Counter) -> u64 {
+        self.slots.iter().map(|s| f(s).get()).sum()
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub(crate) fn render(&self, extra_gauges: &[(&str, &str, u64)]) -> String {
+        let mut out = String::with_capacity(4096);
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(&mut out, "herald_connections_open", "gauge", "Open WebSocket and SSE connections.");
+        let ws_open = self.sum(|s| &s.ws_opened).saturating_sub(self.sum(|s| &s.ws_closed));
+        let sse_open = self.sum(|s| &s.sse_opened).saturating_sub(self.sum(|s| &s.sse_closed));
+        let _ = writeln!(out, "herald_connections_open{{transport=\"ws\"}} {ws_open}");
+        let _ = writeln!(out, "herald_connections_open{{transport=\"sse\"}} {sse_open}");
+
+        head(&mut out, "herald_shard_connections_open", "gauge", "Open WebSocket and SSE connections per shard.");
+        for (i, m) in self.slots[..self.slots.len() - 1].iter().enumerate() {
+            let open = (m.ws_opened.get() + m.sse_opened.get()).saturating_sub(m.ws_closed.get() + m.sse_closed.get());
+            let _ = writeln!(out, "herald_shard_connections_open{{shard=\"{i}\"}} {open}");
+        }
+
+        head(&mut out, "herald_connections_total", "counter", "WebSocket and SSE connections opened.");
+        let _ = writeln!(out, "herald_connections_total{{transport=\"ws\"}} {}", self.sum(|s| &s.ws_opened));
+        let _ = writeln!(out, "herald_connections_total{{transport=\"sse\"}} {}", self.sum(|s| &s.sse_opened));
+
+        head(&mut out, "herald_connections_rejected_total", "counter", "Connections refused, by reason.");
+        let _ =
+            writeln!(out, "herald_connections_rejected_total{{reason=\"max_connections\"}} {}", self.sum(|s| &s.rejected_max_connections));
+
+        head(&mut out, "herald_subscriptions", "gauge", "Active subscriptions (connection, channel).");
+        let subs = self.sum(|s| &s.subscriptions_added).saturating_sub(self.sum(|s| &s.subscriptions_removed));
+        let _ = writeln!(out, "herald_subscriptions {subs}");
+
+        head(&mut out, "herald_messages_published_total", "counter", "Messages accepted for publishing.");
+        let _ = writeln!(out, "herald_messages_published_total {}", self.sum(|s| &s.published));
+
+        head(&mut out, "herald_frames_encoded_total", "counter", "Messages encoded into a wire form (once per message and form).");
+        for f in Form::ALL {
+            let _ = writeln!(out, "herald_frames_encoded_total{{form=\"{}\"}} {}", f.label(), self.sum(|s| &s.encoded[f as usize]));
+        }
+
+        head(&mut out, "herald_frames_delivered_total", "counter", "Message frames written to subscribers' sockets.");
+        let _ = writeln!(out, "herald_frames_delivered_total{{transport=\"ws\"}} {}", self.sum(|s| &s.delivered_ws));
+        let _ = writeln!(out, "herald_frames_delivered_total{{transport=\"sse\"}} {}", self.sum(|s| &s.delivered_sse));
+
+        head(&mut out, "herald_bytes_delivered_total", "counter", "Bytes of message frames written to subscribers.");
+        let _ = writeln!(out, "herald_bytes_delivered_total {}", self.sum(|s| &s.bytes_delivered));
+
+        head(&mut out, "herald_frames_dropped_total", "counter", "Message frames dropped, by reason.");
+        let _ = writeln!(out, "herald_frames_dropped_total{{reason=\"slow_consumer\"}} {}", self.sum(|s| &s.dropped_slow_consumer));
+
+        head(&mut out, "herald_disconnects_total", "counter", "Connections ended, by reason.");
+        for d in Disconnect::ALL {
+            let _ = writeln!(out, "herald_disconnects_total{{reason=\"{}\"}} {}", d.label(), self.sum(|s| &s.disconnects[d as usize]));
+        }
+
+        head(&mut out, "herald_errors_total", "counter", "Requests and commands refused, by error code.");
+        for c in ErrorCode::ALL {
+            let _ = writeln!(out, "herald_errors_total{{code=\"{}\"}} {}", c.as_str(), self.sum(|s| &s.errors[c.index()]));
+        }
+
+        head(&mut out, "herald_publish_overloaded_total", "counter", "Publishes refused because a shard queue was full.");
+        let _ = writeln!(out, "herald_publish_overloaded_total {}", self.sum(|s| &s.publish_overloaded));
+
+        head(&mut out, "herald_broker_reconnects_total", "counter", "Reconnections to the broker.");
+        let _ = writeln!(out, "herald_broker_reconnects_total {}", self.sum(|s| &s.broker_reconnects));
+
+        for (name, help, value) in extra_gauges {
+            head(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+
+        head(
+            &mut out,
+            "herald_publish_to_write_seconds",
+            "histogram",
+            "Time from a message's publish to its frame's write to a subscriber socket.",
+        );
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS_US.iter().enumerate() {
+            cumulative += self.sum(|s| &s.publish_to_write.buckets[i]);
+            let _ = writeln!(out, "herald_publish_to_write_seconds_bucket{{le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
+        }
+        cumulative += self.sum(|s| &s.publish_to_write.buckets[BUCKETS_US.len()]);
+        let _ = writeln!(out, "herald_publish_to_write_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum_s = self.sum(|s| &s.publish_to_write.sum_ns) as f64 / 1e9;
+        let _ = writeln!(out, "herald_publish_to_write_seconds_sum {sum_s}");
+        let _ = writeln!(out, "herald_publish_to_write_seconds_count {cumulative}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_slots_and_renders() {
+        let m = Metrics::new(2);
+        m.shard(0).delivered_ws.add(3);
+        m.shard(1).delivered_ws.add(4);
+        m.global().error(ErrorCode::BadChannel);
+        m.shard(0).publish_to_write.record(Duration::from_micros(70));
+        m.shard(1).publish_to_write.record(Duration::from_secs(10));
+        let text = m.render(&[]);
+        assert!(text.contains("herald_frames_delivered_total{transport=\"ws\"} 7\n"));
+        assert!(text.contains("herald_errors_total{code=\"bad_channel\"} 1\n"));
+        assert!(text.contains("herald_publish_to_write_seconds_bucket{le=\"0.00005\"} 0\n"));
+        assert!(text.contains("herald_publish_to_write_seconds_bucket{le=\"0.0001\"} 1\n"));
+        assert!(text.contains("herald_publish_to_write_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("herald_publish_to_write_seconds_count 2\n"));
+    }
+}

@@ -1,0 +1,372 @@
+//! WebSocket framing (RFC 6455 §5): the server-frame encoder and a strict
+//! client-frame decoder.
+//!
+//! Server frames are never masked, so one encoded frame is byte-for-byte the
+//! same for every subscriber: it is built once and shared by refcount.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Largest server frame header: 2 bytes + 8-byte extended length.
+pub const MAX_SERVER_HEADER: usize = 10;
+
+/// Frame opcodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OpCode {
+    /// Continuation of a fragmented message.
+    Continuation = 0x0,
+    /// UTF-8 text data.
+    Text = 0x1,
+    /// Binary data.
+    Binary = 0x2,
+    /// Connection close.
+    Close = 0x8,
+    /// Ping.
+    Ping = 0x9,
+    /// Pong.
+    Pong = 0xA,
+}
+
+impl OpCode {
+    fn from_u8(b: u8) -> Option<OpCode> {
+        Some(match b {
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xA => OpCode::Pong,
+            _ => return None,
+        })
+    }
+
+    /// Close, ping and pong are control frames.
+    pub fn is_control(self) -> bool {
+        (self as u8) & 0x8 != 0
+    }
+}
+
+/// Writes an unmasked server frame header for a payload of `len` bytes into
+/// `out` and returns how many bytes it used (2, 4 or 10).
+pub fn encode_header(fin: bool, opcode: OpCode, len: usize, out: &mut [u8; MAX_SERVER_HEADER]) -> usize {
+    out[0] = (u8::from(fin) << 7) | opcode as u8;
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Length of the server frame header for a payload of `len` bytes.
+pub fn header_len(len: usize) -> usize {
+    if len < 126 {
+        2
+    } else if len <= u16::MAX as usize {
+        4
+    } else {
+        10
+    }
+}
+
+/// Starts a complete single-frame message in a buffer sized for header and
+/// payload; the caller then writes exactly `len` payload bytes.
+pub fn begin_frame(opcode: OpCode, len: usize) -> BytesMut {
+    let mut head = [0u8; MAX_SERVER_HEADER];
+    let n = encode_header(true, opcode, len, &mut head);
+    let mut buf = BytesMut::with_capacity(n + len);
+    buf.put_slice(&head[..n]);
+    buf
+}
+
+/// Encodes a complete, final, unmasked server frame.
+pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut buf = begin_frame(opcode, payload.len());
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Encodes a close frame with a status code and a reason, the reason cut at
+/// a character boundary so the payload fits a control frame (125 bytes).
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = [0u8; 125];
+    payload[..2].copy_from_slice(&code.to_be_bytes());
+    payload[2..2 + end].copy_from_slice(&reason.as_bytes()[..end]);
+    encode_frame(OpCode::Close, &payload[..2 + end])
+}
+
+/// A violation of RFC 6455 by the client; each maps to the close code the
+/// server answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// RSV1–3 set without a negotiated extension.
+    #[error("reserved bits set")]
+    ReservedBits,
+    /// An opcode RFC 6455 reserves.
+    #[error("reserved opcode")]
+    BadOpcode,
+    /// Client frames must be masked (§5.1).
+    #[error("client frame not masked")]
+    Unmasked,
+    /// Control frames cannot be fragmented (§5.5).
+    #[error("fragmented control frame")]
+    FragmentedControl,
+    /// Control frame payloads are at most 125 bytes (§5.5).
+    #[error("control frame longer than 125 bytes")]
+    ControlTooLong,
+    /// A continuation with no message in progress, or a new message before
+    /// the last one finished.
+    #[error("bad continuation")]
+    BadContinuation,
+    /// A close frame with a 1-byte payload or a code that may not be sent.
+    #[error("bad close frame")]
+    BadClose,
+    /// Text (or a close reason) that is not UTF-8.
+    #[error("invalid UTF-8")]
+    InvalidUtf8,
+    /// A frame or reassembled message over the configured maximum.
+    #[error("message too big")]
+    TooLarge,
+}
+
+impl ProtocolError {
+    /// The RFC 6455 close code for this error.
+    pub fn close_code(self) -> u16 {
+        match self {
+            ProtocolError::InvalidUtf8 => 1007,
+            ProtocolError::TooLarge => 1009,
+            _ => 1002,
+        }
+    }
+}
+
+/// A decoded client frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHead {
+    /// Final fragment of its message.
+    pub fin: bool,
+    /// The opcode.
+    pub opcode: OpCode,
+    /// The masking key.
+    pub mask: [u8; 4],
+    /// Bytes of header, including the masking key.
+    pub header_len: usize,
+    /// Bytes of payload.
+    pub payload_len: usize,
+}
+
+impl FrameHead {
+    /// Header plus payload.
+    pub fn total_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
+/// Decodes a client frame header from the start of `buf`.
+///
+/// `Ok(None)` means the header is not complete yet: read more. A header
+/// that declares a payload over `max_payload` is refused before anything is
+/// buffered for it.
+pub fn decode_head(buf: &[u8], max_payload: usize) -> Result<Option<FrameHead>, ProtocolError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let b0 = buf[0];
+    let b1 = buf[1];
+    if b0 & 0x70 != 0 {
+        return Err(ProtocolError::ReservedBits);
+    }
+    let opcode = OpCode::from_u8(b0 & 0x0F).ok_or(ProtocolError::BadOpcode)?;
+    let fin = b0 & 0x80 != 0;
+    if b1 & 0x80 == 0 {
+        return Err(ProtocolError::Unmasked);
+    }
+    if opcode.is_control() && !fin {
+        return Err(ProtocolError::FragmentedControl);
+    }
+    let (len_bytes, short) = match b1 & 0x7F {
+        126 => (2, None),
+        127 => (8, None),
+        n => (0, Some(n as usize)),
+    };
+    if opcode.is_control() && short.is_none() {
+        return Err(ProtocolError::ControlTooLong);
+    }
+    if buf.len() < 2 + len_bytes {
+        if let Some(n) = short {
+            check_len(opcode, n as u64, max_payload)?;
+        }
+        return Ok(None);
+    }
+    let payload_len = match short {
+        Some(n) => n as u64,
+        None if len_bytes == 2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
+        None => u64::from_be_bytes([buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9]]),
+    };
+    // Refuse an oversized frame from its length alone, before the mask arrives.
+    check_len(opcode, payload_len, max_payload)?;
+    let header_len = 2 + len_bytes + 4;
+    if buf.len() < header_len {
+        return Ok(None);
+    }
+    let m = header_len - 4;
+    Ok(Some(FrameHead {
+        fin,
+        opcode,
+        mask: [buf[m], buf[m + 1], buf[m + 2], buf[m + 3]],
+        header_len,
+        // check_len bounded it by max_payload, a usize.
+        payload_len: payload_len as usize,
+    }))
+}
+
+fn check_len(opcode: OpCode, len: u64, max_payload: usize) -> Result<(), ProtocolError> {
+    if opcode.is_control() && len > 125 {
+        Err(ProtocolError::ControlTooLong)
+    } else if len > max_payload as u64 {
+        Err(ProtocolError::TooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+/// Unmasks (or masks) `payload` in place with `mask` (§5.3).
+pub fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u64::from_ne_bytes(v) ^ word).to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(frame: &[u8]) -> (u8, u8, usize) {
+        (frame[0], frame[1], frame.len())
+    }
+
+    #[test]
+    fn length_forms_at_the_boundaries() {
+        let f = encode_frame(OpCode::Text, &[b'a'; 125]);
+        assert_eq!(head_of(&f), (0x81, 125, 127));
+
+        let f = encode_frame(OpCode::Text, &[b'a'; 126]);
+        assert_eq!(&f[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(f.len(), 4 + 126);
+
+        let f = encode_frame(OpCode::Binary, &vec![0u8; 65535]);
+        assert_eq!(&f[..4], &[0x82, 126, 0xFF, 0xFF]);
+        assert_eq!(f.len(), 4 + 65535);
+
+        let f = encode_frame(OpCode::Binary, &vec![0u8; 65536]);
+        assert_eq!(&f[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(f.len(), 10 + 65536);
+    }
+
+    #[test]
+    fn control_frames() {
+        assert_eq!(&encode_frame(OpCode::Ping, b"hi")[..], &[0x89, 2, b'h', b'i']);
+        assert_eq!(&encode_frame(OpCode::Pong, b"")[..], &[0x8A, 0]);
+        assert_eq!(&encode_close(1008, "slow consumer")[..4], &[0x88, 15, 0x03, 0xF0]);
+        assert_eq!(&encode_close(1000, "")[..], &[0x88, 2, 0x03, 0xE8]);
+        // A long reason is cut to fit 125 bytes, at a character boundary.
+        let long = "é".repeat(100);
+        let f = encode_close(1001, &long);
+        assert_eq!(f[1] as usize, f.len() - 2);
+        assert!(f.len() - 2 <= 125);
+        assert!(std::str::from_utf8(&f[4..]).is_ok());
+    }
+
+    fn client_frame(fin: bool, op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut v = vec![(u8::from(fin) << 7) | op];
+        let n = payload.len();
+        if n < 126 {
+            v.push(0x80 | n as u8);
+        } else if n <= 65535 {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        v.extend_from_slice(&mask);
+        let mut p = payload.to_vec();
+        apply_mask(&mut p, mask);
+        v.extend_from_slice(&p);
+        v
+    }
+
+    #[test]
+    fn decodes_each_length_form_and_unmasks() {
+        for n in [0usize, 1, 125, 126, 65535, 65536] {
+            let payload: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let wire = client_frame(true, 0x2, &payload, [1, 2, 3, 4]);
+            let head = decode_head(&wire, 1 << 20).unwrap().unwrap();
+            assert_eq!(head.payload_len, n);
+            assert_eq!(head.total_len(), wire.len());
+            let mut p = wire[head.header_len..].to_vec();
+            apply_mask(&mut p, head.mask);
+            assert_eq!(p, payload);
+        }
+    }
+
+    #[test]
+    fn incomplete_headers_ask_for_more() {
+        let wire = client_frame(true, 0x1, &[b'x'; 300], [9, 9, 9, 9]);
+        for cut in 0..8 {
+            assert_eq!(decode_head(&wire[..cut], 1 << 20), Ok(None), "cut at {cut}");
+        }
+        assert!(decode_head(&wire[..8], 1 << 20).unwrap().is_some());
+    }
+
+    #[test]
+    fn refuses_protocol_violations() {
+        let max = 1024;
+        assert_eq!(decode_head(&[0x81, 0x00], max), Err(ProtocolError::Unmasked));
+        assert_eq!(decode_head(&[0xC1, 0x80], max), Err(ProtocolError::ReservedBits));
+        assert_eq!(decode_head(&[0x83, 0x80], max), Err(ProtocolError::BadOpcode));
+        assert_eq!(decode_head(&[0x0B, 0x80], max), Err(ProtocolError::BadOpcode));
+        assert_eq!(decode_head(&[0x09, 0x80], max), Err(ProtocolError::FragmentedControl));
+        assert_eq!(decode_head(&[0x89, 0xFE, 0, 126], max), Err(ProtocolError::ControlTooLong));
+        assert_eq!(decode_head(&[0x81, 0xFE, 0x04, 0x01], max), Err(ProtocolError::TooLarge));
+        // A declared 2^63-byte length is refused from the header alone.
+        let mut huge = vec![0x82, 0xFF];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        assert_eq!(decode_head(&huge, max), Err(ProtocolError::TooLarge));
+        assert_eq!(ProtocolError::TooLarge.close_code(), 1009);
+        assert_eq!(ProtocolError::InvalidUtf8.close_code(), 1007);
+        assert_eq!(ProtocolError::Unmasked.close_code(), 1002);
+    }
+
+    #[test]
+    fn mask_is_its_own_inverse_at_every_alignment() {
+        for n in 0..40 {
+            let orig: Vec<u8> = (0..n as u8).collect();
+            let mut p = orig.clone();
+            apply_mask(&mut p, [0xA, 0xB, 0xC, 0xD]);
+            if n > 0 {
+                assert_ne!(p, orig);
+            }
+            apply_mask(&mut p, [0xA, 0xB, 0xC, 0xD]);
+            assert_eq!(p, orig);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Sans-I/O protocol code: pure functions over byte slices.
+//!
+//! Nothing in here touches a socket, a clock or a runtime. Encoders write
+//! into freshly allocated [`bytes::Bytes`] that the caller shares by
+//! refcount; decoders read from caller-owned buffers and say `Ok(None)`
+//! ("read more") before they allocate anything.
+//!
+//! - [`frame`]: WebSocket server-frame encoder and strict client-frame decoder.
+//! - [`assemble`]: message reassembly over client frames, with a size cap.
+//! - [`sse`]: Server-Sent-Events event encoder.
+//! - [`json`]: JSON string escaping and the wire envelope / reply encoders.
+//! - [`command`]: the client command parser.
+//! - [`channel`]: channel-name rules.
+
+pub mod assemble;
+pub mod channel;
+pub mod command;
+pub mod frame;
+pub mod json;
+pub mod sse;
+
+/// Error codes of protocol v1, sent in `{"op":"error","code":…}` replies and
+/// in HTTP error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Malformed command: not JSON, missing or mistyped field, wrong frame type.
+    BadRequest,
+    /// The `op` field names no known command.
+    UnknownOp,
+    /// The channel name breaks the channel-name rules.
+    BadChannel,
+    /// The payload is larger than the configured maximum message size.
+    TooLarge,
+    /// A configured limit was reached (subscriptions, channels, connections).
+    Limit,
+    /// The operation is not allowed on this connection or server.
+    Forbidden,
+    /// The server cannot take the publish now (a shard's queue is full); retry.
+    Overloaded,
+    /// The broker behind the server is unreachable; retry.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// Every code, in a fixed order (metrics use it).
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::BadChannel,
+        ErrorCode::TooLarge,
+        ErrorCode::Limit,
+        ErrorCode::Forbidden,
+        ErrorCode::Overloaded,
+        ErrorCode::Unavailable,
+    ];
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::BadChannel => "bad_channel",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Limit => "limit",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+
+    /// Position in [`ErrorCode::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}

@@ -1,0 +1,343 @@
+//! A connection as its shard sees it: transport, format, subscriptions and
+//! the bounded outbound queue that fan-out appends to and the connection's
+//! task drains.
+//!
+//! Touched only by its shard's thread (`Rc` + `RefCell`, no locks).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::Permit;
+use crate::config::SlowConsumerPolicy;
+use crate::metrics::{Disconnect, Form, ShardMetrics};
+
+/// How a connection receives messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    Ws,
+    Sse,
+}
+
+/// What a connection's frames look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// The v1 envelope; WebSocket clients may send commands.
+    Json,
+    /// The payload alone; channels come from the query only.
+    Raw,
+    /// `/echo`: every data message is sent back (conformance testing).
+    Echo,
+}
+
+impl Format {
+    pub(crate) fn form(self, transport: Transport) -> Form {
+        match (transport, self) {
+            (Transport::Ws, Format::Raw) => Form::WsRaw,
+            (Transport::Ws, _) => Form::WsJson,
+            (Transport::Sse, Format::Raw) => Form::SseRaw,
+            (Transport::Sse, _) => Form::SseJson,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Queued {
+    bytes: Bytes,
+    /// Set for message frames (counted as deliveries), not for replies.
+    published_at: Option<Instant>,
+}
+
+/// Why and how a connection is closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closing {
+    pub reason: Disconnect,
+}
+
+/// What happened to a message frame offered to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offer {
+    Queued,
+    /// Dropped under the `drop` policy.
+    Dropped,
+    /// The queue overflowed under the `disconnect` policy; the connection
+    /// is now closing and must leave the channel index.
+    Overflow,
+    /// The connection is already closing.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Outbound {
+    frames: VecDeque<Queued>,
+    /// Bytes in `frames`, minus what is already written of the first one.
+    queued_bytes: usize,
+    /// Bytes of `frames[0]` already written.
+    head_written: usize,
+    waker: Option<Waker>,
+    closing: Option<Closing>,
+}
+
+impl Outbound {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub(crate) fn closing(&self) -> Option<Closing> {
+        self.closing
+    }
+
+    pub(crate) fn set_waker(&mut self, waker: &Waker) {
+        match &self.waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.waker = Some(waker.clone()),
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn push(&mut self, bytes: Bytes, published_at: Option<Instant>) {
+        let was_empty = self.frames.is_empty();
+        self.queued_bytes += bytes.len();
+        self.frames.push_back(Queued { bytes, published_at });
+        if was_empty {
+            self.wake();
+        }
+    }
+
+    /// Fills `slices` with the unwritten bytes at the front of the queue and
+    /// returns how many it used.
+    pub(crate) fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (i, q) in self.frames.iter().take(slices.len()).enumerate() {
+            let b = if i == 0 { &q.bytes[self.head_written..] } else { &q.bytes[..] };
+            slices[i] = IoSlice::new(b);
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes the front frame whole (for transports that pass `Bytes` on).
+    pub(crate) fn pop_frame(&mut self, metrics: &ShardMetrics, transport: Transport) -> Option<Bytes> {
+        debug_assert_eq!(self.head_written, 0);
+        let q = self.frames.pop_front()?;
+        self.queued_bytes -= q.bytes.len();
+        if let Some(at) = q.published_at {
+            count_delivery(metrics, transport, q.bytes.len(), at, Instant::now());
+        }
+        Some(q.bytes)
+    }
+
+    /// Marks `n` more bytes written; counts every message frame finished.
+    pub(crate) fn advance(&mut self, mut n: usize, metrics: &ShardMetrics, transport: Transport) {
+        self.queued_bytes -= n;
+        let mut now = None;
+        while n > 0 {
+            let Some(front) = self.frames.front() else { break };
+            let left = front.bytes.len() - self.head_written;
+            if n < left {
+                self.head_written += n;
+                return;
+            }
+            n -= left;
+            self.head_written = 0;
+            if let Some(q) = self.frames.pop_front() {
+                if let Some(at) = q.published_at {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    count_delivery(metrics, transport, q.bytes.len(), at, now);
+                }
+            }
+        }
+    }
+}
+
+fn count_delivery(metrics: &ShardMetrics, transport: Transport, len: usize, at: Instant, now: Instant) {
+    match transport {
+        Transport::Ws => metrics.delivered_ws.inc(),
+        Transport::Sse => metrics.delivered_sse.inc(),
+    }
+    metrics.bytes_delivered.add(len as u64);
+    metrics.publish_to_write.record(now.saturating_duration_since(at));
+}
+
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub key: usize,
+    pub transport: Transport,
+    pub format: Format,
+    pub form: Form,
+    pub out: RefCell<Outbound>,
+    /// Channels this connection is subscribed to.
+    pub subs: RefCell<Vec<Arc<str>>>,
+    /// When the client last sent anything.
+    pub last_rx: Cell<Instant>,
+    _permit: Permit,
+}
+
+impl Conn {
+    pub(crate) fn new(key: usize, transport: Transport, format: Format, permit: Permit) -> Conn {
+        Conn {
+            key,
+            transport,
+            format,
+            form: format.form(transport),
+            out: RefCell::new(Outbound::default()),
+            subs: RefCell::new(Vec::new()),
+            last_rx: Cell::new(Instant::now()),
+            _permit: permit,
+        }
+    }
+
+    /// Offers a message frame (fan-out's per-subscriber step).
+    #[inline]
+    pub(crate) fn offer(
+        &self,
+        frame: &Bytes,
+        published_at: Instant,
+        limit: usize,
+        policy: SlowConsumerPolicy,
+        metrics: &ShardMetrics,
+    ) -> Offer {
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return Offer::Closed;
+        }
+        if out.queued_bytes + frame.len() > limit {
+            return match policy {
+                SlowConsumerPolicy::Drop => {
+                    metrics.dropped_slow_consumer.inc();
+                    Offer::Dropped
+                }
+                SlowConsumerPolicy::Disconnect => {
+                    drop(out);
+                    self.close_slow();
+                    Offer::Overflow
+                }
+            };
+        }
+        out.push(frame.clone(), Some(published_at));
+        Offer::Queued
+    }
+
+    /// Queues a reply or control frame. Replies count against the same
+    /// bound: a client that floods commands without reading is a slow
+    /// consumer too, handled by the same policy (under `drop` the reply or
+    /// ping is dropped and counted).
+    pub(crate) fn send_control(&self, frame: Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> bool {
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return false;
+        }
+        if out.queued_bytes + frame.len() > limit {
+            drop(out);
+            match policy {
+                SlowConsumerPolicy::Drop => metrics.dropped_slow_consumer.inc(),
+                SlowConsumerPolicy::Disconnect => self.close_slow(),
+            }
+            return false;
+        }
+        out.push(frame, None);
+        true
+    }
+
+    /// Closes a slow consumer: what is queued is discarded; a WebSocket
+    /// gets close 1008, an SSE stream just ends.
+    fn close_slow(&self) {
+        let last = (self.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(1008, "slow consumer"));
+        self.close(Disconnect::SlowConsumer, true, last);
+    }
+
+    /// Starts closing: no more frames are accepted; `discard` drops what is
+    /// queued (but finishes a frame already partly written); `last` is sent
+    /// after the rest (a WebSocket close frame). The first reason wins.
+    pub(crate) fn close(&self, reason: Disconnect, discard: bool, last: Option<Bytes>) {
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return;
+        }
+        out.closing = Some(Closing { reason });
+        if discard {
+            let keep = usize::from(out.head_written > 0);
+            out.frames.truncate(keep);
+            out.queued_bytes = out.frames.front().map_or(0, |q| q.bytes.len() - out.head_written);
+        }
+        if let Some(frame) = last {
+            out.queued_bytes += frame.len();
+            out.frames.push_back(Queued { bytes: frame, published_at: None });
+        }
+        out.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn conn() -> Conn {
+        let counter = Arc::new(AtomicUsize::new(0));
+        Conn::new(0, Transport::Ws, Format::Json, Permit::acquire(&counter, 10).unwrap())
+    }
+
+    #[test]
+    fn partial_writes_advance_and_count_whole_frames() {
+        let c = conn();
+        let m = ShardMetrics::default();
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(c.offer(&Bytes::from_static(b"abcd"), now, 100, SlowConsumerPolicy::Disconnect, &m), Offer::Queued);
+        }
+        let mut out = c.out.borrow_mut();
+        out.advance(6, &m, Transport::Ws);
+        assert_eq!(m.delivered_ws.get(), 1);
+        let mut s = [IoSlice::new(&[]); 4];
+        let n = out.slices(&mut s);
+        assert_eq!(n, 2);
+        assert_eq!(&*s[0], b"cd");
+        out.advance(6, &m, Transport::Ws);
+        assert!(out.is_empty());
+        assert_eq!(m.delivered_ws.get(), 3);
+        assert_eq!(m.bytes_delivered.get(), 12);
+    }
+
+    #[test]
+    fn overflow_disconnects_or_drops_by_policy() {
+        let m = ShardMetrics::default();
+        let now = Instant::now();
+        let f = Bytes::from(vec![0u8; 600]);
+        let c = conn();
+        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Drop, &m), Offer::Queued);
+        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
+        assert_eq!(m.dropped_slow_consumer.get(), 1);
+        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Disconnect, &m), Offer::Overflow);
+        let out = c.out.borrow();
+        assert_eq!(out.closing().map(|c| c.reason), Some(Disconnect::SlowConsumer));
+        // The queue was discarded; only the close frame is left.
+        assert_eq!(out.frames.len(), 1);
+        assert_eq!(&out.frames[0].bytes[..4], &[0x88, 15, 0x03, 0xF0]);
+        drop(out);
+        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Disconnect, &m), Offer::Closed);
+    }
+
+    #[test]
+    fn discard_keeps_a_partly_written_frame() {
+        let m = ShardMetrics::default();
+        let c = conn();
+        c.offer(&Bytes::from_static(b"0123456789"), Instant::now(), 100, SlowConsumerPolicy::Disconnect, &m);
+        c.offer(&Bytes::from_static(b"abc"), Instant::now(), 100, SlowConsumerPolicy::Disconnect, &m);
+        c.out.borrow_mut().advance(4, &m, Transport::Ws);
+        c.close(Disconnect::Shutdown, true, Some(Bytes::from_static(b"CLOSE")));
+        let out = c.out.borrow();
+        assert_eq!(out.frames.len(), 2);
+        assert_eq!(out.queued_bytes, 6 + 5);
+    }
+}

@@ -1,0 +1,201 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald::{Config, Herald};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Starts Herald on a free loopback port.
+pub fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> Herald {
+    let mut c = Config::default();
+    c.shards(shards);
+    tweak(&mut c);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    Herald::start_on(listener, c).unwrap()
+}
+
+pub fn addr(h: &Herald) -> SocketAddr {
+    h.local_addr().unwrap()
+}
+
+pub async fn ws(addr: SocketAddr, path_and_query: &str) -> Ws {
+    let (ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}{path_and_query}")).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
+/// Next text frame as JSON (skipping pings), within [`WAIT`].
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a frame") {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap_or_else(|e| panic!("bad JSON {t:?}: {e}")),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+pub async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a frame") {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+pub async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Sends a command and returns the reply.
+pub async fn command(ws: &mut Ws, v: Value) -> Value {
+    send(ws, v).await;
+    next_json(ws).await
+}
+
+/// Waits for the close frame and returns its code and reason.
+pub async fn close_of(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for close") {
+            Some(Ok(Message::Close(Some(f)))) => return (f.code.into(), f.reason.to_string()),
+            Some(Ok(Message::Close(None))) => return (1005, String::new()),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns status, headers (lowercase) and body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.expect("timed out").unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_lowercase(), body.to_string())
+}
+
+pub async fn publish(addr: SocketAddr, channel: &str, body: &str, json: bool) -> (u16, Value) {
+    let ct = if json { "application/json" } else { "text/plain" };
+    let (status, _, body) = http(addr, "POST", &format!("/publish/{channel}"), &[("content-type", ct)], body.as_bytes()).await;
+    (status, serde_json::from_str(body.trim()).unwrap_or(Value::Null))
+}
+
+/// The value of one metric series from `/metrics` text.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or_else(|| panic!("no series {series} in metrics"))
+}
+
+/// Polls a metric until `ok(value)` holds, within [`WAIT`].
+pub async fn wait_metric(h: &Herald, series: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = metric(&h.metrics_text(), series);
+        if ok(v) {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} stuck at {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An SSE subscriber over raw TCP.
+pub struct Sse {
+    reader: BufReader<TcpStream>,
+    pending: String,
+}
+
+impl Sse {
+    pub async fn open(addr: SocketAddr, query: &str) -> Sse {
+        Sse::open_at(addr, &format!("/sse?{query}")).await
+    }
+
+    pub async fn open_at(addr: SocketAddr, path: &str) -> Sse {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n\r\n").as_bytes()).await.unwrap();
+        let mut reader = BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status).await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        let mut chunked = false;
+        let mut ct = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            let l = line.to_lowercase();
+            chunked |= l.starts_with("transfer-encoding: chunked");
+            if l.starts_with("content-type:") {
+                ct = l.clone();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(chunked, "SSE is streamed with chunked encoding");
+        assert!(ct.contains("text/event-stream"), "{ct}");
+        let mut sse = Sse { reader, pending: String::new() };
+        // The first event-stream bytes are the ":ok" comment.
+        assert_eq!(sse.next_block().await.as_deref(), Some(":ok"));
+        sse
+    }
+
+    async fn chunk(&mut self) -> Option<Vec<u8>> {
+        let mut size = String::new();
+        if self.reader.read_line(&mut size).await.ok()? == 0 {
+            return None;
+        }
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        let mut data = vec![0u8; n + 2];
+        self.reader.read_exact(&mut data).await.ok()?;
+        data.truncate(n);
+        (n > 0).then_some(data)
+    }
+
+    /// The next event block (text up to a blank line), without the final
+    /// newlines; None when the stream ends.
+    pub async fn next_block(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.pending.find("\n\n") {
+                let block = self.pending[..i].to_string();
+                self.pending.drain(..i + 2);
+                return Some(block);
+            }
+            let c = tokio::time::timeout(WAIT, self.chunk()).await.expect("timed out waiting for SSE")?;
+            self.pending.push_str(std::str::from_utf8(&c).unwrap());
+        }
+    }
+
+    /// The next event's data (data: lines joined with \n), skipping comments.
+    pub async fn next_data(&mut self) -> Option<String> {
+        loop {
+            let block = self.next_block().await?;
+            let lines: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            if !lines.is_empty() {
+                return Some(lines.join("\n"));
+            }
+        }
+    }
+}

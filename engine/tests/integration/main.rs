@@ -1,0 +1,11 @@
+//! Integration tests over real sockets: Herald on port 0, independent
+//! clients (tokio-tungstenite, raw TCP, Python `websockets`).
+
+mod common;
+mod embed;
+mod errors;
+mod fanout;
+mod interop;
+mod limits;
+mod shutdown;
+mod slow;

@@ -1,0 +1,446 @@
+//! One fan-out run: connect the subscribers at a bounded rate, publish at
+//! the planned rate through warm-up and the measured window, wait for
+//! stragglers, then turn every observation into a report.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::clock;
+use crate::net::{ConnectError, Url};
+use crate::progress::Progress;
+use crate::publish::{self, Method};
+use crate::report::{FanoutReport, Percentiles, Sample};
+use crate::stats::{Live, Plan, WorkerStats};
+use crate::sub::{SubSpec, Transport, Worker};
+use crate::sys;
+
+/// Largest number of messages one run may plan (memory: ~12 bytes per
+/// message per worker thread).
+const MAX_MESSAGES: u64 = 50_000_000;
+/// Thread-name prefix of an embedded Herald's shards.
+const SERVER_THREADS: &str = "herald-shard";
+
+/// Everything that defines a fan-out scenario and its target.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Subscriber URL templates; subscriber j uses `urls[j % len]`.
+    pub urls: Vec<Url>,
+    pub target: String,
+    pub transport: Transport,
+    pub format: String,
+    pub method: Method,
+    pub subscribers: u64,
+    pub channels: u64,
+    pub channel_prefix: String,
+    pub rate: f64,
+    pub duration: f64,
+    pub warmup: f64,
+    pub drain: f64,
+    pub payload: usize,
+    pub connect_rate: f64,
+    pub connect_timeout: Duration,
+    pub threads: usize,
+    pub source_ips: Vec<IpAddr>,
+    pub server_pids: Vec<u32>,
+    /// The target is an embedded Herald in this process.
+    pub embedded: bool,
+}
+
+impl Scenario {
+    pub fn channel_names(&self) -> Vec<String> {
+        (0..self.channels).map(|c| format!("{}{c}", self.channel_prefix)).collect()
+    }
+
+    fn plan(&self) -> anyhow::Result<Plan> {
+        if self.rate.is_nan() || self.rate <= 0.0 || !self.rate.is_finite() {
+            bail!("--rate must be above 0");
+        }
+        if self.duration.is_nan() || self.duration <= 0.0 {
+            bail!("--duration must be above 0");
+        }
+        if self.channels == 0 || self.subscribers == 0 {
+            bail!("--channels and --subscribers must be at least 1");
+        }
+        let first_measured = (self.rate * self.warmup).round() as u64;
+        let total = (self.rate * (self.warmup + self.duration)).round() as u64;
+        if total > MAX_MESSAGES {
+            bail!("{total} messages planned: over the limit of {MAX_MESSAGES}; lower --rate or --duration");
+        }
+        if total <= first_measured {
+            bail!("no message falls in the measured window: raise --rate or --duration");
+        }
+        // A number of this run, carried in every payload.
+        let nonce = (clock::now_ns() ^ (u64::from(std::process::id()) << 32)) % 1_000_000_007;
+        Ok(Plan { total, first_measured, channels: self.channels, nonce })
+    }
+}
+
+/// The connected subscribers of a run.
+pub struct Connected {
+    pub workers: Vec<Worker>,
+    pub live: Arc<Live>,
+    /// Connected subscribers per channel.
+    pub per_channel: Vec<u64>,
+    pub open_s: f64,
+}
+
+/// Opens `scenario.subscribers` subscribers at the connect rate and waits
+/// until each has connected or failed.
+pub async fn connect_all(sc: &Scenario, plan: Plan, progress: &Progress) -> anyhow::Result<Connected> {
+    let live = Live::new(sc.channels as usize);
+    let threads = sc.threads.max(1);
+    let workers: Vec<Worker> = (0..threads).map(|i| Worker::spawn(i, plan, Arc::clone(&live))).collect::<anyhow::Result<_>>()?;
+    let mut addrs = Vec::new();
+    for u in &sc.urls {
+        addrs.push((Arc::new(u.clone()), u.resolve().await?));
+    }
+    let names = sc.channel_names();
+    let n = sc.subscribers;
+    let started = Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / sc.connect_rate.max(1.0));
+    progress.phase("connect");
+    for j in 0..n {
+        let due = started + gap.mul_f64(j as f64);
+        if due > Instant::now() + Duration::from_millis(1) {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let (url, addr) = &addrs[(j as usize) % addrs.len()];
+        let channel = j % sc.channels;
+        let spec = SubSpec {
+            transport: sc.transport,
+            url: Arc::clone(url),
+            addr: *addr,
+            path: url.path_for(&names[channel as usize]),
+            channel,
+            source: (!sc.source_ips.is_empty()).then(|| sc.source_ips[(j as usize) % sc.source_ips.len()]),
+            connect_timeout: sc.connect_timeout,
+        };
+        workers[(j as usize) % workers.len()].subscribe(spec);
+        if j % 64 == 0 {
+            progress.tick(&live, n, 0.0);
+        }
+    }
+    let deadline = Instant::now() + sc.connect_timeout + Duration::from_secs(2);
+    loop {
+        let done = live.connected.load(Ordering::Relaxed)
+            + live.connect_failed.load(Ordering::Relaxed)
+            + live.disconnected.load(Ordering::Relaxed);
+        if done >= n || Instant::now() > deadline {
+            break;
+        }
+        progress.tick(&live, n, 0.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let open_s = started.elapsed().as_secs_f64();
+    let per_channel = live.connected_per_channel.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    Ok(Connected { workers, live, per_channel, open_s })
+}
+
+/// Runs one fan-out scenario and reports it.
+pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutReport> {
+    let plan = sc.plan()?;
+    let rss_before = sys::servers_rss_kib(&sc.server_pids);
+    let connected = connect_all(sc, plan, progress).await?;
+    let Connected { workers, live, per_channel, .. } = connected;
+    if per_channel.iter().sum::<u64>() == 0 {
+        let stats: Vec<WorkerStats> = workers.into_iter().map(Worker::stop).collect();
+        let mut errs = std::collections::BTreeMap::<String, u64>::new();
+        for s in stats {
+            for (k, v) in s.connect_errors {
+                *errs.entry(k).or_default() += v;
+            }
+        }
+        let hint = errs.keys().find_map(|k| ConnectError::hint(k)).map(|h| format!("; {h}")).unwrap_or_default();
+        bail!("no subscriber could connect to {} (errors: {errs:?}){hint}", sc.target);
+    }
+    // Let the target finish its subscriptions before publishing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_connected = sys::servers_rss_kib(&sc.server_pids);
+
+    let failed = live.connect_failed.load(Ordering::Relaxed);
+    let abort = Arc::new(AtomicBool::new(false));
+    let (publisher, start_ns) = publish::spawn(publish::Job {
+        method: sc.method.clone(),
+        plan,
+        rate: sc.rate,
+        payload_bytes: sc.payload,
+        channel_names: sc.channel_names(),
+        lead: Duration::from_millis(200),
+        live: Arc::clone(&live),
+        abort: Arc::clone(&abort),
+    })
+    .context("cannot start the publisher")?;
+
+    let window_start = start_ns + (plan.first_measured as f64 * 1e9 / sc.rate) as u64;
+    let window_end = start_ns + (plan.total as f64 * 1e9 / sc.rate) as u64;
+    live.window_start.store(window_start, Ordering::Relaxed);
+    live.window_end.store(window_end, Ordering::Relaxed);
+    let hiccups = spawn_hiccup_meter(window_start, window_end)?;
+    let mut timeline = Vec::new();
+    let mut cpu0 = None;
+    let mut cpu1 = None;
+    let (mut prev_sent, mut prev_recv) = (0u64, 0u64);
+    let mut next_sample = start_ns;
+    progress.phase("warmup");
+    loop {
+        let now = clock::now_ns();
+        if cpu0.is_none() && now >= window_start {
+            cpu0 = Some((sys::thread_cpu(), sys::self_cpu(), sys::servers_cpu(&sc.server_pids)));
+            progress.phase("measure");
+        }
+        if cpu1.is_none() && now >= window_end {
+            cpu1 = Some((sys::thread_cpu(), sys::self_cpu(), sys::servers_cpu(&sc.server_pids), sys::servers_rss_kib(&sc.server_pids)));
+        }
+        if now >= next_sample {
+            // One sample per second, even after a stall of several.
+            while next_sample + 1_000_000_000 <= now {
+                next_sample += 1_000_000_000;
+            }
+            let sent = live.sent.load(Ordering::Relaxed);
+            let recv = live.received.load(Ordering::Relaxed);
+            let p99 = live.take_interval_p99_us();
+            let phase = if now < window_start {
+                "warmup"
+            } else if now < window_end {
+                "measure"
+            } else {
+                "drain"
+            };
+            timeline.push(Sample {
+                t: (now as f64 - start_ns as f64) / 1e9,
+                phase,
+                connections: live.connected.load(Ordering::Relaxed),
+                sent: sent - prev_sent,
+                deliveries: recv - prev_recv,
+                p99_us: p99,
+            });
+            progress.tick(&live, sc.subscribers, p99);
+            (prev_sent, prev_recv) = (sent, recv);
+            next_sample += 1_000_000_000;
+        }
+        if publisher.is_finished() && cpu1.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hiccup = hiccups.join().map(|h| Percentiles::from_ns(&h)).unwrap_or_default();
+    let outcome = match publisher.join() {
+        Ok(r) => r?,
+        Err(_) => bail!("the publisher thread failed"),
+    };
+
+    // Expected deliveries: every measured message the target took, times
+    // its channel's subscribers.
+    let measured_range = plan.first_measured as usize..plan.total as usize;
+    let connected_total: u64 = per_channel.iter().sum();
+    let mut sent = 0u64;
+    let mut expected = 0u64;
+    let mut expected_per_message = vec![0u32; measured_range.len()];
+    for (i, g) in measured_range.clone().enumerate() {
+        if outcome.ok.get(g).copied().unwrap_or(false) {
+            sent += 1;
+            let e = per_channel[g % sc.channels as usize];
+            expected += e;
+            expected_per_message[i] = e as u32;
+        }
+    }
+    progress.phase("drain");
+    let drain_until = Instant::now() + Duration::from_secs_f64(sc.drain);
+    while live.measured.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        progress.tick(&live, sc.subscribers, live.take_interval_p99_us());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Flushes happen every 200 ms: let the last one land.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    abort.store(true, Ordering::Relaxed);
+
+    let mut stats: Option<WorkerStats> = None;
+    for w in workers {
+        let s = w.stop();
+        match &mut stats {
+            None => stats = Some(s),
+            Some(all) => all.merge(s),
+        }
+    }
+    let stats = stats.context("no worker")?;
+
+    // Per message: a target that refused a message (or whose answer was
+    // lost) may still have delivered it; such deliveries are `unexpected`,
+    // never counted against another message's loss.
+    let mut completion = crate::stats::histogram();
+    let mut incomplete = 0u64;
+    let (mut delivered, mut lost, mut unexpected) = (0u64, 0u64, 0u64);
+    for (i, g) in measured_range.enumerate() {
+        let got = stats.counts.get(i).copied().unwrap_or(0);
+        let want = expected_per_message[i];
+        if want == 0 {
+            unexpected += u64::from(got);
+            continue;
+        }
+        delivered += u64::from(got.min(want));
+        lost += u64::from(want.saturating_sub(got));
+        if got >= want {
+            let intended = start_ns + (g as f64 * 1e9 / sc.rate) as u64;
+            let _ = completion.record(stats.last_ns.get(i).copied().unwrap_or(0).saturating_sub(intended).max(1));
+        } else {
+            incomplete += 1;
+        }
+    }
+
+    let (cpu_a, self_a, server_a) = cpu0.unwrap_or_default();
+    let (cpu_b, self_b, server_b, rss_end) = cpu1.unwrap_or_default();
+    let (_, busiest, embedded_server_cpu, client_threads) = sys::split_cpu(&cpu_a, &cpu_b, SERVER_THREADS);
+    // The whole process (threads that ended included) less the embedded
+    // server's shards.
+    let client_cpu = (self_b - self_a - embedded_server_cpu).max(0.0);
+    let window_s = sc.duration;
+    // Receipts between the window's bounds: what the window's CPU paid for.
+    let deliveries_in_window = stats.in_window.max(1) as f64;
+    let server_cpu_s = match (server_a, server_b) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ if sc.embedded => Some(embedded_server_cpu),
+        _ => None,
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let lag = Percentiles::from_ns(&outcome.lag);
+
+    let mut warnings = Vec::new();
+    let mut saturated = false;
+    if busiest / window_s >= 0.9 {
+        saturated = true;
+        warnings.push(format!(
+            "a loadgen thread used {:.0}% of a core: loadgen itself may be the bottleneck (add --threads, or run it on another machine)",
+            busiest / window_s * 100.0
+        ));
+    }
+    if client_cpu / window_s >= 0.9 * cores {
+        saturated = true;
+        warnings.push(format!(
+            "loadgen used {:.0}% of all {cores} cores: the figures measure the machine, not only the target",
+            client_cpu / window_s * 100.0
+        ));
+    }
+    if lag.p99 > 10_000.0 {
+        saturated = true;
+        warnings.push(format!(
+            "the publisher fell behind schedule (lag p99 {:.1} ms): latency still counts from the intended send times",
+            lag.p99 / 1000.0
+        ));
+    }
+    if hiccup.p99 > 5_000.0 {
+        warnings.push(format!(
+            "this machine stalled a sleeping thread by up to {:.1} ms (p99 {:.1} ms) during the run: latencies at that scale may be the machine's, not the target's",
+            hiccup.max / 1000.0,
+            hiccup.p99 / 1000.0
+        ));
+    }
+    if let Some(n) = outcome.errors.get("backlog") {
+        saturated = true;
+        warnings
+            .push(format!("{n} messages were refused because the target did not take them as fast as planned (publisher backlog full)"));
+    }
+    if !stats.connect_errors.is_empty() {
+        let mut w = format!("{} of {} subscribers could not connect: {:?}", failed, sc.subscribers, stats.connect_errors);
+        if let Some(h) = stats.connect_errors.keys().find_map(|k| ConnectError::hint(k)) {
+            w.push_str("; ");
+            w.push_str(h);
+        }
+        warnings.push(w);
+    }
+    if lost > 0 {
+        warnings.push(format!("{lost} deliveries were lost (not received by the end of the drain period, {} s)", sc.drain));
+    }
+    if unexpected > 0 {
+        warnings.push(format!("{unexpected} deliveries were of messages the target refused or did not confirm"));
+    }
+    if stats.foreign > 0 {
+        warnings.push(format!("{} payloads of another loadgen run arrived on these channels (ignored)", stats.foreign));
+    }
+    if stats.misrouted > 0 {
+        warnings.push(format!("{} messages reached subscribers of another channel", stats.misrouted));
+    }
+    if !outcome.errors.is_empty() {
+        warnings.push(format!("publish errors: {:?}", outcome.errors));
+    }
+
+    let per_conn = match (rss_before, rss_connected) {
+        (Some(a), Some(b)) => Some((b.saturating_sub(a)) as f64 / connected_total.max(1) as f64),
+        _ => None,
+    };
+    let _ = outcome.scheduled;
+    Ok(FanoutReport {
+        target: sc.target.clone(),
+        transport: match sc.transport {
+            Transport::Ws => "ws".into(),
+            Transport::Sse => "sse".into(),
+        },
+        format: sc.format.clone(),
+        publish: sc.method.name().into(),
+        subscribers: sc.subscribers,
+        channels: sc.channels,
+        rate: sc.rate,
+        duration_s: sc.duration,
+        warmup_s: sc.warmup,
+        payload_bytes: sc.payload,
+        connected: connected_total,
+        sent,
+        publish_errors: outcome.errors,
+        expected,
+        deliveries: delivered,
+        lost,
+        unexpected,
+        foreign: stats.foreign,
+        duplicates: stats.duplicates,
+        out_of_order: stats.out_of_order,
+        misrouted: stats.misrouted,
+        deliveries_per_s: stats.in_window as f64 / window_s,
+        messages_per_s: sent as f64 / window_s,
+        delivery_latency_us: Percentiles::from_ns(&stats.latency),
+        completion_latency_us: Percentiles::from_ns(&completion),
+        incomplete_messages: incomplete,
+        publisher_lag_us: lag,
+        machine_hiccup_us: hiccup,
+        connect_latency_us: Percentiles::from_ns(&stats.connect),
+        connect_errors: stats.connect_errors.values().sum(),
+        connect_errors_by_kind: stats.connect_errors,
+        disconnects_by_kind: stats.disconnects,
+        client_cpu_s: client_cpu,
+        client_cpu_us_per_delivery: client_cpu * 1e6 / deliveries_in_window,
+        client_busiest_thread: busiest / window_s,
+        client_threads,
+        client_saturated: saturated,
+        server_cpu_s,
+        server_cpu_us_per_delivery: server_cpu_s.map(|s| s * 1e6 / deliveries_in_window),
+        server_rss_kib: rss_end,
+        server_rss_before_kib: rss_before,
+        server_rss_per_connection_kib: per_conn,
+        warnings,
+        timeline,
+        finished_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    })
+}
+
+/// A thread that sleeps 1 ms at a time and records by how much each sleep
+/// overran, between `from` and `until` (process-epoch ns): the stalls the
+/// machine itself imposed on every thread, whatever the target did.
+fn spawn_hiccup_meter(from: u64, until: u64) -> anyhow::Result<std::thread::JoinHandle<hdrhistogram::Histogram<u64>>> {
+    Ok(std::thread::Builder::new().name("lg-hiccup".into()).spawn(move || {
+        let mut h = crate::stats::histogram();
+        let tick = Duration::from_millis(1);
+        loop {
+            let before = clock::now_ns();
+            if before >= until {
+                return h;
+            }
+            std::thread::sleep(tick);
+            let after = clock::now_ns();
+            if before >= from {
+                let _ = h.record((after - before).saturating_sub(1_000_000).max(1));
+            }
+        }
+    })?)
+}

@@ -1,0 +1,290 @@
+//! Subscribers, run on a few worker threads (one current-thread runtime
+//! each). A worker's subscribers share its read buffer and its statistics,
+//! so the receive path takes no lock and allocates nothing per message.
+
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::clock;
+use crate::net::{self, ConnectError, Url};
+use crate::payload;
+use crate::stats::{Live, Plan, Seq, WorkerStats};
+use crate::ws::{self, Dechunker, Op};
+
+/// Bytes read per `read` call at most.
+const READ_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Sse,
+}
+
+/// Where and how one subscriber connects.
+#[derive(Debug, Clone)]
+pub struct SubSpec {
+    pub transport: Transport,
+    pub url: Arc<Url>,
+    pub addr: SocketAddr,
+    pub path: String,
+    pub channel: u64,
+    pub source: Option<IpAddr>,
+    pub connect_timeout: Duration,
+}
+
+enum Job {
+    Subscribe(SubSpec),
+    Stop,
+}
+
+/// A worker thread and the way to hand it subscribers.
+#[derive(Debug)]
+pub struct Worker {
+    plan: Plan,
+    tx: mpsc::UnboundedSender<Job>,
+    thread: std::thread::JoinHandle<WorkerStats>,
+}
+
+struct Ctx {
+    stats: RefCell<WorkerStats>,
+    scratch: RefCell<Box<[u8]>>,
+    live: Arc<Live>,
+    finder: memchr::memmem::Finder<'static>,
+}
+
+impl Worker {
+    pub fn spawn(id: usize, plan: Plan, live: Arc<Live>) -> anyhow::Result<Worker> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new().name(format!("lg-worker-{id}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap_or_else(|e| panic!("runtime: {e}"));
+            let local = tokio::task::LocalSet::new();
+            let ctx = Rc::new(Ctx {
+                stats: RefCell::new(WorkerStats::new(plan)),
+                scratch: RefCell::new(vec![0u8; READ_BYTES].into_boxed_slice()),
+                live,
+                finder: payload::finder(),
+            });
+            local.block_on(&rt, async {
+                let flusher = Rc::clone(&ctx);
+                tokio::task::spawn_local(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(200));
+                    loop {
+                        tick.tick().await;
+                        flusher.stats.borrow_mut().flush(&flusher.live);
+                    }
+                });
+                while let Some(job) = rx.recv().await {
+                    match job {
+                        Job::Subscribe(spec) => {
+                            tokio::task::spawn_local(subscriber(Rc::clone(&ctx), spec));
+                        }
+                        Job::Stop => break,
+                    }
+                }
+            });
+            drop(local);
+            drop(rt);
+            let stats = std::mem::replace(
+                &mut *ctx.stats.borrow_mut(),
+                WorkerStats::new(Plan { total: 0, first_measured: 0, channels: 1, nonce: 0 }),
+            );
+            stats
+        })?;
+        Ok(Worker { plan, tx, thread })
+    }
+
+    pub fn subscribe(&self, spec: SubSpec) {
+        let _ = self.tx.send(Job::Subscribe(spec));
+    }
+
+    /// Closes every subscriber of the worker and returns what they saw.
+    pub fn stop(self) -> WorkerStats {
+        let _ = self.tx.send(Job::Stop);
+        let plan = self.plan;
+        self.thread.join().unwrap_or_else(|_| WorkerStats::new(plan))
+    }
+}
+
+/// Opens a connection and completes the handshake; returns the stream and
+/// the bytes that followed the response head.
+pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool), ConnectError> {
+    let fut = async {
+        let mut s = net::connect(spec.addr, spec.source, spec.connect_timeout).await?;
+        match spec.transport {
+            Transport::Ws => ws::upgrade(&mut s, &spec.url, &spec.path).await.map(|rest| (s, rest, false)),
+            Transport::Sse => ws::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked)),
+        }
+    };
+    match tokio::time::timeout(spec.connect_timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::new("timeout", "no handshake within the connect timeout")),
+    }
+}
+
+async fn subscriber(ctx: Rc<Ctx>, spec: SubSpec) {
+    let t0 = clock::now_ns();
+    let (stream, rest, chunked) = match open(&spec).await {
+        Ok(v) => v,
+        Err(e) => {
+            *ctx.stats.borrow_mut().connect_errors.entry(e.kind.to_string()).or_default() += 1;
+            ctx.live.connect_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+    };
+    let _ = ctx.stats.borrow_mut().connect.record((clock::now_ns() - t0).max(1));
+    ctx.live.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(c) = ctx.live.connected_per_channel.get(spec.channel as usize) {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let end = match spec.transport {
+        Transport::Ws => read_ws(&ctx, stream, rest, spec.channel).await,
+        Transport::Sse => read_sse(&ctx, stream, rest, chunked, spec.channel).await,
+    };
+    *ctx.stats.borrow_mut().disconnects.entry(end).or_default() += 1;
+    ctx.live.connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.live.disconnected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Why a subscriber's stream ended.
+fn io_end(e: &std::io::Error) -> String {
+    format!("io_{}", ConnectError::io(e).kind)
+}
+
+/// Handles the complete frames at the start of `data`; returns the bytes
+/// used and, if the stream must end, why.
+fn ws_frames(ctx: &Ctx, seq: &mut Seq, channel: u64, data: &[u8], reply: &mut Vec<u8>, masker: &mut ws::Masker) -> (usize, Option<String>) {
+    let now = clock::now_ns();
+    let in_window = ctx.live.in_window(now);
+    let mut stats = ctx.stats.borrow_mut();
+    let mut at = 0;
+    loop {
+        match ws::parse_frame(&data[at..]) {
+            Ok(Some((f, used))) => {
+                at += used;
+                match f.op {
+                    Op::Text | Op::Binary | Op::Continuation => {
+                        payload::find_all(&ctx.finder, f.payload, |found| stats.record(seq, channel, found, now, in_window));
+                    }
+                    Op::Ping => ws::client_frame(reply, 0xA, f.payload, masker.next()),
+                    Op::Close => {
+                        let code = f.payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
+                        ws::client_frame(reply, 0x8, &f.payload[..f.payload.len().min(2)], masker.next());
+                        return (at, Some(format!("closed_{code}")));
+                    }
+                    Op::Pong | Op::Other(_) => {}
+                }
+            }
+            Ok(None) => return (at, None),
+            Err(e) => return (at, Some(format!("protocol_error: {e}"))),
+        }
+    }
+}
+
+async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64) -> String {
+    let mut seq = Seq::default();
+    let mut masker = ws::Masker::new(clock::now_ns() ^ channel);
+    let mut reply: Vec<u8> = Vec::new();
+    // Bytes of a frame not yet complete.
+    let mut pending: Vec<u8> = Vec::new();
+    let (used, mut ended) = ws_frames(ctx, &mut seq, channel, &first, &mut reply, &mut masker);
+    pending.extend_from_slice(&first[used..]);
+    drop(first);
+    loop {
+        if !reply.is_empty() {
+            if stream.write_all(&reply).await.is_err() && ended.is_none() {
+                ended = Some("io_write".into());
+            }
+            reply.clear();
+        }
+        if let Some(e) = ended {
+            return e;
+        }
+        if let Err(e) = stream.readable().await {
+            return io_end(&e);
+        }
+        let mut scratch = ctx.scratch.borrow_mut();
+        let p = pending.len();
+        if p + 4096 > scratch.len() {
+            // A frame larger than the read buffer: gather it in `pending`.
+            pending.reserve(READ_BYTES);
+            match stream.try_read_buf(&mut pending) {
+                Ok(0) => return "eof".into(),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return io_end(&e),
+            }
+            let (used, e) = ws_frames(ctx, &mut seq, channel, &pending, &mut reply, &mut masker);
+            pending.drain(..used);
+            ended = e;
+        } else {
+            scratch[..p].copy_from_slice(&pending);
+            let len = match stream.try_read(&mut scratch[p..]) {
+                Ok(0) => return "eof".into(),
+                Ok(n) => p + n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return io_end(&e),
+            };
+            let (used, e) = ws_frames(ctx, &mut seq, channel, &scratch[..len], &mut reply, &mut masker);
+            pending.clear();
+            pending.extend_from_slice(&scratch[used..len]);
+            ended = e;
+        }
+    }
+}
+
+async fn read_sse(ctx: &Ctx, stream: TcpStream, first: Vec<u8>, chunked: bool, channel: u64) -> String {
+    let mut seq = Seq::default();
+    let mut dechunker = Dechunker::default();
+    // Decoded body bytes not yet ending in a line break.
+    let mut text: Vec<u8> = Vec::new();
+    let mut raw = first;
+    loop {
+        if !raw.is_empty() {
+            let ended = if chunked {
+                match dechunker.feed(&raw, &mut text) {
+                    Ok(done) => done,
+                    Err(e) => return format!("protocol_error: {e}"),
+                }
+            } else {
+                text.extend_from_slice(&raw);
+                false
+            };
+            raw.clear();
+            let now = clock::now_ns();
+            let in_window = ctx.live.in_window(now);
+            let mut stats = ctx.stats.borrow_mut();
+            let mut at = 0;
+            while let Some(i) = memchr::memchr(b'\n', &text[at..]) {
+                let line = &text[at..at + i];
+                if line.starts_with(b"data:") {
+                    payload::find_all(&ctx.finder, line, |found| stats.record(&mut seq, channel, found, now, in_window));
+                }
+                at += i + 1;
+            }
+            text.drain(..at);
+            if text.len() > 16 * 1024 * 1024 {
+                return "protocol_error: SSE line over 16 MiB".into();
+            }
+            if ended {
+                return "eof".into();
+            }
+        }
+        if let Err(e) = stream.readable().await {
+            return io_end(&e);
+        }
+        let mut scratch = ctx.scratch.borrow_mut();
+        match stream.try_read(&mut scratch[..]) {
+            Ok(0) => return "eof".into(),
+            Ok(n) => raw.extend_from_slice(&scratch[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return io_end(&e),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! `loadgen` as a user runs it: the real binary, real sockets, its JSON
+//! report. Against an embedded Herald nothing may be lost; against small
+//! servers that delay and drop known messages, the report must show
+//! exactly what was planted.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::Message;
+
+fn loadgen(args: &[&str]) -> (Value, String) {
+    let dir = std::env::temp_dir().join(format!("loadgen-test-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("report.json");
+    let html = dir.join("report.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .args(["--quiet", "--json", json.to_str().unwrap(), "--html", html.to_str().unwrap()])
+        .output()
+        .expect("run loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "loadgen failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg"), "the HTML report has its plots");
+    let _ = std::fs::remove_dir_all(&dir);
+    (report, stdout)
+}
+
+fn rand_suffix() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn u(r: &Value, k: &str) -> u64 {
+    r[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {r}"))
+}
+
+#[test]
+fn embedded_herald_over_websocket_loses_nothing() {
+    let (r, stdout) =
+        loadgen(&["fanout", "--subscribers", "200", "--channels", "4", "--rate", "200", "--duration", "2", "--warmup", "0.5"]);
+    assert_eq!(u(&r, "subscribers"), 200);
+    assert_eq!(u(&r, "connected"), 200);
+    assert_eq!(u(&r, "sent"), 400, "200 msg/s for 2 s measured");
+    assert_eq!(u(&r, "expected"), 400 * 50, "each message reaches its channel's 50 subscribers");
+    assert_eq!(u(&r, "deliveries"), u(&r, "expected"));
+    assert_eq!((u(&r, "lost"), u(&r, "duplicates"), u(&r, "out_of_order"), u(&r, "misrouted")), (0, 0, 0, 0));
+    assert_eq!(u(&r, "incomplete_messages"), 0);
+    assert_eq!(r["completion_latency_us"]["count"].as_u64(), Some(400));
+    for k in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(r["delivery_latency_us"][k].as_f64().unwrap() > 0.0, "{k}");
+        assert!(r["completion_latency_us"][k].as_f64().unwrap() >= r["delivery_latency_us"]["p50"].as_f64().unwrap() * 0.0);
+    }
+    assert!(r["server_cpu_s"].as_f64().is_some(), "an embedded server's CPU is measured");
+    assert!(r["client_cpu_s"].as_f64().unwrap() >= 0.0);
+    assert!(r["client_saturated"].is_boolean());
+    assert!(!r["timeline"].as_array().unwrap().is_empty());
+    assert!(stdout.contains("deliveries"), "a human summary: {stdout}");
+}
+
+#[test]
+fn embedded_herald_over_sse_and_ws_publish_loses_nothing() {
+    let (r, _) = loadgen(&[
+        "fanout",
+        "--transport",
+        "sse",
+        "--publish",
+        "ws",
+        "--subscribers",
+        "50",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--warmup",
+        "0.5",
+        "--payload",
+        "300",
+    ]);
+    assert_eq!(u(&r, "sent"), 200);
+    assert_eq!(u(&r, "expected"), 200 * 50);
+    assert_eq!(u(&r, "deliveries"), 200 * 50);
+    assert_eq!(u(&r, "lost"), 0);
+    assert_eq!(r["transport"], "sse");
+}
+
+#[test]
+fn raw_format_on_an_embedded_herald() {
+    let (r, _) = loadgen(&["fanout", "--format", "raw", "--subscribers", "20", "--rate", "100", "--duration", "1", "--warmup", "0"]);
+    assert_eq!(u(&r, "deliveries"), 100 * 20);
+    assert_eq!(u(&r, "lost"), 0);
+}
+
+/// A broadcast server that holds every message `delay` and drops every
+/// message whose number (from 0) is `≡ 3 (mod 10)`: 10 % of them.
+async fn lossy_server(delay: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, _) = broadcast::channel::<String>(100_000);
+    let count = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let _ = stream.set_nodelay(true);
+            let tx = tx.clone();
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut path = String::new();
+                // The callback's signature is tungstenite's (a large Err type).
+                #[allow(clippy::result_large_err)]
+                let cb = |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                    path = req.uri().path().to_string();
+                    Ok(resp)
+                };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, cb).await else { return };
+                let (mut sink, mut source) = ws.split();
+                if path == "/pub" {
+                    while let Some(Ok(m)) = source.next().await {
+                        if let Message::Text(t) = m {
+                            let n = count.fetch_add(1, Ordering::SeqCst);
+                            if n % 10 == 3 {
+                                continue;
+                            }
+                            let tx = tx.clone();
+                            let t = t.to_string();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = tx.send(t);
+                            });
+                        }
+                    }
+                } else {
+                    let mut rx = tx.subscribe();
+                    while let Ok(t) = rx.recv().await {
+                        if sink.send(Message::text(t)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn planted_delay_and_loss_are_reported() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let addr = rt.block_on(lossy_server(Duration::from_millis(50)));
+    let url = format!("ws://{addr}/sub");
+    let publish = format!("ws://{addr}/pub");
+    let (r, _) = loadgen(&[
+        "fanout",
+        "--url",
+        &url,
+        "--format",
+        "raw",
+        "--publish",
+        "ws-raw",
+        "--publish-url",
+        &publish,
+        "--subscribers",
+        "20",
+        "--rate",
+        "50",
+        "--duration",
+        "2",
+        "--warmup",
+        "0",
+        "--drain",
+        "1",
+    ]);
+    assert_eq!(u(&r, "sent"), 100);
+    assert_eq!(u(&r, "expected"), 100 * 20);
+    assert_eq!(u(&r, "lost"), 10 * 20, "messages 3, 13, … 93 were dropped for all 20 subscribers");
+    assert_eq!(u(&r, "deliveries"), 90 * 20);
+    assert_eq!(u(&r, "incomplete_messages"), 10);
+    let lat = &r["delivery_latency_us"];
+    // The floor is the planted delay: nothing beats it, and the fastest
+    // deliveries are close to it (this machine stalls threads by hundreds
+    // of milliseconds at times, so only the floor is a stable figure).
+    let min = lat["min"].as_f64().unwrap();
+    assert!(
+        (50_000.0..250_000.0).contains(&min),
+        "the latency floor is the planted 50 ms: {lat}; publisher lag {}, machine hiccups {}",
+        r["publisher_lag_us"],
+        r["machine_hiccup_us"]
+    );
+    assert!(r["completion_latency_us"]["min"].as_f64().unwrap() >= 50_000.0);
+    drop(rt);
+}
+
+#[test]
+fn connect_storm_against_an_embedded_herald() {
+    let dir = std::env::temp_dir().join(format!("loadgen-connect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("c.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["connect", "--connections", "500", "--rate", "2000", "--hold", "0.5", "--quiet", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(u(&r, "opened"), 500);
+    assert_eq!(u(&r, "connect_errors"), 0);
+    assert_eq!(u(&r, "dropped_while_held"), 0);
+    assert_eq!(r["connect_latency_us"]["count"].as_u64(), Some(500));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unreachable_target_is_a_clear_error() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("ws://127.0.0.1:{port}/ws?channel={{channel}}");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["fanout", "--url", &url, "--subscribers", "5", "--duration", "1", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no subscriber could connect") && err.contains("refused"), "{err}");
+}
+
+#[test]
+fn compare_interleaves_targets_and_prints_ratios() {
+    let dir = std::env::temp_dir().join(format!("loadgen-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("cmp.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["compare", "--target", "name=http", "--target", "name=ws publish=ws", "--rounds", "2"])
+        .args(["--subscribers", "20", "--rate", "100", "--duration", "1", "--warmup", "0", "--drain", "1", "--quiet"])
+        .args(["--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("ratio to http"), "{stdout}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0]["name"].as_str(), rows[1]["name"].as_str()), (Some("http"), Some("ws")));
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "2 rounds × 2 targets");
+    for run in runs {
+        assert_eq!(u(run, "lost"), 0);
+        assert_eq!(u(run, "deliveries"), 100 * 20);
+    }
+    let per_target: Vec<&str> = runs.iter().map(|x| x["publish"].as_str().unwrap()).collect();
+    assert_eq!(per_target, ["http", "http", "ws", "ws"], "runs are listed per target");
+    assert_eq!(r["sequence"], serde_json::json!(["http#1", "ws#1", "http#2", "ws#2"]), "interleaved: A B A B");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_high_rate_keeps_its_schedule_with_pipelined_http() {
+    // 2,000 msg/s: the schedule never waits for the connection, and HTTP
+    // requests are pipelined, so nothing is refused for backlog.
+    let (r, _) = loadgen(&["fanout", "--subscribers", "10", "--rate", "2000", "--duration", "1", "--warmup", "0.2"]);
+    assert_eq!(r["publish_errors"], serde_json::json!({}), "{}", r["warnings"]);
+    assert_eq!(u(&r, "sent"), 2000);
+    assert_eq!(u(&r, "lost"), 0, "{}", r["warnings"]);
+    assert_eq!(u(&r, "deliveries"), 2000 * 10);
+    assert_eq!(u(&r, "out_of_order"), 0, "one channel's messages stay in order on its connection");
+}
