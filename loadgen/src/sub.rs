@@ -225,7 +225,7 @@ async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64)
             ended = e;
         } else {
             scratch[..p].copy_from_slice(&pending);
-            let len = match stream.try_read(&mut scratch[p..]) {
+            let len = match read_drained(&stream, &mut scratch[p..]) {
                 Ok(0) => return "eof".into(),
                 Ok(n) => p + n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -236,6 +236,30 @@ async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64)
             pending.extend_from_slice(&scratch[used..len]);
             ended = e;
         }
+    }
+}
+
+/// Reads what the socket holds into `buf`, like `try_read`, but a short
+/// read also clears the socket's readiness: the kernel had no more bytes,
+/// so the `recv` that would only answer `EAGAIN` is skipped. That is one
+/// system call in two at low rates, where each delivery is read alone.
+/// (Readiness set by data that arrives meanwhile is not lost: tokio clears
+/// it only if no new event came since it was reported, and an
+/// edge-triggered epoll reports the new bytes on the next poll.)
+fn read_drained(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut got = None;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(stream)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            got = Some(n);
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, r) => r,
     }
 }
 
@@ -280,7 +304,7 @@ async fn read_sse(ctx: &Ctx, stream: TcpStream, first: Vec<u8>, chunked: bool, c
             return io_end(&e);
         }
         let mut scratch = ctx.scratch.borrow_mut();
-        match stream.try_read(&mut scratch[..]) {
+        match read_drained(&stream, &mut scratch[..]) {
             Ok(0) => return "eof".into(),
             Ok(n) => raw.extend_from_slice(&scratch[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
