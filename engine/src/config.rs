@@ -95,6 +95,23 @@ pub struct Config {
     /// Serve `GET /echo`, a WebSocket echo endpoint for conformance
     /// testing. Default false.
     pub echo: bool,
+    /// The `redis` broker: `redis://[user:password@]host:port`. Every
+    /// publish then goes through this Redis, and every node using it serves
+    /// the same channels. Default: none (the local broker).
+    pub redis: Option<String>,
+    /// The `redis-cluster` broker: seed URLs of a Redis Cluster (≥ 7), used
+    /// with sharded pub/sub. Default: none.
+    pub redis_cluster: Vec<String>,
+    /// Prefix of Herald's Redis keys and channels. Default `herald:`.
+    pub redis_prefix: String,
+    /// Deadline of one Redis command (a publish, a subscription's
+    /// confirmation) and of the answer to the ping that checks a subscriber
+    /// connection. Default 2 s.
+    pub redis_timeout_ms: u64,
+    /// A channel's counter in Redis expires this long after its last publish
+    /// (the next publish then starts a new epoch); 0 keeps it forever.
+    /// Default 7 days.
+    pub redis_counter_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -117,6 +134,11 @@ impl Default for Config {
             sse_keepalive_ms: 15_000,
             client_publish: true,
             echo: false,
+            redis: None,
+            redis_cluster: Vec::new(),
+            redis_prefix: "herald:".into(),
+            redis_timeout_ms: 2_000,
+            redis_counter_ttl_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -200,6 +222,28 @@ impl Config {
         client_publish: bool);
     setter!(/// Sets [`Config::echo`].
         echo: bool);
+    /// Uses the `redis` broker at `url` (see [`Config::redis`]).
+    pub fn redis(&mut self, url: impl Into<String>) -> &mut Self {
+        self.redis = Some(url.into());
+        self
+    }
+
+    /// Uses the `redis-cluster` broker with these seed URLs.
+    pub fn redis_cluster<S: Into<String>>(&mut self, urls: impl IntoIterator<Item = S>) -> &mut Self {
+        self.redis_cluster = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`Config::redis_prefix`].
+    pub fn redis_prefix(&mut self, prefix: impl Into<String>) -> &mut Self {
+        self.redis_prefix = prefix.into();
+        self
+    }
+
+    duration_setter!(/// Sets [`Config::redis_timeout_ms`].
+        redis_timeout => redis_timeout_ms);
+    duration_setter!(/// Sets [`Config::redis_counter_ttl_ms`].
+        redis_counter_ttl => redis_counter_ttl_ms);
     duration_setter!(/// Sets [`Config::request_head_timeout_ms`].
         request_head_timeout => request_head_timeout_ms);
     duration_setter!(/// Sets [`Config::ping_interval_ms`].
@@ -238,6 +282,12 @@ impl Config {
         check(c.ping_interval_ms >= 1, "ping_interval_ms must be at least 1")?;
         check(c.idle_timeout_ms >= 1, "idle_timeout_ms must be at least 1")?;
         check(c.sse_keepalive_ms >= 1, "sse_keepalive_ms must be at least 1")?;
+        check(c.redis.is_none() || c.redis_cluster.is_empty(), "set redis or redis_cluster, not both")?;
+        for url in c.redis.iter().chain(&c.redis_cluster) {
+            check(url.starts_with("redis://"), &format!("Redis URL {url:?} must start with redis:// (TLS is not supported)"))?;
+        }
+        check(c.redis_prefix.len() <= 64 && !c.redis_prefix.contains(['{', '}']), "redis_prefix must be at most 64 bytes, without { or }")?;
+        check(c.redis_timeout_ms >= 1, "redis_timeout_ms must be at least 1")?;
         Ok(c)
     }
 

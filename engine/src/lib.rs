@@ -28,8 +28,8 @@
 //!   and the channel rules.
 //! - `shard`: per-core threads; each owns its connections, its channel
 //!   index and every connection's outbound queue.
-//! - `broker`: where a publish is ordered and given its offset (the local
-//!   channel table).
+//! - `broker`: where a publish is ordered and given its offset: the local
+//!   channel table, or Redis (`redis`, `redis-cluster`) for several nodes.
 //! - `http`: the acceptor and the endpoints.
 //! - [`config`], `metrics`: limits and counters.
 
@@ -61,6 +61,7 @@ pub use proto::json::{InvalidJson, Payload};
 pub use proto::ErrorCode;
 
 use broker::local::ChannelTable;
+use broker::redis::RedisBroker;
 use metrics::{Metrics, ShardMetrics};
 use shard::inbox::Dispatch;
 use shard::{Control, Permit};
@@ -90,6 +91,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Metrics,
     pub(crate) dispatch: Dispatch,
     pub(crate) channels: ChannelTable,
+    /// The Redis broker, unless the broker is local.
+    pub(crate) broker: Option<RedisBroker>,
     controls: Box<[mpsc::Sender<Control>]>,
     open: Arc<AtomicUsize>,
     rr: AtomicUsize,
@@ -152,8 +155,15 @@ impl Inner {
         self.send_control(target, Control::Run(Box::new(f))).await
     }
 
-    /// Publishes through the local broker.
-    pub(crate) fn publish_now(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
+    /// A shard gained the node's first subscriber to `channel` or lost the
+    /// last one: the Redis broker follows.
+    pub(crate) fn interest_changed(&self, channel: &Arc<str>) {
+        if let Some(b) = &self.broker {
+            b.interest_changed(channel);
+        }
+    }
+
+    fn check_publish(&self, channel: &str, payload: &Payload) -> Result<(), PublishError> {
         proto::channel::validate(channel)?;
         if payload.len() > self.config.max_message_bytes {
             return Err(PublishError::TooLarge { size: payload.len(), max: self.config.max_message_bytes });
@@ -161,6 +171,24 @@ impl Inner {
         if self.is_shutting_down() {
             return Err(PublishError::ShuttingDown);
         }
+        Ok(())
+    }
+
+    /// Publishes through whichever broker is configured.
+    pub(crate) async fn publish(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
+        let Some(broker) = &self.broker else { return self.publish_now(channel, payload, metrics) };
+        self.check_publish(channel, &payload)?;
+        let r = broker.publish(channel, &payload).await;
+        if r.is_ok() {
+            metrics.published.inc();
+        }
+        r
+    }
+
+    /// Publishes through the local broker (the Redis broker needs
+    /// [`Inner::publish`]).
+    pub(crate) fn publish_now(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
+        self.check_publish(channel, &payload)?;
         let r = self.channels.publish(&self.dispatch, channel, payload);
         match &r {
             Ok(_) => metrics.published.inc(),
@@ -173,10 +201,14 @@ impl Inner {
     pub(crate) fn metrics_text(&self) -> String {
         let open = self.open.load(Ordering::Relaxed) as u64;
         let channels = self.channels.len() as u64;
-        self.metrics.render(&[
+        let mut out = self.metrics.render(&[
             ("herald_open_permits", "Client connections counted against max_connections.", open),
             ("herald_channels", "Channels in the channel table.", channels),
-        ])
+        ]);
+        if let Some(b) = &self.broker {
+            b.render(&mut out);
+        }
+        out
     }
 }
 
@@ -214,6 +246,7 @@ impl Herald {
 
     fn launch(config: Config, listener: Option<TcpListener>, local_addr: Option<SocketAddr>) -> Result<Herald, StartError> {
         let config = config.validated()?;
+        let broker = RedisBroker::from_config(&config).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let n = config.shards;
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(CONTROL_QUEUE)).unzip();
         let (done_tx, done_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
@@ -221,6 +254,7 @@ impl Herald {
             metrics: Metrics::new(n),
             dispatch: Dispatch::new(n, config.shard_queue_capacity),
             channels: ChannelTable::new(config.max_channels),
+            broker,
             controls: senders.into_boxed_slice(),
             open: Arc::new(AtomicUsize::new(0)),
             rr: AtomicUsize::new(0),
@@ -229,13 +263,15 @@ impl Herald {
             done: Mutex::new(done_rx),
             config,
         });
+        RedisBroker::start(&inner).map_err(|source| StartError::Io { what: "cannot start the broker thread".into(), source })?;
         let mut listener = listener;
         for (id, (rx, done)) in receivers.into_iter().zip(done_tx).enumerate() {
             let l = if id == 0 { listener.take() } else { None };
             shard::spawn(id, Arc::clone(&inner), rx, l, done)
                 .map_err(|source| StartError::Io { what: "cannot start a shard thread".into(), source })?;
         }
-        tracing::info!(shards = n, addr = ?local_addr, "herald started");
+        let broker = inner.broker.as_ref().map_or("local", |b| b.mode());
+        tracing::info!(shards = n, addr = ?local_addr, broker, "herald started");
         Ok(Herald { inner })
     }
 
@@ -249,9 +285,11 @@ impl Herald {
         &self.inner.config
     }
 
-    /// Publishes `payload` to `channel`; every current subscriber gets it.
+    /// Publishes `payload` to `channel`; every current subscriber gets it
+    /// (on every node, with a Redis broker). With Redis, the error
+    /// [`PublishError::Unavailable`] means nothing was published.
     pub async fn publish(&self, channel: &str, payload: Payload) -> Result<Published, PublishError> {
-        self.inner.publish_now(channel, payload, self.inner.metrics_here())
+        self.inner.publish(channel, payload, self.inner.metrics_here()).await
     }
 
     /// The Prometheus text exposition that `/metrics` serves.
@@ -279,6 +317,9 @@ impl Herald {
         let done = std::mem::take(&mut *self.inner.done.lock().unwrap_or_else(|e| e.into_inner()));
         for d in done {
             let _ = d.await;
+        }
+        if let Some(b) = &self.inner.broker {
+            b.stop();
         }
         tracing::info!("herald stopped");
     }

@@ -29,6 +29,12 @@ impl Epoch {
         Epoch(out)
     }
 
+    /// An epoch received as text (8 characters of `[0-9a-z]`).
+    pub fn parse(s: &[u8]) -> Option<Epoch> {
+        let bytes: [u8; 8] = s.try_into().ok()?;
+        bytes.iter().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()).then_some(Epoch(bytes))
+    }
+
     /// The epoch as text.
     pub fn as_str(&self) -> &str {
         // Built only from ASCII alphanumerics above.

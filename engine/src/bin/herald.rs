@@ -63,6 +63,19 @@ struct Args {
     /// Also serve `GET /echo`, a WebSocket echo endpoint for conformance tests.
     #[arg(long, env = "HERALD_ECHO")]
     echo: bool,
+    /// Use the `redis` broker at this URL (redis://[user:password@]host:port):
+    /// every publish goes through Redis, so many nodes serve one set of channels.
+    #[arg(long, env = "HERALD_REDIS", conflicts_with = "redis_cluster")]
+    redis: Option<String>,
+    /// Use the `redis-cluster` broker (sharded pub/sub) with these seed URLs.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',')]
+    redis_cluster: Option<Vec<String>>,
+    /// Prefix of Herald's Redis keys and channels.
+    #[arg(long, env = "HERALD_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Deadline of one Redis command, in milliseconds.
+    #[arg(long, env = "HERALD_REDIS_TIMEOUT_MS")]
+    redis_timeout_ms: Option<u64>,
     /// Seconds to drain connections on SIGINT/SIGTERM.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -87,6 +100,18 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if args.echo {
         c.echo = true;
     }
+    if let Some(url) = &args.redis {
+        c.redis = Some(url.clone());
+        c.redis_cluster.clear();
+    }
+    if let Some(urls) = &args.redis_cluster {
+        c.redis_cluster = urls.clone();
+        c.redis = None;
+    }
+    if let Some(p) = &args.redis_prefix {
+        c.redis_prefix = p.clone();
+    }
+    set!(redis_timeout_ms);
     Ok(c)
 }
 
@@ -102,6 +127,8 @@ async fn signal() -> std::io::Result<&'static str> {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();

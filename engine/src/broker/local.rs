@@ -1,5 +1,7 @@
-//! The local broker's channel table: for each channel, its epoch, its next
-//! offset and the set of shards with subscribers.
+//! The channel table: for each channel, its epoch, its next offset (local
+//! broker) and the set of shards with subscribers. With the Redis broker
+//! it also keeps whether Redis confirmed this node's subscription and the
+//! offset expected next, to count gaps.
 //!
 //! The table is split into stripes, each behind its own mutex, so publishes
 //! to different channels rarely meet. A publish takes its stripe's lock for
@@ -24,6 +26,24 @@ struct Entry {
     shards: ShardSet,
     epoch: Epoch,
     next_offset: u64,
+    /// Redis broker: Redis confirmed this node's subscription.
+    confirmed: bool,
+    /// Redis broker: the epoch and offset expected next, once a message came.
+    expect: Option<(Epoch, u64)>,
+}
+
+/// What became of a message from the Redis broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivered {
+    /// Queued on every interested shard; `missed` offsets were skipped
+    /// before it (a gap), or the channel's epoch changed (`new_epoch`).
+    Queued { missed: u64, new_epoch: bool },
+    /// No shard has subscribers (any more).
+    NoInterest,
+    /// Its offset is not after the last one delivered: dropped.
+    Stale,
+    /// A shard's queue is full: nothing was queued; retry.
+    Full,
 }
 
 type Stripe = Mutex<HashMap<Arc<str>, Entry>>;
@@ -67,7 +87,15 @@ impl ChannelTable {
             }
             self.len.fetch_add(1, Ordering::Relaxed);
             let name: Arc<str> = name.into();
-            map.insert(Arc::clone(&name), Entry { name, shards: ShardSet::default(), epoch: Epoch::random(), next_offset: 1 });
+            let entry = Entry {
+                name: Arc::clone(&name),
+                shards: ShardSet::default(),
+                epoch: Epoch::random(),
+                next_offset: 1,
+                confirmed: false,
+                expect: None,
+            };
+            map.insert(name, entry);
         }
         map.get_mut(name).ok_or(TableFull)
     }
@@ -114,22 +142,99 @@ impl ChannelTable {
         Ok(published)
     }
 
-    /// Adds `shard` to the channel's shard set (its first local subscriber).
-    pub(crate) fn subscribe(&self, channel: &str, shard: usize) -> Result<(Arc<str>, Epoch), TableFull> {
+    /// Adds `shard` to the channel's shard set (its first local
+    /// subscriber). The flag says whether the node had no subscriber to the
+    /// channel before.
+    pub(crate) fn subscribe(&self, channel: &str, shard: usize) -> Result<(Arc<str>, Epoch, bool), TableFull> {
         let stripe = stripe_of(channel);
         let mut map = self.lock(stripe);
         let entry = self.entry(&mut map, stripe, channel)?;
+        let first = entry.shards.is_empty();
         entry.shards.insert(shard);
-        Ok((Arc::clone(&entry.name), entry.epoch))
+        Ok((Arc::clone(&entry.name), entry.epoch, first))
     }
 
     /// Removes `shard` from the channel's shard set (its last local
     /// subscriber left). The entry stays, keeping the offset counter.
-    pub(crate) fn unsubscribe(&self, channel: &str, shard: usize) {
+    /// Returns whether the node now has no subscriber to the channel.
+    pub(crate) fn unsubscribe(&self, channel: &str, shard: usize) -> bool {
         let mut map = self.lock(stripe_of(channel));
-        if let Some(e) = map.get_mut(channel) {
-            e.shards.remove(shard);
+        match map.get_mut(channel) {
+            Some(e) => {
+                let had = !e.shards.is_empty();
+                e.shards.remove(shard);
+                had && e.shards.is_empty()
+            }
+            None => false,
         }
+    }
+
+    /// Whether some shard has subscribers to `channel`.
+    pub(crate) fn has_interest(&self, channel: &str) -> bool {
+        self.lock(stripe_of(channel)).get(channel).is_some_and(|e| !e.shards.is_empty())
+    }
+
+    /// Every channel with subscribers on this node.
+    pub(crate) fn interested(&self) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for i in 0..STRIPES {
+            out.extend(self.lock(i).values().filter(|e| !e.shards.is_empty()).map(|e| Arc::clone(&e.name)));
+        }
+        out
+    }
+
+    /// Redis broker: the node subscribes to `channel` afresh, so the next
+    /// message sets the expected offset (messages before the subscription
+    /// are not a gap).
+    pub(crate) fn broker_fresh(&self, channel: &str) {
+        if let Some(e) = self.lock(stripe_of(channel)).get_mut(channel) {
+            e.expect = None;
+            e.confirmed = false;
+        }
+    }
+
+    /// Redis broker: Redis confirmed (or dropped) this node's subscription;
+    /// `epoch` is the channel's epoch in Redis, when known.
+    pub(crate) fn broker_confirm(&self, channel: &str, confirmed: bool, epoch: Option<Epoch>) {
+        if let Some(e) = self.lock(stripe_of(channel)).get_mut(channel) {
+            e.confirmed = confirmed;
+            if let Some(epoch) = epoch {
+                e.epoch = epoch;
+            }
+        }
+    }
+
+    /// Redis broker: the channel's epoch once Redis confirmed the node's
+    /// subscription.
+    pub(crate) fn broker_epoch(&self, channel: &str) -> Option<Epoch> {
+        self.lock(stripe_of(channel)).get(channel).filter(|e| e.confirmed).map(|e| e.epoch)
+    }
+
+    /// Redis broker: queues a message that came back from Redis on every
+    /// interested shard, checking its offset against the one expected.
+    pub(crate) fn deliver(&self, dispatch: &Dispatch, channel: &str, epoch: Epoch, offset: u64, payload: &Payload) -> Delivered {
+        let mut map = self.lock(stripe_of(channel));
+        let Some(entry) = map.get_mut(channel) else { return Delivered::NoInterest };
+        let shards = entry.shards;
+        if shards.is_empty() {
+            return Delivered::NoInterest;
+        }
+        let new_epoch = entry.expect.is_some_and(|(e, _)| e != epoch);
+        let missed = match entry.expect {
+            Some((_, want)) if !new_epoch && offset < want => return Delivered::Stale,
+            Some((_, want)) if !new_epoch => offset - want,
+            _ => 0,
+        };
+        if dispatch.reserve(shards).is_err() {
+            return Delivered::Full;
+        }
+        entry.epoch = epoch;
+        entry.expect = Some((epoch, offset + 1));
+        let msg = Arc::new(Message::new(Arc::clone(&entry.name), offset, payload.clone()));
+        dispatch.push(shards, &msg);
+        drop(map);
+        dispatch.wake(shards);
+        Delivered::Queued { missed, new_epoch }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -150,7 +255,8 @@ mod tests {
     fn offsets_are_contiguous_and_reach_subscribed_shards_only() {
         let d = Dispatch::new(2, 16);
         let t = ChannelTable::new(100);
-        let (_, epoch) = t.subscribe("news", 1).unwrap();
+        let (_, epoch, first) = t.subscribe("news", 1).unwrap();
+        assert!(first);
         for want in 1..=3 {
             let p = t.publish(&d, "news", Payload::text("x")).unwrap();
             assert_eq!((p.offset, p.epoch), (want, epoch));
@@ -158,7 +264,7 @@ mod tests {
         assert!(d.inbox(0).pop().is_none());
         let offsets: Vec<u64> = std::iter::from_fn(|| d.inbox(1).pop()).map(|m| m.offset).collect();
         assert_eq!(offsets, vec![1, 2, 3]);
-        t.unsubscribe("news", 1);
+        assert!(t.unsubscribe("news", 1), "the last subscriber left");
         assert_eq!(t.publish(&d, "news", Payload::text("x")).unwrap().offset, 4, "the counter outlives subscribers");
         assert!(d.inbox(1).pop().is_none());
     }
@@ -178,6 +284,33 @@ mod tests {
         let b2 = t.publish(&d, "b", Payload::text("x")).unwrap();
         assert_eq!(b2.offset, 1);
         assert_ne!(b2.epoch, b1.epoch);
+    }
+
+    #[test]
+    fn broker_deliveries_count_gaps_and_drop_stale_offsets() {
+        let d = Dispatch::new(2, 16);
+        let t = ChannelTable::new(10);
+        let p = Payload::text("x");
+        let e1 = Epoch::random();
+        assert_eq!(t.deliver(&d, "a", e1, 1, &p), Delivered::NoInterest);
+        t.subscribe("a", 0).unwrap();
+        assert!(!t.subscribe("a", 1).unwrap().2, "not the node's first subscriber");
+        let queued = |missed, new_epoch| Delivered::Queued { missed, new_epoch };
+        assert_eq!(t.deliver(&d, "a", e1, 5, &p), queued(0, false), "the first message sets the baseline");
+        assert_eq!(t.deliver(&d, "a", e1, 6, &p), queued(0, false));
+        assert_eq!(t.deliver(&d, "a", e1, 9, &p), queued(2, false), "7 and 8 were missed");
+        assert_eq!(t.deliver(&d, "a", e1, 9, &p), Delivered::Stale);
+        let e2 = Epoch::random();
+        assert_eq!(t.deliver(&d, "a", e2, 1, &p), queued(0, true), "a new epoch restarts the offsets");
+        let got: Vec<u64> = std::iter::from_fn(|| d.inbox(1).pop()).map(|m| m.offset).collect();
+        assert_eq!(got, vec![5, 6, 9, 1]);
+        t.broker_fresh("a");
+        assert_eq!(t.deliver(&d, "a", e2, 40, &p), queued(0, false), "a fresh subscription is not a gap");
+        assert_eq!(t.broker_epoch("a"), None, "not confirmed yet");
+        t.broker_confirm("a", true, Some(e1));
+        assert_eq!(t.broker_epoch("a"), Some(e1), "the epoch Redis gave for the reply");
+        assert_eq!(t.deliver(&d, "a", e2, 42, &p), queued(1, false), "gaps are checked against the last message, not the reply's epoch");
+        assert_eq!(t.interested(), vec![Arc::<str>::from("a")]);
     }
 
     #[test]

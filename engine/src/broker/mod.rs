@@ -2,8 +2,11 @@
 //!
 //! - [`local`]: the default, in-process broker. Offsets and epochs live in
 //!   this node's channel table.
+//! - [`redis`]: `redis` and `redis-cluster`. Offsets and epochs live in
+//!   Redis; every node delivers what comes back from Redis.
 
 pub(crate) mod local;
+pub(crate) mod redis;
 
 use std::sync::Arc;
 
@@ -44,6 +47,9 @@ pub enum PublishError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The broker (Redis) did not take the publish; nothing was published.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl PublishError {
@@ -54,7 +60,7 @@ impl PublishError {
             PublishError::TooLarge { .. } => ErrorCode::TooLarge,
             PublishError::Overloaded => ErrorCode::Overloaded,
             PublishError::ChannelLimit => ErrorCode::Limit,
-            PublishError::ShuttingDown => ErrorCode::Unavailable,
+            PublishError::ShuttingDown | PublishError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }

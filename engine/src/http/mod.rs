@@ -309,7 +309,7 @@ where
             }
         }
     };
-    match inner.publish_now(&channel, payload, inner.metrics_here()) {
+    match inner.publish(&channel, payload, inner.metrics_here()).await {
         Ok(p) => text_response("application/json", json::http_published_body(&p.channel, p.offset, p.epoch.as_str())),
         Err(e) => {
             let status = match e.code() {

@@ -11,12 +11,14 @@
 //! - [`json`]: JSON string escaping and the wire envelope / reply encoders.
 //! - [`command`]: the client command parser.
 //! - [`channel`]: channel-name rules.
+//! - [`resp`]: the RESP2 subset of Herald's Redis subscriber connections.
 
 pub mod assemble;
 pub mod channel;
 pub mod command;
 pub mod frame;
 pub mod json;
+pub mod resp;
 pub mod sse;
 
 /// Error codes of protocol v1, sent in `{"op":"error","code":…}` replies and

@@ -180,6 +180,8 @@ pub(crate) struct Conn {
     pub subs: RefCell<Vec<Arc<str>>>,
     /// When the client last sent anything.
     pub last_rx: Cell<Instant>,
+    /// Publish commands waiting for the broker's answer.
+    pub in_flight: Cell<u32>,
     _permit: Permit,
 }
 
@@ -193,6 +195,7 @@ impl Conn {
             out: RefCell::new(Outbound::default()),
             subs: RefCell::new(Vec::new()),
             last_rx: Cell::new(Instant::now()),
+            in_flight: Cell::new(0),
             _permit: permit,
         }
     }

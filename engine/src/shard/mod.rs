@@ -178,8 +178,11 @@ impl Shard {
         let (name, epoch) = match index.get_key_value(channel) {
             Some((name, local)) => (Arc::clone(name), local.epoch),
             None => {
-                let (name, epoch) = self.inner.channels.subscribe(channel, self.id).map_err(|_| ErrorCode::Limit)?;
+                let (name, epoch, first) = self.inner.channels.subscribe(channel, self.id).map_err(|_| ErrorCode::Limit)?;
                 index.insert(Arc::clone(&name), LocalChannel { epoch, subscribers: IndexSet::new() });
+                if first {
+                    self.inner.interest_changed(&name);
+                }
                 (name, epoch)
             }
         };
@@ -208,8 +211,11 @@ impl Shard {
             self.metrics().subscriptions_removed.inc();
         }
         if local.subscribers.is_empty() {
-            index.remove(channel);
-            self.inner.channels.unsubscribe(channel, self.id);
+            if let Some((name, _)) = index.remove_entry(channel) {
+                if self.inner.channels.unsubscribe(&name, self.id) {
+                    self.inner.interest_changed(&name);
+                }
+            }
         }
     }
 

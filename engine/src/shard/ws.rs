@@ -11,6 +11,7 @@ use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -265,7 +266,7 @@ fn classify(e: &io::Error) -> Disconnect {
 
 /// Decodes and handles every complete frame in `buf`; returns the bytes
 /// used. A protocol violation starts the close and uses everything.
-fn process(buf: &mut [u8], asm: &mut Assembler, shard: &Shard, conn: &Conn) -> usize {
+fn process(buf: &mut [u8], asm: &mut Assembler, shard: &Shard, conn: &Rc<Conn>) -> usize {
     let max_frame = shard.inner.config.max_message_bytes + COMMAND_OVERHEAD_BYTES;
     let mut pos = 0;
     while conn.out.borrow().closing().is_none() {
@@ -301,7 +302,7 @@ fn protocol_close(conn: &Conn, e: ProtocolError) {
     conn.close(reason, false, Some(frame::encode_close(e.close_code(), &e.to_string())));
 }
 
-fn handle(shard: &Shard, conn: &Conn, msg: Incoming<'_>) {
+fn handle(shard: &Shard, conn: &Rc<Conn>, msg: Incoming<'_>) {
     match msg {
         Incoming::Text(text) => match conn.format {
             Format::Json => command(shard, conn, text),
@@ -337,14 +338,20 @@ fn error(shard: &Shard, conn: &Conn, code: ErrorCode, message: &str, id: Option<
     shard.send_to(conn, json::reply_error(code, message, id));
 }
 
-fn command(shard: &Shard, conn: &Conn, text: &str) {
+fn command(shard: &Shard, conn: &Rc<Conn>, text: &str) {
     let cfg = &shard.inner.config;
     let parsed = command::parse(text, cfg.max_message_bytes);
     let id = parsed.id;
     let reply = match parsed.command {
         Err(e) => return error(shard, conn, e.code, &e.message, id),
         Ok(Command::Subscribe { channel }) => match shard.subscribe(conn, &channel) {
-            Ok(epoch) => json::reply_subscribed(&channel, epoch.as_str(), id),
+            Ok(epoch) if shard.inner.broker.is_none() => json::reply_subscribed(&channel, epoch.as_str(), id),
+            // Redis broker: the reply waits for Redis to confirm the node's
+            // subscription, so that everything published after it arrives.
+            Ok(_) => match shard.inner.channels.broker_epoch(&channel) {
+                Some(epoch) => json::reply_subscribed(&channel, epoch.as_str(), id),
+                None => return reply_when_confirmed(shard, conn, channel.into_owned(), id.map(str::to_owned)),
+            },
             Err(code) => {
                 let msg = if conn.subs.borrow().len() >= cfg.max_subscriptions {
                     format!("subscription limit reached ({} per connection)", cfg.max_subscriptions)
@@ -363,6 +370,9 @@ fn command(shard: &Shard, conn: &Conn, text: &str) {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
             }
             let payload = Payload::json_prevalidated(Bytes::copy_from_slice(data.as_bytes()));
+            if shard.inner.broker.is_some() {
+                return publish_through_broker(shard, conn, channel.into_owned(), payload, id.map(str::to_owned));
+            }
             match shard.inner.publish_now(&channel, payload, shard.metrics()) {
                 Ok(p) => json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id),
                 Err(e) => return error(shard, conn, e.code(), &e.to_string(), id),
@@ -370,4 +380,55 @@ fn command(shard: &Shard, conn: &Conn, text: &str) {
         }
     };
     shard.send_to(conn, reply);
+}
+
+/// Publishes waiting for Redis at once on one connection, at most; more
+/// get error `overloaded`.
+const MAX_PUBLISHES_IN_FLIGHT: u32 = 256;
+
+/// Publishes through the Redis broker and replies when Redis answered.
+fn publish_through_broker(shard: &Shard, conn: &Rc<Conn>, channel: String, payload: Payload, id: Option<String>) {
+    if conn.in_flight.get() >= MAX_PUBLISHES_IN_FLIGHT {
+        let msg = format!("more than {MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker on this connection");
+        return error(shard, conn, ErrorCode::Overloaded, &msg, id.as_deref());
+    }
+    conn.in_flight.set(conn.in_flight.get() + 1);
+    let (inner, conn, shard_id) = (Arc::clone(&shard.inner), Rc::clone(conn), shard.id);
+    tokio::task::spawn_local(async move {
+        let r = inner.publish(&channel, payload, inner.metrics.shard(shard_id)).await;
+        conn.in_flight.set(conn.in_flight.get() - 1);
+        let Some(shard) = super::current(&inner) else { return };
+        match r {
+            Ok(p) => {
+                shard.send_to(&conn, json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id.as_deref()));
+            }
+            Err(e) => error(&shard, &conn, e.code(), &e.to_string(), id.as_deref()),
+        }
+    });
+}
+
+/// Sends the `subscribed` reply once Redis confirmed the node's
+/// subscription; if it does not in time, the subscription is undone and
+/// the client gets error `unavailable`.
+fn reply_when_confirmed(shard: &Shard, conn: &Rc<Conn>, channel: String, id: Option<String>) {
+    let (inner, conn) = (Arc::clone(&shard.inner), Rc::clone(conn));
+    tokio::task::spawn_local(async move {
+        let Some(broker) = inner.broker.as_ref() else { return };
+        let epoch = broker.wait_confirmed(&inner, &channel).await;
+        let Some(shard) = super::current(&inner) else { return };
+        let still = conn.out.borrow().closing().is_none() && conn.subs.borrow().iter().any(|c| **c == *channel);
+        if !still {
+            return;
+        }
+        match epoch {
+            Some(e) => {
+                shard.send_to(&conn, json::reply_subscribed(&channel, e.as_str(), id.as_deref()));
+            }
+            None => {
+                shard.unsubscribe(&conn, &channel);
+                let msg = "the broker (Redis) did not confirm the subscription in time; retry";
+                error(&shard, &conn, ErrorCode::Unavailable, msg, id.as_deref());
+            }
+        }
+    });
 }
