@@ -5,6 +5,7 @@
 #   bash bench/loadgen-table.sh            # the fixed scenarios
 #   bash bench/loadgen-table.sh ladder     # 1k subscribers, rising rates
 #   bash bench/loadgen-table.sh idle       # RSS per idle connection at 10k
+#   bash bench/loadgen-table.sh redis      # one node local, one and two nodes through Redis
 #
 # Herald and loadgen share the machine; each run's JSON is kept in
 # target/loadgen-table/.
@@ -31,7 +32,10 @@ sse="http://127.0.0.1:$port/sse?channel={channel}"
 run() {
   local name=$1
   shift
-  target/release/loadgen fanout --quiet --server-pid "$pid" --json "$out/$name.json" "$@" >"$out/$name.txt"
+  # The default --server-pid is the local Herald; a run may name others.
+  local pids=(--server-pid "$pid")
+  [[ " $* " == *" --server-pid "* ]] && pids=()
+  target/release/loadgen fanout --quiet "${pids[@]}" --json "$out/$name.json" "$@" >"$out/$name.txt"
   python3 - "$out/$name.json" "$name" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -53,6 +57,26 @@ table)
 ladder)
   for rate in ${RATES:-100 200 400 800 1600 3200}; do
     run "ladder-$rate" --url "$ws" --subscribers 1000 --rate "$rate" --duration 5 --warmup 1
+  done
+  ;;
+redis)
+  # A redis-server of its own, and two more Herald nodes using it.
+  rport=${REDIS_PORT:-16379}
+  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
+  rpid=$!
+  target/release/herald --listen "127.0.0.1:$((port + 1))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r1.log" 2>&1 &
+  r1=$!
+  target/release/herald --listen "127.0.0.1:$((port + 2))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r2.log" 2>&1 &
+  r2=$!
+  trap 'kill $pid $r1 $r2 $rpid 2>/dev/null; wait 2>/dev/null || true' EXIT
+  sleep 1
+  n1="ws://127.0.0.1:$((port + 1))/ws?channel={channel}"
+  n2="ws://127.0.0.1:$((port + 2))/ws?channel={channel}"
+  common=(--subscribers 1000 --rate "${RATE:-200}" --duration 10 --warmup 2)
+  for round in 1 2; do
+    run "local-$round" --url "$ws" "${common[@]}"
+    run "redis-1node-$round" --url "$n1" --server-pid "$r1" --server-pid "$rpid" "${common[@]}"
+    run "redis-2nodes-$round" --url "$n1" --url "$n2" --server-pid "$r1" --server-pid "$r2" --server-pid "$rpid" "${common[@]}"
   done
   ;;
 idle)

@@ -500,12 +500,14 @@ async fn cluster_slots(broker: &RedisBroker) -> Result<SlotMap, String> {
 struct Backoff(u32);
 
 impl Backoff {
-    /// 100 ms, doubling up to 2 s, with jitter.
+    /// 50 ms, doubling up to 500 ms, plus up to 25 ms of jitter: a failed
+    /// attempt costs a refused connect, and the cap bounds how long a node
+    /// stays cut off after Redis is back.
     fn next(&mut self) -> Duration {
-        let base = 100u64 << self.0.min(5);
+        let base = 50u64 << self.0.min(4);
         self.0 += 1;
-        let jitter = u64::from(Epoch::random().as_str().as_bytes()[0]) % 50;
-        Duration::from_millis(base.min(2000) + jitter)
+        let jitter = u64::from(Epoch::random().as_str().as_bytes()[0]) % 25;
+        Duration::from_millis(base.min(500) + jitter)
     }
     fn reset(&mut self) {
         self.0 = 0;
