@@ -355,3 +355,53 @@ async fn redis_cluster_sharded_pubsub_reaches_only_the_owning_shard() {
     assert_eq!(metric(&a.metrics_text(), "herald_broker_nodes"), 3);
     assert_eq!(metric(&a.metrics_text(), "herald_broker_gaps_total"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_redis_wait_for_full_shard_queues_instead_of_being_dropped() {
+    let redis = RedisServer::start(&[]);
+    // One slot per shard queue: a burst from Redis must wait for the shard.
+    let a = start(1, |c| {
+        c.redis(redis.url()).shard_queue_capacity(1);
+    });
+    let b = node(&redis.url());
+    let mut sub = subscribed_ws(&a, "burst").await;
+    let n = 2000u64;
+    let publishes: Vec<_> = (0..n)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move { b.publish("burst", Payload::text(i.to_string())).await.unwrap() })
+        })
+        .collect();
+    for p in publishes {
+        p.await.unwrap();
+    }
+    for want in 1..=n {
+        assert_eq!(next_json(&mut sub).await["offset"].as_u64(), Some(want), "nothing lost, nothing reordered");
+    }
+    let m = a.metrics_text();
+    assert_eq!(metric(&m, "herald_broker_messages_total"), n);
+    assert!(metric(&m, "herald_broker_backpressure_total") > 0, "the burst did fill the shard queue");
+    for reason in ["no_interest", "stale", "malformed"] {
+        assert_eq!(metric(&m, &format!("herald_broker_dropped_total{{reason=\"{reason}\"}}")), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_serves_once_redis_is_up() {
+    let mut redis = RedisServer::start(&[]);
+    redis.kill();
+    let a = node(&redis.url());
+    // Redis is not there: the node serves, refuses publishes, and waits.
+    let (status, _, _) = http(addr(&a), "GET", "/healthz", &[], b"").await;
+    assert_eq!(status, 200);
+    assert!(matches!(a.publish("early", Payload::text("x")).await, Err(PublishError::Unavailable(_))));
+    let (status, body) = publish(addr(&a), "early", "x", false).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")), "{body}");
+    let mut sse = Sse::open(addr(&a), "channel=early").await;
+    redis.spawn();
+    wait_metric(&a, "herald_broker_subscriptions", |v| v == 1).await;
+    let p = a.publish("early", Payload::text("first")).await.unwrap();
+    assert_eq!(p.offset, 1);
+    let m: Value = serde_json::from_str(&sse.next_data().await.unwrap()).unwrap();
+    assert_eq!((m["offset"].as_u64(), m["data"].as_str()), (Some(1), Some("first")));
+}
