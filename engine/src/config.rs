@@ -288,6 +288,12 @@ impl Config {
         }
         check(c.redis_prefix.len() <= 64 && !c.redis_prefix.contains(['{', '}']), "redis_prefix must be at most 64 bytes, without { or }")?;
         check(c.redis_timeout_ms >= 1, "redis_timeout_ms must be at least 1")?;
+        // A message must fit Redis's pub/sub output buffer (32 MiB hard
+        // limit by default) with room to spare, or it would reach no one.
+        check(
+            (c.redis.is_none() && c.redis_cluster.is_empty()) || c.max_message_bytes <= 8 << 20,
+            "with a Redis broker, max_message_bytes must be at most 8 MiB",
+        )?;
         Ok(c)
     }
 

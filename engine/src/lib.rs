@@ -59,6 +59,8 @@ pub use http::{Body, BodyError};
 pub use message::Epoch;
 pub use proto::json::{InvalidJson, Payload};
 pub use proto::ErrorCode;
+#[doc(hidden)]
+pub use shard::FanoutBench;
 
 use broker::local::ChannelTable;
 use broker::redis::RedisBroker;
@@ -319,7 +321,7 @@ impl Herald {
             let _ = d.await;
         }
         if let Some(b) = &self.inner.broker {
-            b.stop();
+            b.stop().await;
         }
         tracing::info!("herald stopped");
     }

@@ -28,6 +28,10 @@ struct Entry {
     next_offset: u64,
     /// Redis broker: Redis confirmed this node's subscription.
     confirmed: bool,
+    /// Redis broker: generation of the node's subscription, bumped by the
+    /// broker's coordinator at each subscribe and release; confirmations
+    /// and losses of an older generation are ignored.
+    sub_gen: u64,
     /// Redis broker: the epoch and offset expected next, once a message came.
     expect: Option<(Epoch, u64)>,
 }
@@ -36,12 +40,12 @@ struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Delivered {
     /// Queued on every interested shard; `missed` offsets were skipped
-    /// before it (a gap), or the channel's epoch changed (`new_epoch`).
-    Queued { missed: u64, new_epoch: bool },
+    /// before it, or the channel's offsets restarted (`reset`: a new epoch,
+    /// or an offset not after the last one, as when Redis comes back from
+    /// an older snapshot). Either is a gap.
+    Queued { missed: u64, reset: bool },
     /// No shard has subscribers (any more).
     NoInterest,
-    /// Its offset is not after the last one delivered: dropped.
-    Stale,
     /// A shard's queue is full: nothing was queued; retry.
     Full,
 }
@@ -93,6 +97,7 @@ impl ChannelTable {
                 epoch: Epoch::random(),
                 next_offset: 1,
                 confirmed: false,
+                sub_gen: 0,
                 expect: None,
             };
             map.insert(name, entry);
@@ -183,20 +188,43 @@ impl ChannelTable {
         out
     }
 
-    /// Redis broker: the node subscribes to `channel` afresh, so the next
-    /// message sets the expected offset (messages before the subscription
-    /// are not a gap).
-    pub(crate) fn broker_fresh(&self, channel: &str) {
-        if let Some(e) = self.lock(stripe_of(channel)).get_mut(channel) {
+    /// Redis broker: the coordinator subscribes the node to `channel` (a
+    /// new generation, not confirmed yet). `fresh` (the node had no
+    /// subscription) also forgets the expected offset: messages published
+    /// before the subscription are not a gap.
+    pub(crate) fn broker_subscribe(&self, channel: &str, fresh: bool) -> u64 {
+        let mut map = self.lock(stripe_of(channel));
+        let Some(e) = map.get_mut(channel) else { return 0 };
+        e.sub_gen += 1;
+        e.confirmed = false;
+        if fresh {
             e.expect = None;
-            e.confirmed = false;
         }
+        e.sub_gen
     }
 
-    /// Redis broker: Redis confirmed (or dropped) this node's subscription;
-    /// `epoch` is the channel's epoch in Redis, when known.
-    pub(crate) fn broker_confirm(&self, channel: &str, confirmed: bool, epoch: Option<Epoch>) {
+    /// Redis broker: the coordinator may unsubscribe the node from
+    /// `channel` only if no shard has subscribers now; decided under the
+    /// stripe lock, so a subscriber arriving after it waits for the next
+    /// subscription's confirmation.
+    pub(crate) fn broker_release(&self, channel: &str) -> bool {
+        let mut map = self.lock(stripe_of(channel));
+        let Some(e) = map.get_mut(channel) else { return true };
+        if !e.shards.is_empty() {
+            return false;
+        }
+        e.sub_gen += 1;
+        e.confirmed = false;
+        true
+    }
+
+    /// Redis broker: Redis confirmed subscription `gen` (with the channel's
+    /// epoch), or lost it; ignored for an older generation.
+    pub(crate) fn broker_confirm(&self, channel: &str, gen: u64, confirmed: bool, epoch: Option<Epoch>) {
         if let Some(e) = self.lock(stripe_of(channel)).get_mut(channel) {
+            if e.sub_gen != gen {
+                return;
+            }
             e.confirmed = confirmed;
             if let Some(epoch) = epoch {
                 e.epoch = epoch;
@@ -219,11 +247,10 @@ impl ChannelTable {
         if shards.is_empty() {
             return Delivered::NoInterest;
         }
-        let new_epoch = entry.expect.is_some_and(|(e, _)| e != epoch);
-        let missed = match entry.expect {
-            Some((_, want)) if !new_epoch && offset < want => return Delivered::Stale,
-            Some((_, want)) if !new_epoch => offset - want,
-            _ => 0,
+        let (missed, reset) = match entry.expect {
+            None => (0, false),
+            Some((e, want)) if e == epoch && offset >= want => (offset - want, false),
+            Some(_) => (0, true),
         };
         if dispatch.reserve(shards).is_err() {
             return Delivered::Full;
@@ -234,7 +261,7 @@ impl ChannelTable {
         dispatch.push(shards, &msg);
         drop(map);
         dispatch.wake(shards);
-        Delivered::Queued { missed, new_epoch }
+        Delivered::Queued { missed, reset }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -287,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn broker_deliveries_count_gaps_and_drop_stale_offsets() {
+    fn broker_deliveries_count_gaps_and_restarts() {
         let d = Dispatch::new(2, 16);
         let t = ChannelTable::new(10);
         let p = Payload::text("x");
@@ -295,22 +322,35 @@ mod tests {
         assert_eq!(t.deliver(&d, "a", e1, 1, &p), Delivered::NoInterest);
         t.subscribe("a", 0).unwrap();
         assert!(!t.subscribe("a", 1).unwrap().2, "not the node's first subscriber");
-        let queued = |missed, new_epoch| Delivered::Queued { missed, new_epoch };
+        let queued = |missed, reset| Delivered::Queued { missed, reset };
         assert_eq!(t.deliver(&d, "a", e1, 5, &p), queued(0, false), "the first message sets the baseline");
         assert_eq!(t.deliver(&d, "a", e1, 6, &p), queued(0, false));
         assert_eq!(t.deliver(&d, "a", e1, 9, &p), queued(2, false), "7 and 8 were missed");
-        assert_eq!(t.deliver(&d, "a", e1, 9, &p), Delivered::Stale);
+        assert_eq!(t.deliver(&d, "a", e1, 4, &p), queued(0, true), "offsets went back (Redis restored an older snapshot)");
         let e2 = Epoch::random();
         assert_eq!(t.deliver(&d, "a", e2, 1, &p), queued(0, true), "a new epoch restarts the offsets");
         let got: Vec<u64> = std::iter::from_fn(|| d.inbox(1).pop()).map(|m| m.offset).collect();
-        assert_eq!(got, vec![5, 6, 9, 1]);
-        t.broker_fresh("a");
+        assert_eq!(got, vec![5, 6, 9, 4, 1]);
+        let g1 = t.broker_subscribe("a", true);
         assert_eq!(t.deliver(&d, "a", e2, 40, &p), queued(0, false), "a fresh subscription is not a gap");
         assert_eq!(t.broker_epoch("a"), None, "not confirmed yet");
-        t.broker_confirm("a", true, Some(e1));
+        t.broker_confirm("a", g1, true, Some(e1));
         assert_eq!(t.broker_epoch("a"), Some(e1), "the epoch Redis gave for the reply");
         assert_eq!(t.deliver(&d, "a", e2, 42, &p), queued(1, false), "gaps are checked against the last message, not the reply's epoch");
+        // Generations: a late confirmation of an older subscription is ignored.
+        let g2 = t.broker_subscribe("a", false);
+        t.broker_confirm("a", g1, true, None);
+        assert_eq!(t.broker_epoch("a"), None);
+        t.broker_confirm("a", g2, true, None);
+        assert!(t.broker_epoch("a").is_some());
         assert_eq!(t.interested(), vec![Arc::<str>::from("a")]);
+        assert!(!t.broker_release("a"), "shards still subscribe");
+        t.unsubscribe("a", 0);
+        t.unsubscribe("a", 1);
+        assert!(t.broker_release("a"));
+        t.broker_confirm("a", g2, true, None);
+        assert_eq!(t.broker_epoch("a"), None, "released: the old confirmation does not count");
+        assert!(t.interested().is_empty());
     }
 
     #[test]

@@ -47,7 +47,9 @@ pub enum PublishError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
-    /// The broker (Redis) did not take the publish; nothing was published.
+    /// The broker (Redis) did not take the publish: it could not be
+    /// reached (nothing was published), or did not answer in time (the
+    /// message may have been published; the text says which).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
 }

@@ -55,6 +55,14 @@ const NODE_QUEUE: usize = 4096;
 const SUBSCRIBE_BATCH: usize = 256;
 /// Read buffer of a subscriber connection (it grows for a larger message).
 const READ_BYTES: usize = 64 * 1024;
+/// Subscribe commands a connection has in flight at most: Redis buffers
+/// the confirmations (and messages) in its pub/sub output buffer, so a
+/// reconnect with many channels subscribes them a window at a time.
+const MAX_UNACKED: usize = 4096;
+/// Epoch fetches (one round trip each) running at once.
+const MAX_FETCHES: usize = 32;
+/// Slot-map refreshes, at most one per this interval.
+const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
 const PUBLISH_LUA: &str = r"
 local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
@@ -79,7 +87,6 @@ return redis.call('HGET', KEYS[1], 'e')
 pub(crate) struct BrokerMetrics {
     pub received: AtomicU64,
     pub dropped_no_interest: AtomicU64,
-    pub dropped_stale: AtomicU64,
     pub dropped_malformed: AtomicU64,
     pub gaps: AtomicU64,
     pub missed: AtomicU64,
@@ -98,10 +105,6 @@ enum Publisher {
     Cluster(ClusterConnection),
 }
 
-/// Where a channel's messages are read: the subscriber connection of one
-/// Redis node.
-type NodeId = usize;
-
 /// The Redis broker of one node.
 pub(crate) struct RedisBroker {
     cluster: bool,
@@ -113,12 +116,19 @@ pub(crate) struct RedisBroker {
     publish_script: redis::Script,
     epoch_script: redis::Script,
     dirty: ArrayQueue<Arc<str>>,
+    /// Channels whose subscription Redis dropped (a slot moved): routed
+    /// and subscribed again by the coordinator.
+    lost: ArrayQueue<Arc<str>>,
     resync: AtomicBool,
+    /// Set when `lost` overflowed: subscribe every channel again.
+    lost_all: AtomicBool,
     wake: Notify,
     /// Bumped whenever a subscription is confirmed (waiters re-check).
     confirmed: watch::Sender<u64>,
+    /// Epoch fetches running at once, at most.
+    fetches: tokio::sync::Semaphore,
     stop: watch::Sender<bool>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Mutex<Option<(std::thread::JoinHandle<()>, tokio::sync::oneshot::Receiver<()>)>>,
     pub(crate) metrics: BrokerMetrics,
 }
 
@@ -160,9 +170,12 @@ impl RedisBroker {
             publish_script: redis::Script::new(PUBLISH_LUA),
             epoch_script: redis::Script::new(EPOCH_LUA),
             dirty: ArrayQueue::new(DIRTY_QUEUE),
+            lost: ArrayQueue::new(DIRTY_QUEUE),
             resync: AtomicBool::new(false),
+            lost_all: AtomicBool::new(false),
             wake: Notify::new(),
             confirmed: watch::channel(0).0,
+            fetches: tokio::sync::Semaphore::new(MAX_FETCHES),
             stop: watch::channel(false).0,
             thread: Mutex::new(None),
             metrics: BrokerMetrics::default(),
@@ -181,6 +194,7 @@ impl RedisBroker {
     pub(crate) fn start(inner: &Arc<Inner>) -> std::io::Result<()> {
         let Some(broker) = inner.broker.as_ref() else { return Ok(()) };
         let inner2 = Arc::clone(inner);
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
         let handle = std::thread::Builder::new().name("herald-broker".into()).spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -191,17 +205,25 @@ impl RedisBroker {
             };
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, coordinator(inner2));
+            drop(local);
+            drop(rt);
+            let _ = ended_tx.send(());
         })?;
-        *broker.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        *broker.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some((handle, ended_rx));
         Ok(())
     }
 
-    /// Stops the broker thread and waits for it.
-    pub(crate) fn stop(&self) {
+    /// Stops the broker thread: waits for it at most 2 s without
+    /// blocking the caller's runtime.
+    pub(crate) async fn stop(&self) {
         let _ = self.stop.send(true);
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            let _ = h.join();
+        let taken = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((handle, ended)) = taken {
+            if tokio::time::timeout(Duration::from_secs(2), ended).await.is_ok() {
+                let _ = handle.join();
+            } else {
+                tracing::warn!("the broker thread did not stop within 2 s");
+            }
         }
     }
 
@@ -259,8 +281,11 @@ impl RedisBroker {
                 let epoch = Epoch::parse(epoch.as_bytes()).ok_or_else(|| unavailable(format!("Redis returned a bad epoch {epoch:?}")))?;
                 Ok(Published { channel: channel.into(), offset, epoch })
             }
-            Ok(Err(e)) => Err(unavailable(format!("Redis refused the publish: {e}"))),
-            Err(_) => Err(unavailable(format!("Redis did not answer within {} ms", self.timeout.as_millis()))),
+            Ok(Err(e)) => Err(unavailable(format!("Redis did not take the publish: {e}"))),
+            Err(_) => Err(unavailable(format!(
+                "Redis did not answer within {} ms (the message may or may not have been published)",
+                self.timeout.as_millis()
+            ))),
         }
     }
 
@@ -315,11 +340,7 @@ impl RedisBroker {
             "herald_broker_dropped_total",
             "counter",
             "Messages from Redis not delivered, by reason.",
-            &[
-                ("{reason=\"no_interest\"}", g(&m.dropped_no_interest)),
-                ("{reason=\"stale\"}", g(&m.dropped_stale)),
-                ("{reason=\"malformed\"}", g(&m.dropped_malformed)),
-            ],
+            &[("{reason=\"no_interest\"}", g(&m.dropped_no_interest)), ("{reason=\"malformed\"}", g(&m.dropped_malformed))],
         );
         metric("herald_broker_gaps_total", "counter", "Offset jumps or epoch changes seen in a channel from Redis.", &[("", g(&m.gaps))]);
         metric("herald_broker_missed_messages_total", "counter", "Offsets skipped by those gaps.", &[("", g(&m.missed))]);
@@ -336,22 +357,67 @@ impl RedisBroker {
 /// A command for a subscriber connection.
 #[derive(Debug)]
 enum NodeCmd {
-    Subscribe(Arc<str>),
+    /// Subscribe; the generation the coordinator gave the subscription.
+    Subscribe(Arc<str>, u64),
     Unsubscribe(Arc<str>),
 }
 
 /// The slot map of a cluster: `(first slot, last slot, node address)`.
 type SlotMap = Vec<(u16, u16, (String, u16))>;
 
+/// A Redis node the broker reads pub/sub from, and its connection's queue
+/// (`None` once the node left the cluster).
+struct Node {
+    addr: (String, u16),
+    tx: Option<mpsc::Sender<NodeCmd>>,
+    /// Commands that did not fit the queue yet (sent in order later).
+    outbox: std::collections::VecDeque<NodeCmd>,
+}
+
+impl Node {
+    fn send(&mut self, cmd: NodeCmd) {
+        self.outbox.push_back(cmd);
+        self.flush();
+    }
+
+    /// Moves what fits from the outbox to the connection's queue; never
+    /// waits, so one stalled connection cannot stop the routing of others.
+    fn flush(&mut self) {
+        let Some(tx) = &self.tx else {
+            self.outbox.clear();
+            return;
+        };
+        while let Some(cmd) = self.outbox.pop_front() {
+            match tx.try_send(cmd) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(cmd)) => {
+                    self.outbox.push_front(cmd);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.outbox.clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The broker thread's main task: connects the publisher, starts the
-/// subscriber connections and routes interest changes to them.
+/// subscriber connections and routes interest changes to them. It alone
+/// decides which channels are subscribed where; the subscription state in
+/// the channel table carries its generation.
 async fn coordinator(inner: Arc<Inner>) {
     let Some(broker) = inner.broker.as_ref() else { return };
     let mut stop = broker.stop.subscribe();
     // The publisher connection (redis-rs reconnects it by itself).
     let mut backoff = Backoff::default();
     loop {
-        match connect_publisher(broker).await {
+        let connected = tokio::select! {
+            r = connect_publisher(broker) => r,
+            _ = stop.changed() => return,
+        };
+        match connected {
             Ok(p) => {
                 let _ = broker.publisher.set(p);
                 break;
@@ -365,54 +431,70 @@ async fn coordinator(inner: Arc<Inner>) {
             }
         }
     }
-    let mut nodes: Vec<(String, u16)> = Vec::new();
-    let mut senders: Vec<mpsc::Sender<NodeCmd>> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
     let mut slots: SlotMap = Vec::new();
+    let mut refreshed: Option<tokio::time::Instant> = None;
     if !broker.cluster {
         if let redis::ConnectionAddr::Tcp(host, port) = broker.seeds[0].addr() {
-            nodes.push((host.clone(), *port));
+            nodes.push(Node { addr: (host.clone(), *port), tx: None, outbox: Default::default() });
         }
     }
     // Channel → node it is subscribed on.
-    let mut assigned: HashMap<Arc<str>, NodeId> = HashMap::new();
+    let mut assigned: HashMap<Arc<str>, usize> = HashMap::new();
     broker.resync.store(true, Ordering::Release);
     loop {
         if broker.cluster && (slots.is_empty() || broker.resync.load(Ordering::Acquire)) {
+            // Rate-limited: a dead master makes every reconnect ask again.
+            if let Some(at) = refreshed {
+                let wait = (at + REFRESH_EVERY).saturating_duration_since(tokio::time::Instant::now());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+            refreshed = Some(tokio::time::Instant::now());
             match cluster_slots(broker).await {
                 Ok(map) if !map.is_empty() => {
                     for (_, _, addr) in &map {
-                        if !nodes.contains(addr) {
-                            nodes.push(addr.clone());
+                        if !nodes.iter().any(|n| &n.addr == addr) {
+                            nodes.push(Node { addr: addr.clone(), tx: None, outbox: Default::default() });
+                        }
+                    }
+                    // Masters gone from the map are retired (their
+                    // connection ends); they get a new one if they return.
+                    for n in &mut nodes {
+                        let in_map = map.iter().any(|(_, _, a)| *a == n.addr);
+                        if !in_map && n.tx.take().is_some() {
+                            broker.metrics.nodes.fetch_sub(1, Ordering::Relaxed);
+                            tracing::info!(node = %format!("{}:{}", n.addr.0, n.addr.1), "Redis node left the cluster's slot map");
+                        }
+                        if in_map && n.tx.is_none() {
+                            n.tx = Some(spawn_node(&inner, &n.addr, &stop));
                         }
                     }
                     slots = map;
                 }
-                Ok(_) | Err(_) if slots.is_empty() => {
+                _ if slots.is_empty() => {
                     tracing::warn!("cannot read the Redis Cluster slot map; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.next()) => continue,
-                        _ = stop.changed() => break,
-                    }
+                    continue;
                 }
                 _ => {}
             }
         }
-        while senders.len() < nodes.len() {
-            let (tx, rx) = mpsc::channel(NODE_QUEUE);
-            let node = nodes[senders.len()].clone();
-            tokio::task::spawn_local(subscriber(Arc::clone(&inner), node, rx, stop.clone()));
-            broker.metrics.nodes.fetch_add(1, Ordering::Relaxed);
-            senders.push(tx);
+        if !broker.cluster && nodes.first().is_some_and(|n| n.tx.is_none()) {
+            let addr = nodes[0].addr.clone();
+            nodes[0].tx = Some(spawn_node(&inner, &addr, &stop));
         }
-        let route = |name: &str| -> Option<NodeId> {
-            if !broker.cluster {
-                return Some(0);
-            }
-            let slot = resp::key_slot(broker.redis_channel(name).as_bytes());
-            let addr = &slots.iter().find(|(a, b, _)| (*a..=*b).contains(&slot))?.2;
-            nodes.iter().position(|n| n == addr)
-        };
         let mut changed: Vec<Arc<str>> = Vec::new();
+        if broker.lost_all.swap(false, Ordering::AcqRel) {
+            assigned.clear();
+            broker.resync.store(true, Ordering::Release);
+        }
+        while let Some(name) = broker.lost.pop() {
+            // Redis dropped it: subscribe it again, wherever it routes now.
+            assigned.remove(&name);
+            changed.push(name);
+        }
         if broker.resync.swap(false, Ordering::AcqRel) {
             changed.extend(inner.channels.interested());
             changed.extend(assigned.keys().cloned());
@@ -425,35 +507,78 @@ async fn coordinator(inner: Arc<Inner>) {
             if !seen.insert(Arc::clone(&name)) {
                 continue;
             }
-            let want = if inner.channels.has_interest(&name) { route(&name) } else { None };
+            let interest = inner.channels.has_interest(&name);
+            let want = if interest { route(broker, &slots, &nodes, &name) } else { None };
             let have = assigned.get(&name).copied();
+            if interest && want.is_none() {
+                // No master owns its slot now: retry at the next resync.
+                broker.resync.store(true, Ordering::Release);
+            }
             if want == have {
                 continue;
             }
-            if let Some(node) = have {
-                assigned.remove(&name);
-                let _ = senders[node].send(NodeCmd::Unsubscribe(Arc::clone(&name))).await;
-            }
-            if let Some(node) = want {
-                if have.is_none() {
-                    inner.channels.broker_fresh(&name);
+            match want {
+                None => {
+                    // Unsubscribe only if nobody subscribed meanwhile (decided
+                    // under the channel's lock); else its change is queued.
+                    if let Some(node) = have {
+                        if inner.channels.broker_release(&name) {
+                            assigned.remove(&name);
+                            nodes[node].send(NodeCmd::Unsubscribe(name));
+                        }
+                    }
                 }
-                assigned.insert(Arc::clone(&name), node);
-                let _ = senders[node].send(NodeCmd::Subscribe(name)).await;
+                Some(node) => {
+                    if let Some(old) = have {
+                        nodes[old].send(NodeCmd::Unsubscribe(Arc::clone(&name)));
+                    }
+                    let gen = inner.channels.broker_subscribe(&name, have.is_none());
+                    assigned.insert(Arc::clone(&name), node);
+                    nodes[node].send(NodeCmd::Subscribe(name, gen));
+                }
             }
         }
+        let backlog = nodes.iter().any(|n| !n.outbox.is_empty());
+        let retry = backlog || broker.resync.load(Ordering::Acquire);
         tokio::select! {
             _ = broker.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)), if backlog => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry && !backlog => {}
             _ = stop.changed() => break,
+        }
+        for n in &mut nodes {
+            n.flush();
         }
     }
 }
 
+/// The node a channel's subscription belongs on.
+fn route(broker: &RedisBroker, slots: &SlotMap, nodes: &[Node], name: &str) -> Option<usize> {
+    if !broker.cluster {
+        return Some(0);
+    }
+    let slot = resp::key_slot(broker.redis_channel(name).as_bytes());
+    let addr = &slots.iter().find(|(a, b, _)| (*a..=*b).contains(&slot))?.2;
+    nodes.iter().position(|n| &n.addr == addr && n.tx.is_some())
+}
+
+fn spawn_node(inner: &Arc<Inner>, addr: &(String, u16), stop: &watch::Receiver<bool>) -> mpsc::Sender<NodeCmd> {
+    let (tx, rx) = mpsc::channel(NODE_QUEUE);
+    tokio::task::spawn_local(subscriber(Arc::clone(inner), addr.clone(), rx, stop.clone()));
+    if let Some(b) = inner.broker.as_ref() {
+        b.metrics.nodes.fetch_add(1, Ordering::Relaxed);
+    }
+    tx
+}
+
 async fn connect_publisher(broker: &RedisBroker) -> redis::RedisResult<Publisher> {
     if broker.cluster {
+        // No retries: a publish retried after an I/O error could run its
+        // script twice (two offsets for one message).
         let client = redis::cluster::ClusterClient::builder(broker.seeds.clone())
             .connection_timeout(broker.timeout)
             .response_timeout(broker.timeout)
+            .retries(0)
             .build()?;
         Ok(Publisher::Cluster(client.get_async_connection().await?))
     } else {
@@ -518,7 +643,8 @@ impl Backoff {
 /// to it subscribed across reconnects, and delivers what it reads.
 async fn subscriber(inner: Arc<Inner>, node: (String, u16), mut cmds: mpsc::Receiver<NodeCmd>, mut stop: watch::Receiver<bool>) {
     let Some(broker) = inner.broker.as_ref() else { return };
-    let mut want: HashSet<Arc<str>> = HashSet::new();
+    // Channel → generation of its subscription.
+    let mut want: HashMap<Arc<str>, u64> = HashMap::new();
     let mut backoff = Backoff::default();
     let mut ever_up = false;
     loop {
@@ -526,7 +652,7 @@ async fn subscriber(inner: Arc<Inner>, node: (String, u16), mut cmds: mpsc::Rece
             r = session(&inner, broker, &node, &mut want, &mut cmds, &mut ever_up, &mut backoff) => r,
             _ = stop.changed() => return,
         };
-        if broker.cluster {
+        if broker.cluster && !matches!(outcome, Session::Closed) {
             // The cluster may have changed: read its slot map again.
             broker.resync.store(true, Ordering::Release);
             broker.wake.notify_one();
@@ -548,7 +674,7 @@ async fn subscriber(inner: Arc<Inner>, node: (String, u16), mut cmds: mpsc::Rece
             tokio::select! {
                 _ = &mut pause => break,
                 c = cmds.recv() => match c {
-                    Some(NodeCmd::Subscribe(ch)) => { want.insert(ch); }
+                    Some(NodeCmd::Subscribe(ch, gen)) => { want.insert(ch, gen); }
                     Some(NodeCmd::Unsubscribe(ch)) => { want.remove(&ch); }
                     None => return,
                 },
@@ -600,7 +726,7 @@ async fn connect_node(broker: &RedisBroker, node: &(String, u16)) -> Result<TcpS
     Ok(stream)
 }
 
-fn sub_command(broker: &RedisBroker, subscribe: bool, channels: &[&Arc<str>]) -> Vec<u8> {
+fn sub_command(broker: &RedisBroker, subscribe: bool, channels: &[Arc<str>]) -> Vec<u8> {
     let verb: &[u8] = match (broker.cluster, subscribe) {
         (false, true) => b"SUBSCRIBE",
         (false, false) => b"UNSUBSCRIBE",
@@ -615,11 +741,28 @@ fn sub_command(broker: &RedisBroker, subscribe: bool, channels: &[&Arc<str>]) ->
     out
 }
 
+/// One connection's view of its subscriptions.
+#[derive(Default)]
+struct SubState {
+    /// Confirmed by Redis on this connection.
+    confirmed: HashSet<Arc<str>>,
+    /// To subscribe, in order (checked against `want` when sent).
+    backlog: std::collections::VecDeque<Arc<str>>,
+    /// Subscribe commands sent and not yet answered.
+    unacked: usize,
+    /// Unsubscribe commands sent and not yet answered, per channel: their
+    /// answers are not Redis dropping a subscription.
+    unsubscribing: HashMap<Arc<str>, u32>,
+    /// False once the connection is gone (late epoch fetches then do not
+    /// confirm anything).
+    alive: Rc<Cell<bool>>,
+}
+
 async fn session(
     inner: &Arc<Inner>,
     broker: &RedisBroker,
     node: &(String, u16),
-    want: &mut HashSet<Arc<str>>,
+    want: &mut HashMap<Arc<str>, u64>,
     cmds: &mut mpsc::Receiver<NodeCmd>,
     ever_up: &mut bool,
     backoff: &mut Backoff,
@@ -636,15 +779,15 @@ async fn session(
     }
     *ever_up = true;
     broker.metrics.nodes_up.fetch_add(1, Ordering::Relaxed);
-    let mut confirmed = HashSet::new();
-    let alive = Rc::new(Cell::new(true));
-    let r = session_io(inner, broker, want, cmds, &mut confirmed, &alive, (&mut rd, &mut wr)).await;
-    alive.set(false);
+    let mut st = SubState { alive: Rc::new(Cell::new(true)), ..SubState::default() };
+    st.backlog.extend(want.keys().cloned());
+    let r = session_io(inner, broker, want, cmds, &mut st, (&mut rd, &mut wr)).await;
+    st.alive.set(false);
     broker.metrics.nodes_up.fetch_sub(1, Ordering::Relaxed);
     // The subscriptions on that connection are gone.
-    broker.metrics.subscribed.fetch_sub(confirmed.len() as u64, Ordering::Relaxed);
-    for ch in want.iter() {
-        inner.channels.broker_confirm(ch, false, None);
+    broker.metrics.subscribed.fetch_sub(st.confirmed.len() as u64, Ordering::Relaxed);
+    for (ch, gen) in want.iter() {
+        inner.channels.broker_confirm(ch, *gen, false, None);
     }
     r
 }
@@ -652,28 +795,37 @@ async fn session(
 async fn session_io(
     inner: &Arc<Inner>,
     broker: &RedisBroker,
-    want: &mut HashSet<Arc<str>>,
+    want: &mut HashMap<Arc<str>, u64>,
     cmds: &mut mpsc::Receiver<NodeCmd>,
-    confirmed: &mut HashSet<Arc<str>>,
-    alive: &Rc<Cell<bool>>,
+    st: &mut SubState,
     (rd, wr): (&mut tokio::net::tcp::OwnedReadHalf, &mut tokio::net::tcp::OwnedWriteHalf),
 ) -> Session {
     let fail = |e: std::io::Error| Session::Failed(e.to_string());
-    // Subscribe everything routed here (sharded pub/sub: one channel per
-    // command, since one SSUBSCRIBE must stay within a slot).
-    let all: Vec<&Arc<str>> = want.iter().collect();
-    let batch = if broker.cluster { 1 } else { SUBSCRIBE_BATCH };
-    for chunk in all.chunks(batch) {
-        if let Err(e) = wr.write_all(&sub_command(broker, true, chunk)).await {
-            return fail(e);
-        }
-    }
     let mut buf = BytesMut::with_capacity(READ_BYTES);
     let ping_every = broker.timeout.max(Duration::from_millis(200));
     let mut ping = tokio::time::interval(ping_every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut awaiting_pong = false;
     loop {
+        // Subscribe what is waiting, a window at a time (sharded pub/sub:
+        // one channel per command, since one SSUBSCRIBE stays in one slot).
+        let per_command = if broker.cluster { 1 } else { SUBSCRIBE_BATCH };
+        while st.unacked < MAX_UNACKED && !st.backlog.is_empty() {
+            let mut batch = Vec::new();
+            while batch.len() < per_command.min(MAX_UNACKED - st.unacked) {
+                let Some(ch) = st.backlog.pop_front() else { break };
+                if want.contains_key(&ch) && !st.confirmed.contains(&ch) {
+                    batch.push(ch);
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            st.unacked += batch.len();
+            if let Err(e) = wr.write_all(&sub_command(broker, true, &batch)).await {
+                return fail(e);
+            }
+        }
         tokio::select! {
             r = rd.read_buf(&mut buf) => {
                 match r {
@@ -688,38 +840,33 @@ async fn session_io(
                         Err(e) => return Session::Failed(e.to_string()),
                     };
                     awaiting_pong = false;
-                    handle(inner, broker, v, want, confirmed, alive).await;
+                    handle(inner, broker, v, want, st).await;
                 }
                 if buf.capacity() - buf.len() < 4096 {
                     buf.reserve(READ_BYTES);
                 }
             }
-            c = cmds.recv() => {
-                let (cmd, subscribe) = match c {
-                    None => return Session::Closed,
-                    Some(NodeCmd::Subscribe(ch)) => (ch, true),
-                    Some(NodeCmd::Unsubscribe(ch)) => {
-                        if inner.channels.has_interest(&ch) {
-                            // Interest came back meanwhile: the coordinator
-                            // will route it again; keep the subscription.
-                            continue;
-                        }
-                        (ch, false)
-                    }
-                };
-                if subscribe {
-                    want.insert(Arc::clone(&cmd));
-                } else {
-                    want.remove(&cmd);
-                    if confirmed.remove(&cmd) {
+            c = cmds.recv() => match c {
+                None => return Session::Closed,
+                Some(NodeCmd::Subscribe(ch, gen)) => {
+                    // A new generation: confirmed again when Redis answers.
+                    if st.confirmed.remove(&ch) {
                         broker.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
                     }
-                    inner.channels.broker_confirm(&cmd, false, None);
+                    want.insert(Arc::clone(&ch), gen);
+                    st.backlog.push_back(ch);
                 }
-                if let Err(e) = wr.write_all(&sub_command(broker, subscribe, &[&cmd])).await {
-                    return fail(e);
+                Some(NodeCmd::Unsubscribe(ch)) => {
+                    want.remove(&ch);
+                    if st.confirmed.remove(&ch) {
+                        broker.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    *st.unsubscribing.entry(Arc::clone(&ch)).or_default() += 1;
+                    if let Err(e) = wr.write_all(&sub_command(broker, false, &[ch])).await {
+                        return fail(e);
+                    }
                 }
-            }
+            },
             _ = ping.tick() => {
                 if awaiting_pong {
                     return Session::Failed(format!("no answer to PING within {} ms", ping_every.as_millis()));
@@ -736,28 +883,29 @@ async fn session_io(
 }
 
 /// Handles one value read from a subscriber connection.
-async fn handle(
-    inner: &Arc<Inner>,
-    broker: &RedisBroker,
-    v: Resp,
-    want: &HashSet<Arc<str>>,
-    confirmed: &mut HashSet<Arc<str>>,
-    alive: &Rc<Cell<bool>>,
-) {
+async fn handle(inner: &Arc<Inner>, broker: &RedisBroker, v: Resp, want: &HashMap<Arc<str>, u64>, st: &mut SubState) {
     let items = match v {
         Resp::Array(Some(items)) => items,
         Resp::Error(e) => {
+            // The answer to a (S)SUBSCRIBE: the node does not own the slot
+            // (MOVED) or refuses. Read the slot map again and route every
+            // unconfirmed channel of this connection anew.
+            st.unacked = st.unacked.saturating_sub(1);
             let e = String::from_utf8_lossy(&e);
             tracing::warn!(error = %e, "Redis refused a subscription command");
-            if e.starts_with("MOVED") || e.starts_with("ASK") {
-                broker.resync.store(true, Ordering::Release);
-                broker.wake.notify_one();
+            for ch in want.keys().filter(|c| !st.confirmed.contains(*c)) {
+                if broker.lost.push(Arc::clone(ch)).is_err() {
+                    broker.lost_all.store(true, Ordering::Release);
+                }
             }
+            broker.resync.store(true, Ordering::Release);
+            broker.wake.notify_one();
             return;
         }
         _ => return,
     };
     let kind = items.first().and_then(Resp::as_bytes).map(|b| b.as_ref()).unwrap_or_default();
+    let name = || items.get(1).and_then(Resp::as_bytes).and_then(|c| broker.herald_channel(c));
     match kind {
         b"message" | b"smessage" => {
             let (Some(ch), Some(body)) = (items.get(1).and_then(Resp::as_bytes), items.get(2).and_then(Resp::as_bytes)) else { return };
@@ -765,22 +913,29 @@ async fn handle(
             deliver(inner, broker, ch, body.clone()).await;
         }
         b"subscribe" | b"ssubscribe" => {
-            let Some(name) = items.get(1).and_then(Resp::as_bytes).and_then(|c| broker.herald_channel(c)) else { return };
-            let Some(ch) = want.get(name).cloned() else { return };
-            if confirmed.insert(Arc::clone(&ch)) {
+            st.unacked = st.unacked.saturating_sub(1);
+            let Some(name) = name() else { return };
+            let Some((ch, &gen)) = want.get_key_value(name) else { return };
+            let ch = Arc::clone(ch);
+            if st.confirmed.insert(Arc::clone(&ch)) {
                 broker.metrics.subscribed.fetch_add(1, Ordering::Relaxed);
             }
             // The epoch comes from the publisher connection (which may be
             // reconnecting too): do not hold up reading; retry until this
-            // session ends or nobody wants the channel any more.
-            let (inner, alive) = (Arc::clone(inner), Rc::clone(alive));
+            // connection ends. The generation keeps a late answer from
+            // confirming a later subscription.
+            let (inner, alive) = (Arc::clone(inner), Rc::clone(&st.alive));
             tokio::task::spawn_local(async move {
                 let Some(broker) = inner.broker.as_ref() else { return };
                 let mut backoff = Backoff::default();
                 while alive.get() && inner.channels.has_interest(&ch) {
-                    if let Some(epoch) = broker.fetch_epoch(&ch).await {
+                    let epoch = {
+                        let Ok(_permit) = broker.fetches.acquire().await else { return };
+                        broker.fetch_epoch(&ch).await
+                    };
+                    if let Some(epoch) = epoch {
                         if alive.get() {
-                            inner.channels.broker_confirm(&ch, true, Some(epoch));
+                            inner.channels.broker_confirm(&ch, gen, true, Some(epoch));
                             broker.confirmed.send_modify(|n| *n += 1);
                         }
                         return;
@@ -790,17 +945,27 @@ async fn handle(
             });
         }
         b"sunsubscribe" | b"unsubscribe" => {
-            // Redis drops sharded subscriptions of a slot that moved: if
-            // this channel is still wanted, route it again.
-            let Some(name) = items.get(1).and_then(Resp::as_bytes).and_then(|c| broker.herald_channel(c)) else { return };
-            if want.contains(name) {
-                if let Some(ch) = confirmed.take(name) {
-                    broker.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
-                    inner.channels.broker_confirm(&ch, false, None);
+            let Some(name) = name() else { return };
+            if let Some(n) = st.unsubscribing.get_mut(name) {
+                // The answer to our own UNSUBSCRIBE.
+                *n -= 1;
+                if *n == 0 {
+                    st.unsubscribing.remove(name);
                 }
-                broker.resync.store(true, Ordering::Release);
-                broker.wake.notify_one();
+                return;
             }
+            // Redis dropped a subscription by itself (its slot moved):
+            // route the channel again.
+            let Some((ch, &gen)) = want.get_key_value(name) else { return };
+            if st.confirmed.remove(name) {
+                broker.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
+            }
+            inner.channels.broker_confirm(ch, gen, false, None);
+            if broker.lost.push(Arc::clone(ch)).is_err() {
+                broker.lost_all.store(true, Ordering::Release);
+            }
+            broker.resync.store(true, Ordering::Release);
+            broker.wake.notify_one();
         }
         _ => {}
     }
@@ -833,20 +998,16 @@ async fn deliver(inner: &Arc<Inner>, broker: &RedisBroker, redis_channel: &Bytes
     let mut waited = false;
     loop {
         match inner.channels.deliver(&inner.dispatch, channel, epoch, offset, &payload) {
-            Delivered::Queued { missed, new_epoch } => {
-                if missed > 0 || new_epoch {
+            Delivered::Queued { missed, reset } => {
+                if missed > 0 || reset {
                     m.gaps.fetch_add(1, Ordering::Relaxed);
                     m.missed.fetch_add(missed, Ordering::Relaxed);
-                    tracing::warn!(channel, missed, new_epoch, offset, "gap in a channel from Redis");
+                    tracing::warn!(channel, missed, offsets_restarted = reset, offset, "gap in a channel from Redis");
                 }
                 return;
             }
             Delivered::NoInterest => {
                 m.dropped_no_interest.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Delivered::Stale => {
-                m.dropped_stale.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Delivered::Full => {

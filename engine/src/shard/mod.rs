@@ -366,3 +366,40 @@ pub(crate) fn spawn(
         let _ = done.send(());
     })
 }
+
+/// A shard's fan-out step without sockets, for the micro benches: one
+/// message offered to `n` in-memory subscriber queues, then taken off
+/// them as a writer would.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct FanoutBench {
+    conns: Vec<Conn>,
+    metrics: ShardMetrics,
+}
+
+impl FanoutBench {
+    /// `n` WebSocket subscribers in the JSON format.
+    pub fn new(n: usize) -> FanoutBench {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let conns = (0..n)
+            .filter_map(|key| Permit::acquire(&counter, usize::MAX).map(|p| Conn::new(key, Transport::Ws, Format::Json, p)))
+            .collect();
+        FanoutBench { conns, metrics: ShardMetrics::default() }
+    }
+
+    /// Encodes `payload` once, queues it for every subscriber and drains
+    /// the queues; returns the deliveries.
+    pub fn run(&self, channel: &Arc<str>, offset: u64, payload: &crate::Payload) -> usize {
+        let msg = Message::new(Arc::clone(channel), offset, payload.clone());
+        let policy = crate::SlowConsumerPolicy::Disconnect;
+        for c in &self.conns {
+            let frame = msg.frame(c.form, &self.metrics);
+            c.offer(frame, msg.published_at, 1 << 20, policy, &self.metrics);
+        }
+        for c in &self.conns {
+            let mut out = c.out.borrow_mut();
+            while out.pop_frame(&self.metrics, Transport::Ws).is_some() {}
+        }
+        self.conns.len()
+    }
+}

@@ -344,13 +344,13 @@ fn command(shard: &Shard, conn: &Rc<Conn>, text: &str) {
     let id = parsed.id;
     let reply = match parsed.command {
         Err(e) => return error(shard, conn, e.code, &e.message, id),
-        Ok(Command::Subscribe { channel }) => match shard.subscribe(conn, &channel) {
-            Ok(epoch) if shard.inner.broker.is_none() => json::reply_subscribed(&channel, epoch.as_str(), id),
+        Ok(Command::Subscribe { channel }) => match subscribe_new(shard, conn, &channel) {
+            Ok((epoch, _)) if shard.inner.broker.is_none() => json::reply_subscribed(&channel, epoch.as_str(), id),
             // Redis broker: the reply waits for Redis to confirm the node's
             // subscription, so that everything published after it arrives.
-            Ok(_) => match shard.inner.channels.broker_epoch(&channel) {
+            Ok((_, created)) => match shard.inner.channels.broker_epoch(&channel) {
                 Some(epoch) => json::reply_subscribed(&channel, epoch.as_str(), id),
-                None => return reply_when_confirmed(shard, conn, channel.into_owned(), id.map(str::to_owned)),
+                None => return reply_when_confirmed(shard, conn, channel.into_owned(), id.map(str::to_owned), created),
             },
             Err(code) => {
                 let msg = if conn.subs.borrow().len() >= cfg.max_subscriptions {
@@ -382,6 +382,12 @@ fn command(shard: &Shard, conn: &Rc<Conn>, text: &str) {
     shard.send_to(conn, reply);
 }
 
+/// Subscribes `conn`; also says whether this created the subscription.
+fn subscribe_new(shard: &Shard, conn: &Rc<Conn>, channel: &str) -> Result<(crate::message::Epoch, bool), ErrorCode> {
+    let had = conn.subs.borrow().iter().any(|c| **c == *channel);
+    shard.subscribe(conn, channel).map(|e| (e, !had))
+}
+
 /// Publishes waiting for Redis at once on one connection, at most; more
 /// get error `overloaded`.
 const MAX_PUBLISHES_IN_FLIGHT: u32 = 256;
@@ -408,24 +414,27 @@ fn publish_through_broker(shard: &Shard, conn: &Rc<Conn>, channel: String, paylo
 }
 
 /// Sends the `subscribed` reply once Redis confirmed the node's
-/// subscription; if it does not in time, the subscription is undone and
-/// the client gets error `unavailable`.
-fn reply_when_confirmed(shard: &Shard, conn: &Rc<Conn>, channel: String, id: Option<String>) {
+/// subscription. If it does not in time, the client gets error
+/// `unavailable`, and the subscription is undone if this command created it
+/// (a repeated subscribe leaves the existing one alone).
+fn reply_when_confirmed(shard: &Shard, conn: &Rc<Conn>, channel: String, id: Option<String>, created: bool) {
     let (inner, conn) = (Arc::clone(&shard.inner), Rc::clone(conn));
     tokio::task::spawn_local(async move {
         let Some(broker) = inner.broker.as_ref() else { return };
         let epoch = broker.wait_confirmed(&inner, &channel).await;
         let Some(shard) = super::current(&inner) else { return };
-        let still = conn.out.borrow().closing().is_none() && conn.subs.borrow().iter().any(|c| **c == *channel);
-        if !still {
+        if conn.out.borrow().closing().is_some() {
             return;
         }
+        let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
         match epoch {
-            Some(e) => {
+            Some(e) if subscribed => {
                 shard.send_to(&conn, json::reply_subscribed(&channel, e.as_str(), id.as_deref()));
             }
-            None => {
-                shard.unsubscribe(&conn, &channel);
+            _ => {
+                if created && subscribed {
+                    shard.unsubscribe(&conn, &channel);
+                }
                 let msg = "the broker (Redis) did not confirm the subscription in time; retry";
                 error(&shard, &conn, ErrorCode::Unavailable, msg, id.as_deref());
             }
