@@ -1,0 +1,118 @@
+//! One message published to N WebSocket subscribers over loopback, timed
+//! until all N have it, for three servers with the same client side
+//! (`herald_bench::client`):
+//!
+//! - `herald`: Herald, 2 shards, its in-process `publish`;
+//! - `naive`: axum + tungstenite + `tokio::sync::broadcast`, encoding per
+//!   subscriber on a 2-worker multi-thread runtime (`herald_bench::naive`);
+//! - `floor`: pre-encoded bytes written to every socket from 2 threads
+//!   (`herald_bench::floor`).
+//!
+//! `cargo bench -p herald-bench --bench fanout`; criterion reports the time
+//! per fan-out and, as throughput, deliveries per second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use herald_bench::client::Subscribers;
+use herald_bench::floor::Floor;
+use herald_bench::naive::Naive;
+
+const SIZES: [usize; 4] = [1, 100, 1000, 5000];
+const PAYLOAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+fn fanout(c: &mut Criterion) {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let rt = client_runtime();
+    let mut group = c.benchmark_group("fanout");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+
+    for n in SIZES {
+        group.throughput(Throughput::Elements(n as u64));
+
+        // Herald.
+        let mut cfg = herald::Config::default();
+        cfg.shards(2).max_connections(100_000);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let herald = herald::Herald::start_on(listener, cfg).expect("herald");
+        let addr = herald.local_addr().expect("addr");
+        let subs = rt.block_on(Subscribers::connect(addr, "/ws?channel=bench", n)).expect("connect to herald");
+        std::thread::sleep(Duration::from_millis(200));
+        group.bench_with_input(BenchmarkId::new("herald", n), &n, |b, _| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (subs, herald) = (&subs, &herald);
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let publish = async {
+                            herald.publish("bench", herald::Payload::text(PAYLOAD)).await.expect("publish");
+                        };
+                        total += subs.fanout(publish, TIMEOUT).await.expect("herald: every subscriber gets the message");
+                    }
+                    total
+                }
+            })
+        });
+        drop(subs);
+        rt.block_on(herald.shutdown(Duration::from_secs(1)));
+
+        // The naive baseline, on its own runtime.
+        let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let naive = Naive::default();
+        let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        server_rt.spawn(naive.clone().serve(listener));
+        let subs = rt.block_on(Subscribers::connect(addr, "/ws?channel=bench", n)).expect("connect to naive");
+        std::thread::sleep(Duration::from_millis(200));
+        group.bench_with_input(BenchmarkId::new("naive", n), &n, |b, _| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (subs, naive) = (&subs, &naive);
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let publish = async {
+                            naive.publish("bench", PAYLOAD);
+                        };
+                        total += subs.fanout(publish, TIMEOUT).await.expect("naive: every subscriber gets the message");
+                    }
+                    total
+                }
+            })
+        });
+        drop(subs);
+        server_rt.shutdown_timeout(Duration::from_secs(1));
+
+        // The floor.
+        let floor = Floor::start(2).expect("floor");
+        let subs = rt.block_on(Subscribers::connect(floor.addr(), "/", n)).expect("connect to floor");
+        std::thread::sleep(Duration::from_millis(200));
+        let frame: Arc<[u8]> = herald::proto::frame::encode_frame(herald::proto::frame::OpCode::Text, PAYLOAD.as_bytes()).to_vec().into();
+        group.bench_with_input(BenchmarkId::new("floor", n), &n, |b, _| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let (subs, floor, frame) = (&subs, &floor, &frame);
+                async move {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let publish = async {
+                            floor.publish(Arc::clone(frame));
+                        };
+                        total += subs.fanout(publish, TIMEOUT).await.expect("floor: every subscriber gets the message");
+                    }
+                    total
+                }
+            })
+        });
+        drop(subs);
+        floor.stop();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);
