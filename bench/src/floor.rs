@@ -1,8 +1,12 @@
 //! The floor: a server with no engine. It accepts WebSocket handshakes,
 //! then writes pre-encoded frame bytes to every socket, one `write` per
-//! socket, from one thread per core. No queues, no channel index, no
-//! per-connection state beyond the socket; a socket whose kernel buffer is
-//! full loses the frame. Only for in-process benches.
+//! socket, from one thread per core. No queues, no channels (every
+//! subscriber gets every message), no per-connection state beyond the
+//! socket; a socket whose kernel buffer is full loses the frame.
+//!
+//! In-process benches call [`Floor::publish`]; for `loadgen`, the binary
+//! `floor` also takes `POST /publish/{anything}` on keep-alive HTTP
+//! connections and sends the body as one text frame (`--format raw`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,7 +38,11 @@ impl std::fmt::Debug for Cmd {
 impl Floor {
     /// Starts on a free loopback port with `threads` writer threads.
     pub fn start(threads: usize) -> std::io::Result<Floor> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Floor::start_on(TcpListener::bind("127.0.0.1:0")?, threads)
+    }
+
+    /// Starts on `listener` with `threads` writer threads.
+    pub fn start_on(listener: TcpListener, threads: usize) -> std::io::Result<Floor> {
         let addr = listener.local_addr()?;
         let mut workers = Vec::new();
         let mut handles = Vec::new();
@@ -71,11 +79,18 @@ impl Floor {
                     Err(_) => continue,
                 };
                 let _ = stream.set_nonblocking(false);
-                if let Ok(s) = handshake(stream) {
-                    if adopt[next % adopt.len()].send(Cmd::Adopt(s)).is_err() {
-                        return;
+                match handshake(stream) {
+                    Ok(Accepted::WebSocket(s)) => {
+                        if adopt[next % adopt.len()].send(Cmd::Adopt(s)).is_err() {
+                            return;
+                        }
+                        next += 1;
                     }
-                    next += 1;
+                    Ok(Accepted::Publish(reader, len)) => {
+                        let workers = adopt.clone();
+                        std::thread::spawn(move || publisher(reader, len, &workers));
+                    }
+                    Err(_) => {}
                 }
             }
         }));
@@ -104,29 +119,76 @@ impl Floor {
     }
 }
 
-/// Answers a WebSocket upgrade; returns the socket, non-blocking.
-fn handshake(stream: TcpStream) -> std::io::Result<TcpStream> {
-    stream.set_nodelay(true)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut key = None;
+enum Accepted {
+    /// A WebSocket subscriber, upgraded and non-blocking.
+    WebSocket(TcpStream),
+    /// A `POST` with this body length: a publisher connection.
+    Publish(BufReader<TcpStream>, usize),
+}
+
+/// Reads a request head: the request line, `Sec-WebSocket-Key` and
+/// `Content-Length`. `None` at EOF.
+fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<(String, Option<String>, usize)>> {
+    let (mut first, mut key, mut len) = (String::new(), None, 0);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+            return Ok(None);
         }
         if line == "\r\n" {
             break;
         }
+        if first.is_empty() {
+            first = line;
+            continue;
+        }
         if let Some((name, value)) = line.split_once(':') {
             if name.eq_ignore_ascii_case("sec-websocket-key") {
                 key = Some(value.trim().to_string());
+            } else if name.eq_ignore_ascii_case("content-length") {
+                len = value.trim().parse().unwrap_or(0);
             }
         }
+    }
+    Ok(Some((first, key, len)))
+}
+
+/// Answers a WebSocket upgrade, or hands over a publisher connection.
+fn handshake(stream: TcpStream) -> std::io::Result<Accepted> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let (first, key, len) = read_head(&mut reader)?.ok_or(std::io::ErrorKind::UnexpectedEof)?;
+    if first.starts_with("POST ") {
+        return Ok(Accepted::Publish(reader, len));
     }
     let key = key.ok_or(std::io::ErrorKind::InvalidData)?;
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut s = stream;
     write!(s, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")?;
     s.set_nonblocking(true)?;
-    Ok(s)
+    Ok(Accepted::WebSocket(s))
+}
+
+/// Serves one keep-alive (pipelined) publisher connection: each body is
+/// framed once and written to every subscriber.
+fn publisher(mut reader: BufReader<TcpStream>, mut len: usize, workers: &[mpsc::Sender<Cmd>]) {
+    use std::io::Read;
+    let Ok(mut out) = reader.get_ref().try_clone() else { return };
+    loop {
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let frame: Arc<[u8]> = herald::proto::frame::encode_frame(herald::proto::frame::OpCode::Text, &body).to_vec().into();
+        for w in workers {
+            let _ = w.send(Cmd::Write(Arc::clone(&frame)));
+        }
+        if out.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").is_err() {
+            return;
+        }
+        match read_head(&mut reader) {
+            Ok(Some((_, _, l))) => len = l,
+            _ => return,
+        }
+    }
 }
