@@ -49,3 +49,44 @@ async fn healthz_turns_503_once_shutdown_begins() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["code"], "unavailable");
 }
+
+/// The `herald` binary as an operator runs it: SIGTERM drains and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_standalone_server_and_exits_0() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2", "--shutdown-grace-secs", "5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let a: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(a).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut w = ws(a, "/ws?channel=term").await;
+    let mut s = Sse::open(a, "channel=term").await;
+    for i in 0..20 {
+        let (status, _) = publish(a, "term", &format!("m{i}"), false).await;
+        assert_eq!(status, 200);
+    }
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    // Everything published before the signal arrives, then the close.
+    for i in 0..20 {
+        assert_eq!(next_json(&mut w).await["data"], format!("m{i}"));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&s.next_data().await.unwrap()).unwrap()["data"], format!("m{i}"));
+    }
+    assert_eq!(close_of(&mut w).await, (1001, "going away".to_string()));
+    assert_eq!(s.next_data().await, None, "the SSE stream ended");
+    drop(w);
+    let status = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exited within the grace period").unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let mut log = String::new();
+    use tokio::io::AsyncReadExt;
+    child.stderr.take().unwrap().read_to_string(&mut log).await.unwrap();
+    assert!(log.contains("draining connections") && log.contains("herald stopped"), "{log}");
+}
