@@ -134,6 +134,7 @@ pub(crate) struct ShardMetrics {
     pub delivered_sse: Counter,
     pub bytes_delivered: Counter,
     pub dropped_slow_consumer: Counter,
+    pub lagged_notices: Counter,
     pub disconnects: [Counter; 8],
     pub errors: [Counter; ErrorCode::ALL.len()],
     pub publish_overloaded: Counter,
@@ -220,6 +221,9 @@ impl Metrics {
 
         head(&mut out, "herald_frames_dropped_total", "counter", "Message frames dropped, by reason.");
         let _ = writeln!(out, "herald_frames_dropped_total{{reason=\"slow_consumer\"}} {}", self.sum(|s| &s.dropped_slow_consumer));
+
+        head(&mut out, "herald_lagged_notices_total", "counter", "`lagged` notices sent to subscribers that dropped frames.");
+        let _ = writeln!(out, "herald_lagged_notices_total {}", self.sum(|s| &s.lagged_notices));
 
         head(&mut out, "herald_disconnects_total", "counter", "Connections ended, by reason.");
         for d in Disconnect::ALL {

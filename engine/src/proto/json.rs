@@ -297,6 +297,28 @@ pub fn reply_published(channel: &str, offset: u64, epoch: &str, id: Option<&str>
         .frame()
 }
 
+/// The notice to a subscriber that missed `from..=to` of `channel` under
+/// the `drop` policy: `{"op":"lagged","channel":…,"missed_from":…,"missed_to":…}`
+/// as a WebSocket text frame (JSON format) or an SSE event named `lagged`;
+/// none for the raw formats, which carry payloads only.
+pub(crate) fn lagged(form: crate::metrics::Form, channel: &str, from: u64, to: u64) -> Option<Bytes> {
+    use crate::metrics::Form;
+    let mut r = Reply::new("lagged").str_field("channel", channel);
+    r = r.raw_field("missed_from", itoa::Buffer::new().format(from));
+    r = r.raw_field("missed_to", itoa::Buffer::new().format(to));
+    r.0.push(b'}');
+    match form {
+        Form::WsJson => Some(frame::encode_frame(OpCode::Text, &r.0)),
+        Form::SseJson => {
+            let mut out = BytesMut::with_capacity(r.0.len() + 24);
+            out.put_slice(b"event: lagged\n");
+            super::sse::write_event(&mut out, &r.0);
+            Some(out.freeze())
+        }
+        Form::WsRaw | Form::SseRaw => None,
+    }
+}
+
 /// `{"op":"error","code":…,"message":…}`, plus `id` when given.
 pub fn reply_error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
     Reply::new("error").str_field("code", code.as_str()).str_field("message", message).id(id).frame()

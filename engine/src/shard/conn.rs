@@ -15,6 +15,7 @@ use bytes::Bytes;
 
 use super::Permit;
 use crate::config::SlowConsumerPolicy;
+use crate::message::Message;
 use crate::metrics::{Disconnect, Form, ShardMetrics};
 
 /// How a connection receives messages.
@@ -81,6 +82,10 @@ pub(crate) struct Outbound {
     head_written: usize,
     waker: Option<Waker>,
     closing: Option<Closing>,
+    /// Under the `drop` policy: per channel, the first and last offsets
+    /// dropped since the subscriber last kept up (one entry per channel,
+    /// so at most one per subscription).
+    lagged: Vec<(Arc<str>, u64, u64)>,
 }
 
 impl Outbound {
@@ -200,35 +205,65 @@ impl Conn {
         }
     }
 
-    /// Offers a message frame (fan-out's per-subscriber step).
+    /// Offers `frame`, the wire form of `msg` for this connection
+    /// (fan-out's per-subscriber step).
     #[inline]
-    pub(crate) fn offer(
-        &self,
-        frame: &Bytes,
-        published_at: Instant,
-        limit: usize,
-        policy: SlowConsumerPolicy,
-        metrics: &ShardMetrics,
-    ) -> Offer {
+    pub(crate) fn offer(&self, msg: &Message, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> Offer {
         let mut out = self.out.borrow_mut();
         if out.closing.is_some() {
             return Offer::Closed;
         }
-        if out.queued_bytes + frame.len() > limit {
-            return match policy {
-                SlowConsumerPolicy::Drop => {
-                    metrics.dropped_slow_consumer.inc();
-                    Offer::Dropped
-                }
-                SlowConsumerPolicy::Disconnect => {
-                    drop(out);
-                    self.close_slow();
-                    Offer::Overflow
-                }
-            };
+        let fits = out.queued_bytes + frame.len() <= limit;
+        if fits && out.lagged.is_empty() {
+            out.push(frame.clone(), Some(msg.published_at));
+            return Offer::Queued;
         }
-        out.push(frame.clone(), Some(published_at));
-        Offer::Queued
+        if fits && self.push_lagged(&mut out, limit - frame.len(), metrics) {
+            out.push(frame.clone(), Some(msg.published_at));
+            return Offer::Queued;
+        }
+        match policy {
+            SlowConsumerPolicy::Drop => {
+                metrics.dropped_slow_consumer.inc();
+                match out.lagged.iter_mut().find(|(c, _, _)| **c == *msg.channel) {
+                    Some(range) => range.2 = msg.offset,
+                    None => out.lagged.push((Arc::clone(&msg.channel), msg.offset, msg.offset)),
+                }
+                Offer::Dropped
+            }
+            SlowConsumerPolicy::Disconnect => {
+                drop(out);
+                self.close_slow();
+                Offer::Overflow
+            }
+        }
+    }
+
+    /// Queues the `lagged` notices of a subscriber that dropped frames,
+    /// if they all fit under `limit`; returns whether none is left.
+    fn push_lagged(&self, out: &mut Outbound, limit: usize, metrics: &ShardMetrics) -> bool {
+        let notices: Vec<Bytes> =
+            out.lagged.iter().filter_map(|(channel, from, to)| crate::proto::json::lagged(self.form, channel, *from, *to)).collect();
+        if out.queued_bytes + notices.iter().map(Bytes::len).sum::<usize>() > limit {
+            return false;
+        }
+        metrics.lagged_notices.add(notices.len() as u64);
+        for n in notices {
+            out.push(n, None);
+        }
+        out.lagged.clear();
+        true
+    }
+
+    /// Called by the writer when it has written everything: a subscriber
+    /// that dropped frames and has now caught up gets its `lagged`
+    /// notices without waiting for the next message.
+    pub(crate) fn caught_up(&self, limit: usize, metrics: &ShardMetrics) {
+        let mut out = self.out.borrow_mut();
+        if out.lagged.is_empty() || !out.frames.is_empty() || out.closing.is_some() {
+            return;
+        }
+        self.push_lagged(&mut out, limit, metrics);
     }
 
     /// Queues a reply or control frame. Replies count against the same
@@ -295,9 +330,9 @@ mod tests {
     fn partial_writes_advance_and_count_whole_frames() {
         let c = conn();
         let m = ShardMetrics::default();
-        let now = Instant::now();
+        let msg = Message::new("c".into(), 1, crate::Payload::text("x"));
         for _ in 0..3 {
-            assert_eq!(c.offer(&Bytes::from_static(b"abcd"), now, 100, SlowConsumerPolicy::Disconnect, &m), Offer::Queued);
+            assert_eq!(c.offer(&msg, &Bytes::from_static(b"abcd"), 100, SlowConsumerPolicy::Disconnect, &m), Offer::Queued);
         }
         let mut out = c.out.borrow_mut();
         out.advance(6, &m, Transport::Ws);
@@ -315,28 +350,56 @@ mod tests {
     #[test]
     fn overflow_disconnects_or_drops_by_policy() {
         let m = ShardMetrics::default();
-        let now = Instant::now();
         let f = Bytes::from(vec![0u8; 600]);
+        let msg = Message::new("c".into(), 1, crate::Payload::text("x"));
         let c = conn();
-        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Drop, &m), Offer::Queued);
-        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
+        assert_eq!(c.offer(&msg, &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Queued);
+        assert_eq!(c.offer(&msg, &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
         assert_eq!(m.dropped_slow_consumer.get(), 1);
-        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Disconnect, &m), Offer::Overflow);
+        assert_eq!(c.offer(&msg, &f, 1024, SlowConsumerPolicy::Disconnect, &m), Offer::Overflow);
         let out = c.out.borrow();
         assert_eq!(out.closing().map(|c| c.reason), Some(Disconnect::SlowConsumer));
         // The queue was discarded; only the close frame is left.
         assert_eq!(out.frames.len(), 1);
         assert_eq!(&out.frames[0].bytes[..4], &[0x88, 15, 0x03, 0xF0]);
         drop(out);
-        assert_eq!(c.offer(&f, now, 1024, SlowConsumerPolicy::Disconnect, &m), Offer::Closed);
+        assert_eq!(c.offer(&msg, &f, 1024, SlowConsumerPolicy::Disconnect, &m), Offer::Closed);
+    }
+
+    #[test]
+    fn dropped_ranges_become_lagged_notices_once_there_is_room() {
+        let m = ShardMetrics::default();
+        let c = conn();
+        let f = Bytes::from(vec![0u8; 600]);
+        let msg = |ch: &str, o| Message::new(ch.into(), o, crate::Payload::text("x"));
+        assert_eq!(c.offer(&msg("a", 1), &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Queued);
+        for o in 2..=4 {
+            assert_eq!(c.offer(&msg("a", o), &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
+        }
+        assert_eq!(c.offer(&msg("b", 7), &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
+        c.caught_up(1024, &m);
+        assert_eq!(c.out.borrow().frames.len(), 1, "not caught up while frames are queued");
+        c.out.borrow_mut().advance(600, &m, Transport::Ws);
+        c.caught_up(1024, &m);
+        let out = c.out.borrow();
+        let text: Vec<String> = out.frames.iter().map(|q| String::from_utf8_lossy(&q.bytes[2..]).into_owned()).collect();
+        assert_eq!(
+            text,
+            [
+                r#"{"op":"lagged","channel":"a","missed_from":2,"missed_to":4}"#,
+                r#"{"op":"lagged","channel":"b","missed_from":7,"missed_to":7}"#
+            ]
+        );
+        assert_eq!(m.lagged_notices.get(), 2);
     }
 
     #[test]
     fn discard_keeps_a_partly_written_frame() {
         let m = ShardMetrics::default();
         let c = conn();
-        c.offer(&Bytes::from_static(b"0123456789"), Instant::now(), 100, SlowConsumerPolicy::Disconnect, &m);
-        c.offer(&Bytes::from_static(b"abc"), Instant::now(), 100, SlowConsumerPolicy::Disconnect, &m);
+        let msg = Message::new("c".into(), 1, crate::Payload::text("x"));
+        c.offer(&msg, &Bytes::from_static(b"0123456789"), 100, SlowConsumerPolicy::Disconnect, &m);
+        c.offer(&msg, &Bytes::from_static(b"abc"), 100, SlowConsumerPolicy::Disconnect, &m);
         c.out.borrow_mut().advance(4, &m, Transport::Ws);
         c.close(Disconnect::Shutdown, true, Some(Bytes::from_static(b"CLOSE")));
         let out = c.out.borrow();

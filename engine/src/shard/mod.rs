@@ -237,7 +237,7 @@ impl Shard {
         for &key in &local.subscribers {
             let Some(conn) = conns.get(key) else { continue };
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
-            if conn.offer(frame, msg.published_at, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Overflow {
+            if conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Overflow {
                 self.overflowed.borrow_mut().push(key);
             }
         }
@@ -394,7 +394,7 @@ impl FanoutBench {
         let policy = crate::SlowConsumerPolicy::Disconnect;
         for c in &self.conns {
             let frame = msg.frame(c.form, &self.metrics);
-            c.offer(frame, msg.published_at, 1 << 20, policy, &self.metrics);
+            c.offer(&msg, frame, 1 << 20, policy, &self.metrics);
         }
         for c in &self.conns {
             let mut out = c.out.borrow_mut();

@@ -58,6 +58,15 @@ pub(crate) async fn pump(shard: Rc<Shard>, conn: Rc<Conn>, tx: mpsc::Sender<Byte
             if let Some(f) = out.pop_frame(shard.metrics(), Transport::Sse) {
                 return Poll::Ready(Next::Frame(f));
             }
+            if out.closing().is_none() {
+                // A subscriber that dropped frames and caught up is told.
+                drop(out);
+                conn.caught_up(shard.inner.config.outbound_queue_bytes, shard.metrics());
+                out = conn.out.borrow_mut();
+                if let Some(f) = out.pop_frame(shard.metrics(), Transport::Sse) {
+                    return Poll::Ready(Next::Frame(f));
+                }
+            }
             match out.closing() {
                 Some(c) => Poll::Ready(Next::Done(c.reason)),
                 None => Poll::Pending,

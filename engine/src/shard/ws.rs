@@ -240,7 +240,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
         loop {
             let mut out = self.conn.out.borrow_mut();
             if out.is_empty() {
-                return Poll::Ready(Ok(()));
+                drop(out);
+                // A subscriber that dropped frames and caught up is told.
+                self.conn.caught_up(self.shard.inner.config.outbound_queue_bytes, metrics);
+                if self.conn.out.borrow().is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n = out.slices(&mut slices);

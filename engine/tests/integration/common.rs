@@ -35,7 +35,10 @@ pub async fn ws(addr: SocketAddr, path_and_query: &str) -> Ws {
 }
 
 /// Next text frame as JSON (skipping pings), within [`WAIT`].
-pub async fn next_json(ws: &mut Ws) -> Value {
+pub async fn next_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a frame") {
             Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap_or_else(|e| panic!("bad JSON {t:?}: {e}")),

@@ -129,5 +129,42 @@ async fn under_the_drop_policy_a_stalled_subscriber_stays_and_drops_are_counted(
     let m = h.metrics_text();
     assert_eq!(metric(&m, "herald_disconnects_total{reason=\"slow_consumer\"}"), 0, "nobody was disconnected");
     assert_eq!(metric(&m, "herald_subscriptions"), 2, "the stalled subscriber is still subscribed");
-    drop(stalled);
+
+    // The stalled client starts reading: it gets what was queued, `lagged`
+    // notices for what it missed, then new messages; together they cover
+    // every offset exactly once.
+    let mut stalled = stalled;
+    let tail = {
+        let h = h.clone();
+        tokio::spawn(async move {
+            loop {
+                h.publish("dflood", Payload::text("tail")).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut ranges = Vec::new();
+    let mut notices = 0;
+    loop {
+        let m = next_json(&mut stalled).await;
+        if m["op"] == "lagged" {
+            assert_eq!(m["channel"], "dflood");
+            ranges.push((m["missed_from"].as_u64().unwrap(), m["missed_to"].as_u64().unwrap()));
+            notices += 1;
+            continue;
+        }
+        let o = m["offset"].as_u64().unwrap();
+        ranges.push((o, o));
+        if m["data"] == "tail" {
+            break;
+        }
+    }
+    tail.abort();
+    assert!(notices >= 1, "the subscriber was told it lagged");
+    ranges.sort_unstable();
+    assert_eq!(ranges[0].0, 1);
+    for w in ranges.windows(2) {
+        assert_eq!(w[1].0, w[0].1 + 1, "no offset missing or repeated between {:?} and {:?}", w[0], w[1]);
+    }
+    assert!(metric(&h.metrics_text(), "herald_lagged_notices_total") >= 1);
 }
