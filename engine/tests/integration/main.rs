@@ -2,6 +2,7 @@
 //! clients (tokio-tungstenite, raw TCP, Python `websockets`).
 
 mod broker;
+mod churn;
 mod common;
 mod embed;
 mod errors;

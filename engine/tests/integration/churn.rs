@@ -1,0 +1,234 @@
+//! Connection churn against the `herald` binary: many connect–subscribe–
+//! disconnect cycles leave no file descriptor, subscription or memory
+//! behind.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Opens a WebSocket subscribed to `channel` from source address `src`,
+/// waits for the 101, and drops it.
+async fn cycle(server: SocketAddr, src: IpAddr, channel: &str) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    let mut s = sock.connect(server).await.unwrap();
+    let req = format!(
+        "GET /ws?channel={channel} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the handshake answer");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+}
+
+async fn metrics(server: SocketAddr) -> String {
+    http(server, "GET", "/metrics", &[], b"").await.2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_connect_subscribe_disconnect_cycles_leave_nothing_behind() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(server).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Source addresses 127.0.0.1-32: past one address's ephemeral ports
+    // (each cycle leaves a client socket in TIME_WAIT).
+    let sources: Vec<IpAddr> = (1..=32).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
+    let run = |n: usize| {
+        let sources = sources.clone();
+        async move {
+            let workers = 32;
+            let tasks: Vec<_> = (0..workers)
+                .map(|w| {
+                    let sources = sources.clone();
+                    tokio::spawn(async move {
+                        for i in (w..n).step_by(workers) {
+                            cycle(server, sources[i % sources.len()], &format!("churn-{}", i % 100)).await;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+    };
+    let settled = |m: &str| metric(m, "herald_connections_open{transport=\"ws\"}") == 0 && metric(m, "herald_subscriptions") == 0;
+    // Warm up (allocator pools, shard buffers), then take the baseline.
+    run(2_000).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !settled(&metrics(server).await) {
+        assert!(tokio::time::Instant::now() < deadline, "connections did not close");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (fds0, rss0) = (fds(pid), rss_kib(pid));
+
+    run(50_000).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = metrics(server).await;
+        if settled(&m) {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "connections did not close: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (fds1, rss1) = (fds(pid), rss_kib(pid));
+    eprintln!("churn: fds {fds0} -> {fds1}, RSS {rss0} KiB -> {rss1} KiB");
+    assert!(metric(&m, "herald_connections_total{transport=\"ws\"}") >= 52_000);
+    // One permit is the /metrics request's own connection.
+    assert_eq!(metric(&m, "herald_open_permits"), 1, "every connection permit came back");
+    assert!(fds1 <= fds0 + 2, "file descriptors leaked: {fds0} -> {fds1}");
+    assert!(rss1 <= rss0 + rss0 / 4 + 2048, "RSS did not return near its baseline: {rss0} KiB -> {rss1} KiB");
+    child.kill().await.unwrap();
+}
+
+/// Counts text frames on a raw WebSocket until `want` arrived.
+async fn count_frames(mut s: tokio::net::TcpStream, want: u64) -> u64 {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut have, mut got, mut skip) = (0usize, 0u64, 0usize);
+    while got < want {
+        let n = match tokio::time::timeout(WAIT, s.read(&mut buf[have..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return got,
+            Ok(Ok(n)) => n,
+        };
+        have += n;
+        let mut at = 0;
+        loop {
+            let k = skip.min(have - at);
+            skip -= k;
+            at += k;
+            if skip > 0 || have - at < 2 {
+                break;
+            }
+            let b = &buf[at..have];
+            let (len, head) = match b[1] & 0x7F {
+                126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                126 | 127 => break,
+                l => (usize::from(l), 2),
+            };
+            if b[0] & 0x0F == 0x1 {
+                got += 1;
+            }
+            at += head;
+            skip = len;
+        }
+        buf.copy_within(at..have, 0);
+        have -= at;
+    }
+    got
+}
+
+async fn raw_ws(server: SocketAddr, path: &str, rcvbuf: Option<u32>) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n).unwrap();
+    }
+    let mut s = sock.connect(server).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1);
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stalled_subscriber_among_a_thousand_costs_bounded_memory_and_nothing_else() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A 256 KiB outbound bound, so the stalled client reaches it quickly.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2", "--outbound-queue-bytes", "262144"])
+        .args(["--max-message-bytes", "16384"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(server).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss_idle = rss_kib(pid);
+    let n_msgs = 3_000u64;
+    let mut readers = Vec::new();
+    for _ in 0..1000 {
+        let s = raw_ws(server, "/ws?channel=steady", None).await;
+        readers.push(tokio::spawn(count_frames(s, n_msgs)));
+    }
+    // The stalled one: a 4 KiB receive window, never read.
+    let stalled = raw_ws(server, "/ws?channel=steady", Some(4096)).await;
+    let rss_connected = rss_kib(pid);
+    // A steady rate: 3,000 messages of 3 KB (9 MB: more than the stalled
+    // socket's kernel buffers and its 256 KiB queue hold), ~1,000 a second.
+    let payload = "s".repeat(3000);
+    let mut peak = rss_connected;
+    for i in 0..n_msgs {
+        let (status, _) = publish(server, "steady", &payload, false).await;
+        assert_eq!(status, 200);
+        if i % 100 == 0 {
+            peak = peak.max(rss_kib(pid));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for r in readers {
+        assert_eq!(r.await.unwrap(), n_msgs, "a reading subscriber lost messages");
+    }
+    peak = peak.max(rss_kib(pid));
+    // It left the channel at once; the connection ends at the close timeout
+    // (its close frame cannot be written).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = metrics(server).await;
+        if metric(&m, "herald_disconnects_total{reason=\"slow_consumer\"}") == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the stalled subscriber was never cut: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("slow consumer: RSS idle {rss_idle} KiB, 1,001 connected {rss_connected} KiB, peak {peak} KiB");
+    // Bounded: the stalled queue holds at most 256 KiB; allow the readers'
+    // in-flight frames and allocator slack on top.
+    assert!(peak <= rss_connected + 16 * 1024, "RSS grew from {rss_connected} to {peak} KiB");
+    drop(stalled);
+    child.kill().await.unwrap();
+}
