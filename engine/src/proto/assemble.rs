@@ -61,9 +61,17 @@ impl Assembler {
                 let Some((_, buf)) = self.partial.as_mut() else {
                     return Err(ProtocolError::BadContinuation);
                 };
-                if buf.len() + payload.len() > self.max_message {
+                let needed = buf.len() + payload.len();
+                if needed > self.max_message {
                     self.partial = None;
                     return Err(ProtocolError::TooLarge);
+                }
+                if needed > buf.capacity() {
+                    // Grow geometrically (many small fragments stay linear)
+                    // but never past the cap: the buffer is bounded by
+                    // `max_message`, not twice it.
+                    let target = needed.max(buf.capacity().saturating_mul(2)).min(self.max_message);
+                    buf.reserve_exact(target - buf.len());
                 }
                 buf.extend_from_slice(payload);
                 if !head.fin {

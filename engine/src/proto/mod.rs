@@ -17,6 +17,8 @@ pub mod assemble;
 pub mod channel;
 pub mod command;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod json;
 pub mod resp;
 pub mod sse;

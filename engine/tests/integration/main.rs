@@ -7,6 +7,7 @@ mod common;
 mod embed;
 mod errors;
 mod fanout;
+mod fuzz_corpus;
 mod hostile;
 mod interop;
 mod limits;

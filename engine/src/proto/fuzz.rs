@@ -1,0 +1,78 @@
+//! Entry points of the fuzz targets (`engine/fuzz`), kept in the library
+//! so the corpus is also replayed by a normal test
+//! (`tests/fuzz_corpus.rs`). Each takes arbitrary bytes and panics only
+//! when an invariant breaks.
+
+use bytes::BytesMut;
+
+use super::assemble::{Assembler, Incoming};
+use super::frame;
+use super::json::{self, Payload};
+
+/// The client command parser: any UTF-8 text gets a command or an error
+/// with a known code, never a panic; a command's channel obeys the rules.
+pub fn command(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let parsed = super::command::parse(text, 4096);
+    if let Ok(cmd) = parsed.command {
+        use super::command::Command;
+        let channel = match &cmd {
+            Command::Subscribe { channel } | Command::Unsubscribe { channel } | Command::Publish { channel, .. } => channel,
+        };
+        assert!(super::channel::validate(channel).is_ok(), "accepted a bad channel {channel:?}");
+    }
+}
+
+/// The client frame decoder and message assembler over a byte stream,
+/// as a connection feeds them: never a panic, never a message over the cap.
+pub fn frames(data: &[u8]) {
+    let max = 1024;
+    let mut buf = data.to_vec();
+    let mut asm = Assembler::new(max);
+    let mut pos = 0;
+    while pos < buf.len() {
+        let head = match frame::decode_head(&buf[pos..], max) {
+            Ok(Some(h)) if buf.len() - pos >= h.total_len() => h,
+            _ => return,
+        };
+        let payload = &mut buf[pos + head.header_len..pos + head.total_len()];
+        frame::apply_mask(payload, head.mask);
+        match asm.push(&head, payload) {
+            Ok(Some(Incoming::Text(t))) => assert!(t.len() <= max),
+            Ok(Some(Incoming::Binary(b))) => assert!(b.len() <= max),
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        assert!(asm.buffered() <= max, "reassembly over its cap");
+        pos += head.total_len();
+    }
+}
+
+/// The RESP decoder of the Redis subscriber connections.
+pub fn resp(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = super::resp::decode(&mut buf) {}
+}
+
+/// Encoders against decoders: an SSE event's `data:` lines give back the
+/// payload (line breaks normalised to `\n`), and a text payload's JSON
+/// envelope parses back to the same string.
+pub fn encoders(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let event = super::sse::encode_event(text.as_bytes());
+    let event = std::str::from_utf8(&event).expect("SSE events are UTF-8");
+    assert!(event.ends_with("\n\n"));
+    let lines: Vec<&str> = event[..event.len() - 2].split('\n').map(|l| l.strip_prefix("data: ").expect("every line is data")).collect();
+    assert_eq!(lines.join("\n"), text.replace("\r\n", "\n").replace('\r', "\n"));
+
+    let env = json::ws_json("fuzz", 7, &Payload::text(text));
+    let head = match env[1] & 0x7F {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    let body = &env[head..];
+    let v: serde_json::Value = serde_json::from_slice(body).expect("the envelope is JSON");
+    assert_eq!(v["data"].as_str(), Some(text));
+    assert_eq!(v["offset"].as_u64(), Some(7));
+}
