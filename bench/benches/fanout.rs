@@ -14,7 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use herald_bench::client::Subscribers;
 use herald_bench::floor::Floor;
 use herald_bench::naive::Naive;
@@ -25,6 +26,33 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn client_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// Times `iters` fan-outs of what `publish` sends to the `n` subscribers.
+fn bench<F, Fut>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    n: usize,
+    subs: &Subscribers,
+    publish: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+        b.to_async(rt).iter_custom(|iters| {
+            let publish = &publish;
+            async move {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let took = subs.fanout(publish(), TIMEOUT).await;
+                    total += took.unwrap_or_else(|| panic!("{name}: not every subscriber got the message"));
+                }
+                total
+            }
+        })
+    });
 }
 
 fn fanout(c: &mut Criterion) {
@@ -44,20 +72,8 @@ fn fanout(c: &mut Criterion) {
         let addr = herald.local_addr().expect("addr");
         let subs = rt.block_on(Subscribers::connect(addr, "/ws?channel=bench", n)).expect("connect to herald");
         std::thread::sleep(Duration::from_millis(200));
-        group.bench_with_input(BenchmarkId::new("herald", n), &n, |b, _| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (subs, herald) = (&subs, &herald);
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let publish = async {
-                            herald.publish("bench", herald::Payload::text(PAYLOAD)).await.expect("publish");
-                        };
-                        total += subs.fanout(publish, TIMEOUT).await.expect("herald: every subscriber gets the message");
-                    }
-                    total
-                }
-            })
+        bench(&mut group, &rt, "herald", n, &subs, || async {
+            herald.publish("bench", herald::Payload::text(PAYLOAD)).await.expect("publish");
         });
         drop(subs);
         rt.block_on(herald.shutdown(Duration::from_secs(1)));
@@ -70,20 +86,8 @@ fn fanout(c: &mut Criterion) {
         server_rt.spawn(naive.clone().serve(listener));
         let subs = rt.block_on(Subscribers::connect(addr, "/ws?channel=bench", n)).expect("connect to naive");
         std::thread::sleep(Duration::from_millis(200));
-        group.bench_with_input(BenchmarkId::new("naive", n), &n, |b, _| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (subs, naive) = (&subs, &naive);
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let publish = async {
-                            naive.publish("bench", PAYLOAD);
-                        };
-                        total += subs.fanout(publish, TIMEOUT).await.expect("naive: every subscriber gets the message");
-                    }
-                    total
-                }
-            })
+        bench(&mut group, &rt, "naive", n, &subs, || async {
+            naive.publish("bench", PAYLOAD);
         });
         drop(subs);
         server_rt.shutdown_timeout(Duration::from_secs(1));
@@ -93,20 +97,8 @@ fn fanout(c: &mut Criterion) {
         let subs = rt.block_on(Subscribers::connect(floor.addr(), "/", n)).expect("connect to floor");
         std::thread::sleep(Duration::from_millis(200));
         let frame: Arc<[u8]> = herald::proto::frame::encode_frame(herald::proto::frame::OpCode::Text, PAYLOAD.as_bytes()).to_vec().into();
-        group.bench_with_input(BenchmarkId::new("floor", n), &n, |b, _| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (subs, floor, frame) = (&subs, &floor, &frame);
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let publish = async {
-                            floor.publish(Arc::clone(frame));
-                        };
-                        total += subs.fanout(publish, TIMEOUT).await.expect("floor: every subscriber gets the message");
-                    }
-                    total
-                }
-            })
+        bench(&mut group, &rt, "floor", n, &subs, || async {
+            floor.publish(Arc::clone(&frame));
         });
         drop(subs);
         floor.stop();

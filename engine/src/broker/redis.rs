@@ -105,6 +105,16 @@ enum Publisher {
     Cluster(ClusterConnection),
 }
 
+impl Publisher {
+    /// Runs a script on a clone of the connection (clones share it).
+    async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
+        match self.clone() {
+            Publisher::Single(mut c) => inv.invoke_async(&mut c).await,
+            Publisher::Cluster(mut c) => inv.invoke_async(&mut c).await,
+        }
+    }
+}
+
 /// The Redis broker of one node.
 pub(crate) struct RedisBroker {
     cluster: bool,
@@ -270,13 +280,7 @@ impl RedisBroker {
             .arg(body)
             .arg(self.ttl_ms)
             .arg(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
-        let call = async {
-            match publisher.clone() {
-                Publisher::Single(mut c) => inv.invoke_async::<(u64, String)>(&mut c).await,
-                Publisher::Cluster(mut c) => inv.invoke_async::<(u64, String)>(&mut c).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(self.timeout, publisher.invoke::<(u64, String)>(&inv)).await {
             Ok(Ok((offset, epoch))) => {
                 let epoch = Epoch::parse(epoch.as_bytes()).ok_or_else(|| unavailable(format!("Redis returned a bad epoch {epoch:?}")))?;
                 Ok(Published { channel: channel.into(), offset, epoch })
@@ -291,16 +295,10 @@ impl RedisBroker {
 
     /// The channel's epoch in Redis (created if it has none yet).
     async fn fetch_epoch(&self, channel: &str) -> Option<Epoch> {
-        let publisher = self.publisher.get()?.clone();
+        let publisher = self.publisher.get()?;
         let mut inv = self.epoch_script.prepare_invoke();
         inv.key(self.meta_key(channel)).arg(Epoch::random().as_str()).arg(self.ttl_ms);
-        let call = async {
-            match publisher {
-                Publisher::Single(mut c) => inv.invoke_async::<String>(&mut c).await,
-                Publisher::Cluster(mut c) => inv.invoke_async::<String>(&mut c).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(self.timeout, publisher.invoke::<String>(&inv)).await {
             Ok(Ok(e)) => Epoch::parse(e.as_bytes()),
             _ => None,
         }

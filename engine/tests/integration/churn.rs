@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use crate::common::*;
 
@@ -23,20 +23,7 @@ fn rss_kib(pid: u32) -> u64 {
 async fn cycle(server: SocketAddr, src: IpAddr, channel: &str) {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(src, 0)).unwrap();
-    let mut s = sock.connect(server).await.unwrap();
-    let req = format!(
-        "GET /ws?channel={channel} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut buf = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before the handshake answer");
-        head.extend_from_slice(&buf[..n]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    upgrade(sock.connect(server).await.unwrap(), &format!("/ws?channel={channel}")).await;
 }
 
 async fn metrics(server: SocketAddr) -> String {
@@ -45,21 +32,8 @@ async fn metrics(server: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_thousand_connect_subscribe_disconnect_cycles_leave_nothing_behind() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, server) = spawn_herald(&["--shards", "2"], false).await;
     let pid = child.id().unwrap();
-    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(server).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // Source addresses 127.0.0.1-32: past one address's ephemeral ports
     // (each cycle leaves a client socket in TIME_WAIT).
     let sources: Vec<IpAddr> = (1..=32).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i))).collect();
@@ -148,55 +122,23 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: u64) -> u64 {
     got
 }
 
-async fn raw_ws(server: SocketAddr, path: &str, rcvbuf: Option<u32>) -> tokio::net::TcpStream {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    if let Some(n) = rcvbuf {
-        sock.set_recv_buffer_size(n).unwrap();
-    }
-    let mut s = sock.connect(server).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1);
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stalled_subscriber_among_a_thousand_costs_bounded_memory_and_nothing_else() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // A 256 KiB outbound bound, so the stalled client reaches it quickly.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2", "--outbound-queue-bytes", "262144"])
-        .args(["--max-message-bytes", "16384"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let args = ["--shards", "2", "--outbound-queue-bytes", "262144", "--max-message-bytes", "16384"];
+    let (mut child, server) = spawn_herald(&args, false).await;
     let pid = child.id().unwrap();
-    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(server).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let rss_idle = rss_kib(pid);
     let n_msgs = 3_000u64;
     let mut readers = Vec::new();
     for _ in 0..1000 {
-        let s = raw_ws(server, "/ws?channel=steady", None).await;
+        let s = raw_ws(server, "/ws?channel=steady").await;
         readers.push(tokio::spawn(count_frames(s, n_msgs)));
     }
     // The stalled one: a 4 KiB receive window, never read.
-    let stalled = raw_ws(server, "/ws?channel=steady", Some(4096)).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stalled = upgrade(sock.connect(server).await.unwrap(), "/ws?channel=steady").await;
     let rss_connected = rss_kib(pid);
     // A steady rate: 3,000 messages of 3 KB (9 MB: more than the stalled
     // socket's kernel buffers and its 256 KiB queue hold), ~1,000 a second.

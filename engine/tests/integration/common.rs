@@ -24,6 +24,49 @@ pub fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> Herald {
     Herald::start_on(listener, c).unwrap()
 }
 
+/// The `herald` binary on a free loopback port, with `args`, once it
+/// accepts connections. Its stderr is piped when `log` is set (read it
+/// after the process exits), else discarded; it is killed when dropped.
+pub async fn spawn_herald(args: &[&str], log: bool) -> (tokio::process::Child, SocketAddr) {
+    let a: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", &a.to_string()])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(if log { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(a).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, a)
+}
+
+/// Sends a WebSocket upgrade for `path` on a connected socket and returns
+/// it once the server answered 101, for hand-made frames.
+pub async fn upgrade(mut s: TcpStream, path: &str) -> TcpStream {
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// A WebSocket handshake over raw TCP, for sending hand-made frames.
+pub async fn raw_ws(a: SocketAddr, path: &str) -> TcpStream {
+    upgrade(TcpStream::connect(a).await.unwrap(), path).await
+}
+
 pub fn addr(h: &Herald) -> SocketAddr {
     h.local_addr().unwrap()
 }

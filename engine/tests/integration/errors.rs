@@ -130,21 +130,3 @@ async fn protocol_violations_close_with_1002_and_bad_utf8_with_1007() {
     wait_metric(&h, "herald_disconnects_total{reason=\"protocol_error\"}", |v| v == 3).await;
     wait_metric(&h, "herald_disconnects_total{reason=\"invalid_utf8\"}", |v| v == 1).await;
 }
-
-/// A WebSocket handshake over raw TCP, for sending hand-made frames.
-pub async fn raw_ws(a: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}

@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::*;
-use crate::errors::raw_ws;
 
 /// Sends `bytes` on a fresh connection and returns what came back until
 /// the server closed (or 5 s passed).

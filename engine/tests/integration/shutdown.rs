@@ -53,19 +53,7 @@ async fn healthz_turns_503_once_shutdown_begins() {
 /// The `herald` binary as an operator runs it: SIGTERM drains and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_standalone_server_and_exits_0() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--shards", "2", "--shutdown-grace-secs", "5"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let a: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(a).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut child, a) = spawn_herald(&["--shards", "2", "--shutdown-grace-secs", "5"], true).await;
     let mut w = ws(a, "/ws?channel=term").await;
     let mut s = Sse::open(a, "channel=term").await;
     for i in 0..20 {
