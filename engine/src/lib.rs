@@ -24,49 +24,64 @@
 //!
 //! # Layout
 //!
-//! - [`proto`]: sans-I/O framing, SSE and JSON encoders, the command parser
-//!   and the channel rules.
+//! In data-path order; dependencies point one way (accept → http → shard
+//! ← router ← broker), and [`proto`] depends on nothing of Herald's.
+//!
+//! - `accept`: the standalone server's acceptor, handing sockets to the
+//!   shards round-robin.
+//! - `http`: the endpoints (`/ws`, `/sse`, `/publish`, `/healthz`,
+//!   `/metrics`, `/echo`), one file each, and hyper's per-connection
+//!   service.
 //! - `shard`: per-core threads; each owns its connections, its channel
-//!   index and every connection's outbound queue.
-//! - `broker`: where a publish is ordered and given its offset: the local
-//!   channel table, or Redis (`redis`, `redis-cluster`) for several nodes.
-//! - `http`: the acceptor and the endpoints.
+//!   index and every connection's outbound queue, and writes frames with
+//!   vectored I/O. It calls up only through the `Upstream` trait.
+//! - `router`: channel → the shards with subscribers; the only path onto
+//!   the shards' lock-free inboxes.
+//! - `broker`: where a publish is ordered and given its offset: `local`,
+//!   or Redis (`redis`, `redis-cluster`) for several nodes.
+//! - `engine`: what the handle, the shards and the handlers share; it
+//!   owns the router and the broker.
+//! - [`proto`]: sans-I/O framing, SSE and JSON encoders, the command
+//!   parser, channel rules and the WebSocket session state machine.
+//! - `message`: a message and its wire forms, each encoded once; the
+//!   result of a publish.
 //! - [`config`], `metrics`: limits and counters.
 
 #![warn(missing_docs)]
 
+mod accept;
 mod broker;
 pub mod config;
+mod engine;
 mod http;
 mod message;
 mod metrics;
 pub mod proto;
+mod router;
 mod shard;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use broker::{PublishError, Published};
+pub use broker::BrokerError;
 pub use config::{Config, ConfigError, SlowConsumerPolicy};
 pub use http::{Body, BodyError};
-pub use message::Epoch;
+pub use message::{BrokerDown, Epoch, PublishError, Published, Uncertain};
 pub use proto::json::{InvalidJson, Payload};
 pub use proto::ErrorCode;
 #[doc(hidden)]
 pub use shard::FanoutBench;
 
-use broker::local::ChannelTable;
-use broker::redis::RedisBroker;
-use metrics::{Metrics, ShardMetrics};
-use shard::inbox::Dispatch;
-use shard::{Control, Permit};
+use broker::Broker;
+use engine::Engine;
+use router::Router;
+use shard::{Control, Upstream};
 
 /// Control messages waiting for one shard at most.
 const CONTROL_QUEUE: usize = 1024;
@@ -77,6 +92,9 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The configured broker cannot be used.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     /// Binding the listener or starting a shard thread failed.
     #[error("{what}: {source}")]
     Io {
@@ -87,138 +105,11 @@ pub enum StartError {
     },
 }
 
-/// State shared by the handle, the shards and the HTTP handlers.
-pub(crate) struct Inner {
-    pub(crate) config: Config,
-    pub(crate) metrics: Metrics,
-    pub(crate) dispatch: Dispatch,
-    pub(crate) channels: ChannelTable,
-    /// The Redis broker, unless the broker is local.
-    pub(crate) broker: Option<RedisBroker>,
-    controls: Box<[mpsc::Sender<Control>]>,
-    open: Arc<AtomicUsize>,
-    rr: AtomicUsize,
-    shutting_down: AtomicBool,
-    local_addr: Option<SocketAddr>,
-    done: Mutex<Vec<oneshot::Receiver<()>>>,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner").field("shards", &self.config.shards).field("local_addr", &self.local_addr).finish_non_exhaustive()
-    }
-}
-
-impl Inner {
-    /// The metrics slot of the shard running this thread, or the global one.
-    pub(crate) fn metrics_here(&self) -> &ShardMetrics {
-        match shard::current(self) {
-            Some(s) => self.metrics.shard(s.id),
-            None => self.metrics.global(),
-        }
-    }
-
-    pub(crate) fn acquire_permit(&self) -> Option<Permit> {
-        Permit::acquire(&self.open, self.config.max_connections)
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    /// The next shard in round-robin order.
-    pub(crate) fn next_shard(&self) -> (usize, bool) {
-        (self.rr.fetch_add(1, Ordering::Relaxed) % self.config.shards, false)
-    }
-
-    /// The shard for a new connection: this thread's shard if the request
-    /// is served by one (its socket is already there), else round-robin.
-    /// The flag says whether the socket is already on the chosen shard.
-    pub(crate) fn pick_shard(&self) -> (usize, bool) {
-        match shard::current(self) {
-            Some(s) => (s.id, true),
-            None => self.next_shard(),
-        }
-    }
-
-    pub(crate) async fn send_control(&self, shard: usize, ctl: Control) -> Result<(), ()> {
-        self.controls[shard].send(ctl).await.map_err(|_| ())
-    }
-
-    /// Runs `f` on shard `target`: at once if this thread is that shard.
-    pub(crate) async fn on_shard(&self, target: usize, f: impl FnOnce(&std::rc::Rc<shard::Shard>) + Send + 'static) -> Result<(), ()> {
-        let f = match shard::current(self) {
-            Some(s) if s.id == target => {
-                f(&s);
-                return Ok(());
-            }
-            _ => f,
-        };
-        self.send_control(target, Control::Run(Box::new(f))).await
-    }
-
-    /// A shard gained the node's first subscriber to `channel` or lost the
-    /// last one: the Redis broker follows.
-    pub(crate) fn interest_changed(&self, channel: &Arc<str>) {
-        if let Some(b) = &self.broker {
-            b.interest_changed(channel);
-        }
-    }
-
-    fn check_publish(&self, channel: &str, payload: &Payload) -> Result<(), PublishError> {
-        proto::channel::validate(channel)?;
-        if payload.len() > self.config.max_message_bytes {
-            return Err(PublishError::TooLarge { size: payload.len(), max: self.config.max_message_bytes });
-        }
-        if self.is_shutting_down() {
-            return Err(PublishError::ShuttingDown);
-        }
-        Ok(())
-    }
-
-    /// Publishes through whichever broker is configured.
-    pub(crate) async fn publish(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
-        let Some(broker) = &self.broker else { return self.publish_now(channel, payload, metrics) };
-        self.check_publish(channel, &payload)?;
-        let r = broker.publish(channel, &payload).await;
-        if r.is_ok() {
-            metrics.published.inc();
-        }
-        r
-    }
-
-    /// Publishes through the local broker (the Redis broker needs
-    /// [`Inner::publish`]).
-    pub(crate) fn publish_now(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
-        self.check_publish(channel, &payload)?;
-        let r = self.channels.publish(&self.dispatch, channel, payload);
-        match &r {
-            Ok(_) => metrics.published.inc(),
-            Err(PublishError::Overloaded) => metrics.publish_overloaded.inc(),
-            Err(_) => {}
-        }
-        r
-    }
-
-    pub(crate) fn metrics_text(&self) -> String {
-        let open = self.open.load(Ordering::Relaxed) as u64;
-        let channels = self.channels.len() as u64;
-        let mut out = self.metrics.render(&[
-            ("herald_open_permits", "Client connections counted against max_connections.", open),
-            ("herald_channels", "Channels in the channel table.", channels),
-        ]);
-        if let Some(b) = &self.broker {
-            b.render(&mut out);
-        }
-        out
-    }
-}
-
 /// A running Herald: shard threads, and an acceptor unless embedded.
 /// Cloning gives another handle to the same engine.
 #[derive(Clone, Debug)]
 pub struct Herald {
-    inner: Arc<Inner>,
+    engine: Arc<Engine>,
 }
 
 impl Herald {
@@ -248,81 +139,68 @@ impl Herald {
 
     fn launch(config: Config, listener: Option<TcpListener>, local_addr: Option<SocketAddr>) -> Result<Herald, StartError> {
         let config = config.validated()?;
-        let broker = RedisBroker::from_config(&config).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let n = config.shards;
+        let router = Arc::new(Router::new(n, config.shard_queue_capacity, config.max_channels));
+        let broker = Broker::from_config(&config, &router)?;
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(CONTROL_QUEUE)).unzip();
         let (done_tx, done_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        let inner = Arc::new(Inner {
-            metrics: Metrics::new(n),
-            dispatch: Dispatch::new(n, config.shard_queue_capacity),
-            channels: ChannelTable::new(config.max_channels),
-            broker,
-            controls: senders.into_boxed_slice(),
-            open: Arc::new(AtomicUsize::new(0)),
-            rr: AtomicUsize::new(0),
-            shutting_down: AtomicBool::new(false),
-            local_addr,
-            done: Mutex::new(done_rx),
-            config,
-        });
-        RedisBroker::start(&inner).map_err(|source| StartError::Io { what: "cannot start the broker thread".into(), source })?;
-        let mut listener = listener;
+        let engine = Arc::new(Engine::new(config, router, broker, senders.into_boxed_slice(), local_addr, done_rx));
+        engine.broker.start().map_err(|source| StartError::Io { what: "cannot start the broker thread".into(), source })?;
         for (id, (rx, done)) in receivers.into_iter().zip(done_tx).enumerate() {
-            let l = if id == 0 { listener.take() } else { None };
-            shard::spawn(id, Arc::clone(&inner), rx, l, done)
-                .map_err(|source| StartError::Io { what: "cannot start a shard thread".into(), source })?;
+            let up: Arc<dyn Upstream> = Arc::clone(&engine) as Arc<dyn Upstream>;
+            shard::spawn(id, up, rx, done).map_err(|source| StartError::Io { what: "cannot start a shard thread".into(), source })?;
         }
-        let broker = inner.broker.as_ref().map_or("local", |b| b.mode());
-        tracing::info!(shards = n, addr = ?local_addr, broker, "herald started");
-        Ok(Herald { inner })
+        if let Some(listener) = listener {
+            accept::start(&engine, listener);
+        }
+        tracing::info!(shards = n, addr = ?local_addr, broker = engine.broker.mode(), "herald started");
+        Ok(Herald { engine })
     }
 
     /// The address served, unless embedded.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.inner.local_addr
+        self.engine.local_addr
     }
 
     /// The configuration in force (with `shards` resolved).
     pub fn config(&self) -> &Config {
-        &self.inner.config
+        &self.engine.config
     }
 
     /// Publishes `payload` to `channel`; every current subscriber gets it
-    /// (on every node, with a Redis broker). With Redis, the error
-    /// [`PublishError::Unavailable`] means nothing was published.
+    /// (on every node, with a Redis broker). Every error but
+    /// [`PublishError::OutcomeUnknown`] means nothing was published.
     pub async fn publish(&self, channel: &str, payload: Payload) -> Result<Published, PublishError> {
-        self.inner.publish(channel, payload, self.inner.metrics_here()).await
+        self.engine.publish(channel, payload, self.engine.metrics_here()).await
     }
 
     /// The Prometheus text exposition that `/metrics` serves.
     pub fn metrics_text(&self) -> String {
-        self.inner.metrics_text()
+        self.engine.metrics_text()
     }
 
     /// A `tower` / `hyper` service answering Herald's endpoints, to mount
     /// in your own server.
     pub fn service(&self) -> HeraldService {
-        HeraldService { inner: Arc::clone(&self.inner) }
+        HeraldService { engine: Arc::clone(&self.engine) }
     }
 
     /// Stops accepting, closes WebSockets with 1001 "going away" and ends
     /// SSE streams after flushing what is queued, waiting at most `grace`;
     /// then stops the shard threads. New requests get 503 meanwhile.
     pub async fn shutdown(&self, grace: Duration) {
-        if self.inner.shutting_down.swap(true, Ordering::AcqRel) {
+        if !self.engine.begin_shutdown() {
             return;
         }
         let deadline = Instant::now() + grace;
-        for i in 0..self.inner.config.shards {
-            let _ = self.inner.send_control(i, Control::Shutdown(deadline)).await;
+        for i in 0..self.engine.config.shards {
+            let _ = self.engine.send_control(i, Control::Shutdown(deadline)).await;
         }
-        let done = std::mem::take(&mut *self.inner.done.lock().unwrap_or_else(|e| e.into_inner()));
+        let done = std::mem::take(&mut *self.engine.done.lock().unwrap_or_else(|e| e.into_inner()));
         for d in done {
             let _ = d.await;
         }
-        if let Some(b) = &self.inner.broker {
-            b.stop().await;
-        }
+        self.engine.broker.stop().await;
         tracing::info!("herald stopped");
     }
 }
@@ -331,7 +209,7 @@ impl Herald {
 /// `hyper::service::Service`), for any request body type.
 #[derive(Clone, Debug)]
 pub struct HeraldService {
-    inner: Arc<Inner>,
+    engine: Arc<Engine>,
 }
 
 /// The future of [`HeraldService`]'s response.
@@ -352,8 +230,8 @@ where
     }
 
     fn call(&mut self, req: ::http::Request<B>) -> Self::Future {
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move { Ok(http::handle(inner, req).await) })
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move { Ok(http::handle(engine, req).await) })
     }
 }
 
@@ -368,7 +246,7 @@ where
     type Future = ResponseFuture;
 
     fn call(&self, req: ::http::Request<B>) -> Self::Future {
-        let inner = Arc::clone(&self.inner);
-        Box::pin(async move { Ok(http::handle(inner, req).await) })
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move { Ok(http::handle(engine, req).await) })
     }
 }

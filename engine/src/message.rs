@@ -1,14 +1,16 @@
-//! A published message and its wire forms, each encoded at most once.
+//! A published message and its wire forms, each encoded at most once; and
+//! what a publish returns.
 
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::metrics::{Form, ShardMetrics};
+use crate::metrics::ShardMetrics;
+use crate::proto::form::Form;
 use crate::proto::json::{self, Payload};
+use crate::proto::ErrorCode;
 
 /// A channel's epoch: a short random id created with the channel's offset
 /// counter. `(epoch, offset)` never repeats for a channel.
@@ -18,15 +20,8 @@ pub struct Epoch([u8; 8]);
 impl Epoch {
     /// A fresh random epoch (8 characters of `[0-9a-z]`).
     pub fn random() -> Epoch {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-        let mut n = h.finish();
-        let mut out = [0u8; 8];
-        for b in &mut out {
-            *b = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
-            n /= 36;
-        }
-        Epoch(out)
+        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        Epoch(std::array::from_fn(|_| DIGITS[fastrand::usize(..DIGITS.len())]))
     }
 
     /// An epoch received as text (8 characters of `[0-9a-z]`).
@@ -51,6 +46,123 @@ impl fmt::Display for Epoch {
 impl fmt::Debug for Epoch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Epoch({})", self.as_str())
+    }
+}
+
+/// A publish accepted by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// The message's offset in its channel (from 1).
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: Epoch,
+}
+
+/// Why a publish was refused. Every variant but
+/// [`PublishError::OutcomeUnknown`] means nothing was published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The channel name breaks the rules.
+    #[error("{0}")]
+    BadChannel(#[from] crate::proto::channel::ChannelError),
+    /// The payload is over the maximum message size.
+    #[error("payload is {size} bytes, over the limit of {max}")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A shard's queue is full; retry later.
+    #[error("server overloaded: a shard queue is full")]
+    Overloaded,
+    /// The node remembers as many channels as it may, all with subscribers.
+    #[error("channel limit reached")]
+    ChannelLimit,
+    /// The server is shutting down.
+    #[error("server is shutting down")]
+    ShuttingDown,
+    /// The broker (Redis) could not take the publish: nothing was
+    /// published, and retrying is safe.
+    #[error("broker unavailable, nothing was published: {0}")]
+    NotPublished(#[source] BrokerDown),
+    /// The broker's (Redis's) answer was lost: the message may or may not
+    /// have been published. A retry may publish it twice.
+    #[error("the broker's answer was lost, the message may have been published: {0}")]
+    OutcomeUnknown(#[source] Uncertain),
+}
+
+/// Why the outcome of a publish is unknown.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Uncertain {
+    /// No answer within the broker's timeout (milliseconds).
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+    /// The connection dropped with the command sent.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+}
+
+/// Why the broker could not take a publish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerDown {
+    /// Not connected to Redis (yet, or any more).
+    #[error("not connected to Redis")]
+    NotConnected,
+    /// Redis answered with an error.
+    #[error("Redis refused: {0}")]
+    Refused(String),
+}
+
+impl PublishError {
+    /// The protocol error code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PublishError::BadChannel(_) => ErrorCode::BadChannel,
+            PublishError::TooLarge { .. } => ErrorCode::TooLarge,
+            PublishError::Overloaded => ErrorCode::Overloaded,
+            PublishError::ChannelLimit => ErrorCode::Limit,
+            PublishError::ShuttingDown | PublishError::NotPublished(_) | PublishError::OutcomeUnknown(_) => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// A publish on its way: done already (the local broker, or a refusal), or
+/// waiting for the broker's answer (Redis).
+pub(crate) enum PublishFuture {
+    Ready(Option<Result<Published, PublishError>>),
+    Waiting(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Published, PublishError>> + Send>>),
+}
+
+impl PublishFuture {
+    /// The result, if the publish is done without waiting.
+    pub(crate) fn ready(&mut self) -> Option<Result<Published, PublishError>> {
+        match self {
+            PublishFuture::Ready(r) => r.take(),
+            PublishFuture::Waiting(_) => None,
+        }
+    }
+}
+
+impl std::future::Future for PublishFuture {
+    type Output = Result<Published, PublishError>;
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            // Polled again after completion: a caller bug; answer as if shutting down.
+            PublishFuture::Ready(r) => std::task::Poll::Ready(r.take().unwrap_or(Err(PublishError::ShuttingDown))),
+            PublishFuture::Waiting(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for PublishFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PublishFuture::Ready(_) => "PublishFuture::Ready",
+            PublishFuture::Waiting(_) => "PublishFuture::Waiting",
+        })
     }
 }
 

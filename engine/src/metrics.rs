@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::message::{PublishError, Published};
+pub(crate) use crate::proto::form::Form;
 use crate::proto::ErrorCode;
 
 /// A monotonically increasing counter.
@@ -26,27 +28,6 @@ impl Counter {
     }
     pub(crate) fn get(&self) -> u64 {
         self.0.load(Relaxed)
-    }
-}
-
-/// Wire forms a message is encoded into, each at most once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Form {
-    WsJson = 0,
-    WsRaw = 1,
-    SseJson = 2,
-    SseRaw = 3,
-}
-
-impl Form {
-    pub(crate) const ALL: [Form; 4] = [Form::WsJson, Form::WsRaw, Form::SseJson, Form::SseRaw];
-    fn label(self) -> &'static str {
-        match self {
-            Form::WsJson => "ws_json",
-            Form::WsRaw => "ws_raw",
-            Form::SseJson => "sse_json",
-            Form::SseRaw => "sse_raw",
-        }
     }
 }
 
@@ -138,7 +119,6 @@ pub(crate) struct ShardMetrics {
     pub disconnects: [Counter; 8],
     pub errors: [Counter; ErrorCode::ALL.len()],
     pub publish_overloaded: Counter,
-    pub broker_reconnects: Counter,
     pub publish_to_write: Histogram,
 }
 
@@ -148,6 +128,14 @@ impl ShardMetrics {
     }
     pub(crate) fn error(&self, code: ErrorCode) {
         self.errors[code.index()].inc();
+    }
+    /// Counts a publish once its result is known.
+    pub(crate) fn count_publish(&self, r: &Result<Published, PublishError>) {
+        match r {
+            Ok(_) => self.published.inc(),
+            Err(PublishError::Overloaded) => self.publish_overloaded.inc(),
+            Err(_) => {}
+        }
     }
 }
 
@@ -175,7 +163,7 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text exposition.
-    pub(crate) fn render(&self, extra_gauges: &[(&str, &str, u64)]) -> String {
+    pub(crate) fn render(&self, extra_gauges: &[(&str, &str, u64)], broker_reconnects: u64) -> String {
         let mut out = String::with_capacity(4096);
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -239,7 +227,7 @@ impl Metrics {
         let _ = writeln!(out, "herald_publish_overloaded_total {}", self.sum(|s| &s.publish_overloaded));
 
         head(&mut out, "herald_broker_reconnects_total", "counter", "Reconnections to the broker.");
-        let _ = writeln!(out, "herald_broker_reconnects_total {}", self.sum(|s| &s.broker_reconnects));
+        let _ = writeln!(out, "herald_broker_reconnects_total {broker_reconnects}");
 
         for (name, help, value) in extra_gauges {
             head(&mut out, name, "gauge", help);
@@ -278,7 +266,7 @@ mod tests {
         m.global().error(ErrorCode::BadChannel);
         m.shard(0).publish_to_write.record(Duration::from_micros(70));
         m.shard(1).publish_to_write.record(Duration::from_secs(10));
-        let text = m.render(&[]);
+        let text = m.render(&[], 0);
         assert!(text.contains("herald_frames_delivered_total{transport=\"ws\"} 7\n"));
         assert!(text.contains("herald_errors_total{code=\"bad_channel\"} 1\n"));
         assert!(text.contains("herald_publish_to_write_seconds_bucket{le=\"0.00005\"} 0\n"));

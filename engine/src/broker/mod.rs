@@ -1,68 +1,120 @@
-//! Brokers: where a publish goes before it reaches the shards.
+//! Brokers: where a publish is ordered and given its offset before the
+//! [`Router`] takes it onto the shards.
 //!
 //! - [`local`]: the default, in-process broker. Offsets and epochs live in
-//!   this node's channel table.
+//!   this node.
 //! - [`redis`]: `redis` and `redis-cluster`. Offsets and epochs live in
 //!   Redis; every node delivers what comes back from Redis.
+//!
+//! Both sit behind [`Broker`]: publish, hear that the node's interest in a
+//! channel changed, and say when a new subscription is in place.
 
 pub(crate) mod local;
 pub(crate) mod redis;
 
 use std::sync::Arc;
 
-use crate::message::Epoch;
-use crate::proto::ErrorCode;
+use crate::config::Config;
+use crate::message::{Epoch, PublishFuture};
+use crate::proto::json::Payload;
+use crate::router::Router;
+use crate::shard::BoxFuture;
+use local::LocalBroker;
+pub use redis::BrokerError;
+use redis::RedisBroker;
 
-/// A publish accepted by the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    /// The channel.
-    pub channel: Arc<str>,
-    /// The message's offset in its channel (from 1).
-    pub offset: u64,
-    /// The channel's epoch.
-    pub epoch: Epoch,
+/// The node's broker.
+#[derive(Debug)]
+pub(crate) enum Broker {
+    Local(LocalBroker),
+    Redis(RedisBroker),
 }
 
-/// Why a publish was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PublishError {
-    /// The channel name breaks the rules.
-    #[error("{0}")]
-    BadChannel(#[from] crate::proto::channel::ChannelError),
-    /// The payload is over the maximum message size.
-    #[error("payload is {size} bytes, over the limit of {max}")]
-    TooLarge {
-        /// Payload size.
-        size: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// A shard's queue is full; retry later.
-    #[error("server overloaded: a shard queue is full")]
-    Overloaded,
-    /// The channel table is full of channels with subscribers.
-    #[error("channel limit reached")]
-    ChannelLimit,
-    /// The server is shutting down.
-    #[error("server is shutting down")]
-    ShuttingDown,
-    /// The broker (Redis) did not take the publish: it could not be
-    /// reached (nothing was published), or did not answer in time (the
-    /// message may have been published; the text says which).
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
-}
+impl Broker {
+    /// The broker the configuration asks for (not started yet).
+    pub(crate) fn from_config(config: &Config, router: &Arc<Router>) -> Result<Broker, BrokerError> {
+        Ok(match RedisBroker::from_config(config, router)? {
+            Some(r) => Broker::Redis(r),
+            None => Broker::Local(LocalBroker::new(config.max_channels)),
+        })
+    }
 
-impl PublishError {
-    /// The protocol error code for this error.
-    pub fn code(&self) -> ErrorCode {
+    pub(crate) fn mode(&self) -> &'static str {
         match self {
-            PublishError::BadChannel(_) => ErrorCode::BadChannel,
-            PublishError::TooLarge { .. } => ErrorCode::TooLarge,
-            PublishError::Overloaded => ErrorCode::Overloaded,
-            PublishError::ChannelLimit => ErrorCode::Limit,
-            PublishError::ShuttingDown | PublishError::Unavailable(_) => ErrorCode::Unavailable,
+            Broker::Local(_) => "local",
+            Broker::Redis(r) => r.mode(),
+        }
+    }
+
+    /// Starts the broker's own thread, if it has one.
+    pub(crate) fn start(&self) -> std::io::Result<()> {
+        match self {
+            Broker::Local(_) => Ok(()),
+            Broker::Redis(r) => r.start(),
+        }
+    }
+
+    pub(crate) async fn stop(&self) {
+        if let Broker::Redis(r) = self {
+            r.stop().await;
+        }
+    }
+
+    /// Orders and stores a publish, and gets it to every subscriber. The
+    /// local broker is done at once ([`PublishFuture::ready`]).
+    pub(crate) fn publish(&self, router: &Router, channel: &str, payload: Payload) -> PublishFuture {
+        match self {
+            Broker::Local(b) => PublishFuture::Ready(Some(b.publish(router, channel, payload))),
+            Broker::Redis(r) => PublishFuture::Waiting(Box::pin(r.publish(channel.to_owned(), payload))),
+        }
+    }
+
+    /// The node gained its first subscriber to `channel`, or lost its last.
+    pub(crate) fn interest_changed(&self, channel: &Arc<str>) {
+        if let Broker::Redis(r) = self {
+            r.interest_changed(channel);
+        }
+    }
+
+    /// The channel's epoch if everything published from now on reaches
+    /// this node's subscribers; `None` while a new subscription is not in
+    /// place yet (see [`Broker::await_subscribed`]).
+    pub(crate) fn subscribed(&self, router: &Router, channel: &str) -> Option<Epoch> {
+        match self {
+            Broker::Local(b) => b.epoch(router, channel),
+            Broker::Redis(r) => r.subscribed(channel),
+        }
+    }
+
+    /// Waits (at most the broker's timeout) for [`Broker::subscribed`].
+    pub(crate) fn await_subscribed(&self, router: &Router, channel: &str) -> BoxFuture<Option<Epoch>> {
+        match self {
+            Broker::Local(b) => Box::pin(std::future::ready(b.epoch(router, channel))),
+            Broker::Redis(r) => Box::pin(r.await_subscribed(channel.to_owned())),
+        }
+    }
+
+    /// Channels whose state the broker keeps (counters for the local
+    /// broker; Redis keeps them for the Redis brokers).
+    pub(crate) fn channels(&self) -> Option<usize> {
+        match self {
+            Broker::Local(b) => Some(b.len()),
+            Broker::Redis(_) => None,
+        }
+    }
+
+    /// Subscriber connections re-established.
+    pub(crate) fn reconnects(&self) -> u64 {
+        match self {
+            Broker::Local(_) => 0,
+            Broker::Redis(r) => r.reconnects(),
+        }
+    }
+
+    /// The broker's own lines of the Prometheus exposition.
+    pub(crate) fn render(&self, out: &mut String) {
+        if let Broker::Redis(r) = self {
+            r.render(out);
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::form::Form;
 use super::frame::{self, OpCode};
 use super::ErrorCode;
 
@@ -301,8 +302,7 @@ pub fn reply_published(channel: &str, offset: u64, epoch: &str, id: Option<&str>
 /// the `drop` policy: `{"op":"lagged","channel":…,"missed_from":…,"missed_to":…}`
 /// as a WebSocket text frame (JSON format) or an SSE event named `lagged`;
 /// none for the raw formats, which carry payloads only.
-pub(crate) fn lagged(form: crate::metrics::Form, channel: &str, from: u64, to: u64) -> Option<Bytes> {
-    use crate::metrics::Form;
+pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<Bytes> {
     let mut r = Reply::new("lagged").str_field("channel", channel);
     r = r.raw_field("missed_from", itoa::Buffer::new().format(from));
     r = r.raw_field("missed_to", itoa::Buffer::new().format(to));

@@ -5,22 +5,27 @@
 //! refcount; decoders read from caller-owned buffers and say `Ok(None)`
 //! ("read more") before they allocate anything.
 //!
+//! - [`form`]: the wire forms of a message (WebSocket or SSE, envelope or raw).
 //! - [`frame`]: WebSocket server-frame encoder and strict client-frame decoder.
 //! - [`assemble`]: message reassembly over client frames, with a size cap.
 //! - [`sse`]: Server-Sent-Events event encoder.
 //! - [`json`]: JSON string escaping and the wire envelope / reply encoders.
 //! - [`command`]: the client command parser.
 //! - [`channel`]: channel-name rules.
+//! - [`session`]: the WebSocket connection's state machine (timers, close
+//!   handshake, what to do with each frame), with time as a parameter.
 //! - [`resp`]: the RESP2 subset of Herald's Redis subscriber connections.
 
 pub mod assemble;
 pub mod channel;
 pub mod command;
+pub mod form;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod json;
 pub mod resp;
+pub mod session;
 pub mod sse;
 
 /// Error codes of protocol v1, sent in `{"op":"error","code":…}` replies and
@@ -76,4 +81,14 @@ impl ErrorCode {
     pub fn index(self) -> usize {
         self as usize
     }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char
+/// boundary (for quoting client input in error messages).
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

@@ -16,7 +16,8 @@ use bytes::Bytes;
 use super::Permit;
 use crate::config::SlowConsumerPolicy;
 use crate::message::Message;
-use crate::metrics::{Disconnect, Form, ShardMetrics};
+use crate::metrics::{Disconnect, ShardMetrics};
+use crate::proto::form::Form;
 
 /// How a connection receives messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,15 @@ struct Queued {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closing {
     pub reason: Disconnect,
+}
+
+/// What a closing connection does with the frames already queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// Write them before the last frame (a drain).
+    Keep,
+    /// Drop them, but finish a frame already partly written (a slow consumer).
+    Discard,
 }
 
 /// What happened to a message frame offered to a connection.
@@ -183,8 +193,6 @@ pub(crate) struct Conn {
     pub out: RefCell<Outbound>,
     /// Channels this connection is subscribed to.
     pub subs: RefCell<Vec<Arc<str>>>,
-    /// When the client last sent anything.
-    pub last_rx: Cell<Instant>,
     /// Publish commands waiting for the broker's answer.
     pub in_flight: Cell<u32>,
     _permit: Permit,
@@ -199,7 +207,6 @@ impl Conn {
             form: format.form(transport),
             out: RefCell::new(Outbound::default()),
             subs: RefCell::new(Vec::new()),
-            last_rx: Cell::new(Instant::now()),
             in_flight: Cell::new(0),
             _permit: permit,
         }
@@ -291,19 +298,19 @@ impl Conn {
     /// gets close 1008, an SSE stream just ends.
     fn close_slow(&self) {
         let last = (self.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(1008, "slow consumer"));
-        self.close(Disconnect::SlowConsumer, true, last);
+        self.close(Disconnect::SlowConsumer, Pending::Discard, last);
     }
 
-    /// Starts closing: no more frames are accepted; `discard` drops what is
-    /// queued (but finishes a frame already partly written); `last` is sent
-    /// after the rest (a WebSocket close frame). The first reason wins.
-    pub(crate) fn close(&self, reason: Disconnect, discard: bool, last: Option<Bytes>) {
+    /// Starts closing: no more frames are accepted; `pending` says what
+    /// becomes of the frames waiting; `last` is sent after the rest (a
+    /// WebSocket close frame). The first reason wins.
+    pub(crate) fn close(&self, reason: Disconnect, pending: Pending, last: Option<Bytes>) {
         let mut out = self.out.borrow_mut();
         if out.closing.is_some() {
             return;
         }
         out.closing = Some(Closing { reason });
-        if discard {
+        if pending == Pending::Discard {
             let keep = usize::from(out.head_written > 0);
             out.frames.truncate(keep);
             out.queued_bytes = out.frames.front().map_or(0, |q| q.bytes.len() - out.head_written);
@@ -401,7 +408,7 @@ mod tests {
         c.offer(&msg, &Bytes::from_static(b"0123456789"), 100, SlowConsumerPolicy::Disconnect, &m);
         c.offer(&msg, &Bytes::from_static(b"abc"), 100, SlowConsumerPolicy::Disconnect, &m);
         c.out.borrow_mut().advance(4, &m, Transport::Ws);
-        c.close(Disconnect::Shutdown, true, Some(Bytes::from_static(b"CLOSE")));
+        c.close(Disconnect::Shutdown, Pending::Discard, Some(Bytes::from_static(b"CLOSE")));
         let out = c.out.borrow();
         assert_eq!(out.frames.len(), 2);
         assert_eq!(out.queued_bytes, 6 + 5);

@@ -4,7 +4,12 @@
 //! every connection's outbound queue; only its own thread touches them
 //! (`Rc`/`RefCell`, no locks). Other threads reach a shard through its
 //! lock-free inbox (messages, see [`inbox`]) and its control channel
-//! (connections to adopt, closures to run, shutdown).
+//! (closures to run, shutdown).
+//!
+//! A shard knows nothing of HTTP, routing or brokers: it calls up only
+//! through the [`Upstream`] its engine gives it. Work that must finish
+//! before the shard stops (an HTTP connection, say) holds a [`TaskGuard`]
+//! and watches [`Shard::drain_signal`].
 
 pub(crate) mod conn;
 pub(crate) mod inbox;
@@ -13,6 +18,8 @@ pub(crate) mod ws;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,11 +29,36 @@ use indexmap::IndexSet;
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::message::{Epoch, Message};
-use crate::metrics::{Disconnect, ShardMetrics};
+use crate::config::Config;
+use crate::message::{Epoch, Message, PublishFuture};
+use crate::metrics::{Disconnect, Metrics, ShardMetrics};
+use crate::proto::json::Payload;
 use crate::proto::ErrorCode;
-use crate::Inner;
-use conn::{Conn, Format, Offer, Transport};
+use conn::{Conn, Format, Offer, Pending, Transport};
+use inbox::Inbox;
+
+/// A boxed future that may move between threads.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a shard asks of the engine above it.
+pub(crate) trait Upstream: Send + Sync + 'static {
+    fn config(&self) -> &Config;
+    fn metrics(&self) -> &Metrics;
+    /// The inbound message queue of shard `shard`.
+    fn inbox(&self, shard: usize) -> &Inbox;
+    /// `shard` has its first subscriber to `channel`: returns the shared
+    /// name, or `None` when the node has as many channels as it may.
+    fn joined(&self, channel: &str, shard: usize) -> Option<Arc<str>>;
+    /// `shard`'s last subscriber to `channel` left.
+    fn left(&self, channel: &Arc<str>, shard: usize);
+    /// The channel's epoch if everything published from now on reaches
+    /// this node; `None` while the broker's subscription is not in place.
+    fn subscribed(&self, channel: &str) -> Option<Epoch>;
+    /// Waits (bounded by the broker's timeout) for [`Upstream::subscribed`].
+    fn await_subscribed(&self, channel: &str) -> BoxFuture<Option<Epoch>>;
+    /// Publishes from a client of this shard (checked like every publish).
+    fn publish(&self, channel: &str, payload: Payload) -> PublishFuture;
+}
 
 /// Messages fanned out per turn before the shard lets its writers run.
 const FANOUT_BATCH: usize = 64;
@@ -58,8 +90,6 @@ pub(crate) type ShardTask = Box<dyn FnOnce(&Rc<Shard>) + Send>;
 pub(crate) enum Control {
     /// Run this on the shard's thread.
     Run(ShardTask),
-    /// Serve HTTP on this accepted socket.
-    Accept(std::net::TcpStream, Permit),
     /// Drain and stop; reply when done.
     Shutdown(Instant),
 }
@@ -68,48 +98,80 @@ impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Control::Run(_) => "Run",
-            Control::Accept(..) => "Accept",
             Control::Shutdown(_) => "Shutdown",
         })
     }
 }
 
+/// Work that keeps its shard from stopping until it ends (or the drain
+/// deadline passes); counted while the guard lives.
 #[derive(Debug)]
-struct LocalChannel {
-    epoch: Epoch,
-    subscribers: IndexSet<usize>,
+pub(crate) struct TaskGuard(Rc<Shard>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.tasks.set(self.0.tasks.get() - 1);
+    }
 }
 
 /// A shard's state, owned by its thread.
-#[derive(Debug)]
 pub(crate) struct Shard {
     pub id: usize,
-    pub inner: Arc<Inner>,
+    pub up: Arc<dyn Upstream>,
     conns: RefCell<Slab<Rc<Conn>>>,
-    index: RefCell<HashMap<Arc<str>, LocalChannel>>,
+    /// Channel → local subscribers (connection keys).
+    index: RefCell<HashMap<Arc<str>, IndexSet<usize>>>,
     /// Connections that overflowed during a fan-out, to unsubscribe after it.
     overflowed: RefCell<Vec<usize>>,
     /// Read buffer shared by every connection of the shard.
     pub scratch: RefCell<Box<[u8]>>,
-    /// Open HTTP connections (standalone server).
-    http_conns: Cell<usize>,
-    /// Tells HTTP connections to finish and close.
-    http_shutdown: watch::Sender<bool>,
-    draining: Cell<bool>,
+    /// Live [`TaskGuard`]s.
+    tasks: Cell<usize>,
+    /// Set when the shard starts draining.
+    drain: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).field("conns", &self.conn_count()).finish_non_exhaustive()
+    }
 }
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
 }
 
-/// The shard running on this thread, if it belongs to the Herald `inner`.
-pub(crate) fn current(inner: &Inner) -> Option<Rc<Shard>> {
-    CURRENT.with(|c| c.borrow().as_ref().filter(|s| std::ptr::eq(Arc::as_ptr(&s.inner), inner)).cloned())
+/// The shard running on this thread, if it serves `up`.
+pub(crate) fn current<U: Upstream>(up: &U) -> Option<Rc<Shard>> {
+    let want = up as *const U as *const ();
+    CURRENT.with(|c| c.borrow().as_ref().filter(|s| std::ptr::eq(Arc::as_ptr(&s.up) as *const (), want)).cloned())
 }
 
 impl Shard {
     pub(crate) fn metrics(&self) -> &ShardMetrics {
-        self.inner.metrics.shard(self.id)
+        self.up.metrics().shard(self.id)
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        self.up.config()
+    }
+
+    fn draining(&self) -> bool {
+        *self.drain.borrow()
+    }
+
+    /// Resolves once the shard starts draining.
+    pub(crate) fn drain_signal(&self) -> impl Future<Output = ()> + 'static {
+        let mut rx = self.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    /// Counts work that the shard waits for when it drains.
+    pub(crate) fn task_guard(self: &Rc<Self>) -> TaskGuard {
+        self.tasks.set(self.tasks.get() + 1);
+        TaskGuard(Rc::clone(self))
     }
 
     pub(crate) fn conn_count(&self) -> usize {
@@ -124,9 +186,9 @@ impl Shard {
         format: Format,
         channels: &[String],
         permit: Permit,
-    ) -> Result<Rc<Conn>, (ErrorCode, String)> {
-        if self.draining.get() {
-            return Err((ErrorCode::Unavailable, "server is shutting down".into()));
+    ) -> Result<Rc<Conn>, OpenError> {
+        if self.draining() {
+            return Err(OpenError::ShuttingDown);
         }
         let conn = {
             let mut conns = self.conns.borrow_mut();
@@ -140,9 +202,9 @@ impl Shard {
             Transport::Sse => self.metrics().sse_opened.inc(),
         }
         for ch in channels {
-            if let Err(code) = self.subscribe(&conn, ch) {
+            if let Err(e) = self.subscribe(&conn, ch) {
                 self.remove_conn(&conn, Disconnect::Client);
-                return Err((code, format!("cannot subscribe to {ch:?}: channel limit reached")));
+                return Err(OpenError::Subscribe { channel: ch.clone(), source: e });
             }
         }
         Ok(conn)
@@ -164,34 +226,31 @@ impl Shard {
         }
     }
 
-    /// Subscribes `conn` to `channel` (already validated); idempotent.
-    pub(crate) fn subscribe(&self, conn: &Conn, channel: &str) -> Result<Epoch, ErrorCode> {
+    /// Subscribes `conn` to `channel` (already validated). Returns whether
+    /// this created the subscription (false: it was there already).
+    pub(crate) fn subscribe(&self, conn: &Conn, channel: &str) -> Result<bool, SubscribeError> {
         let mut index = self.index.borrow_mut();
-        if let Some(local) = index.get(channel) {
-            if local.subscribers.contains(&conn.key) {
-                return Ok(local.epoch);
-            }
+        if index.get(channel).is_some_and(|subs| subs.contains(&conn.key)) {
+            return Ok(false);
         }
-        if conn.subs.borrow().len() >= self.inner.config.max_subscriptions {
-            return Err(ErrorCode::Limit);
+        let max = self.config().max_subscriptions;
+        if conn.subs.borrow().len() >= max {
+            return Err(SubscribeError::PerConnection(max));
         }
-        let (name, epoch) = match index.get_key_value(channel) {
-            Some((name, local)) => (Arc::clone(name), local.epoch),
+        let name = match index.get_key_value(channel) {
+            Some((name, _)) => Arc::clone(name),
             None => {
-                let (name, epoch, first) = self.inner.channels.subscribe(channel, self.id).map_err(|_| ErrorCode::Limit)?;
-                index.insert(Arc::clone(&name), LocalChannel { epoch, subscribers: IndexSet::new() });
-                if first {
-                    self.inner.interest_changed(&name);
-                }
-                (name, epoch)
+                let name = self.up.joined(channel, self.id).ok_or(SubscribeError::Channels)?;
+                index.insert(Arc::clone(&name), IndexSet::new());
+                name
             }
         };
-        if let Some(local) = index.get_mut(channel) {
-            local.subscribers.insert(conn.key);
+        if let Some(subs) = index.get_mut(channel) {
+            subs.insert(conn.key);
         }
         conn.subs.borrow_mut().push(name);
         self.metrics().subscriptions_added.inc();
-        Ok(epoch)
+        Ok(true)
     }
 
     /// Unsubscribes `conn` from `channel`; returns whether it was subscribed.
@@ -206,15 +265,13 @@ impl Shard {
 
     fn unindex(&self, key: usize, channel: &str) {
         let mut index = self.index.borrow_mut();
-        let Some(local) = index.get_mut(channel) else { return };
-        if local.subscribers.swap_remove(&key) {
+        let Some(subs) = index.get_mut(channel) else { return };
+        if subs.swap_remove(&key) {
             self.metrics().subscriptions_removed.inc();
         }
-        if local.subscribers.is_empty() {
+        if subs.is_empty() {
             if let Some((name, _)) = index.remove_entry(channel) {
-                if self.inner.channels.unsubscribe(&name, self.id) {
-                    self.inner.interest_changed(&name);
-                }
+                self.up.left(&name, self.id);
             }
         }
     }
@@ -222,19 +279,19 @@ impl Shard {
     /// Queues a reply or control frame for `conn` under the configured
     /// bound and slow-consumer policy.
     pub(crate) fn send_to(&self, conn: &Conn, frame: bytes::Bytes) -> bool {
-        let cfg = &self.inner.config;
+        let cfg = self.config();
         conn.send_control(frame, cfg.outbound_queue_bytes, cfg.slow_consumer, self.metrics())
     }
 
     /// Appends one message to every local subscriber's queue.
     fn fan_out(&self, msg: &Message) {
         let index = self.index.borrow();
-        let Some(local) = index.get(&*msg.channel) else { return };
+        let Some(subs) = index.get(&*msg.channel) else { return };
         let conns = self.conns.borrow();
         let metrics = self.metrics();
-        let cfg = &self.inner.config;
+        let cfg = self.config();
         let mut forms: [Option<&bytes::Bytes>; 4] = [None; 4];
-        for &key in &local.subscribers {
+        for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
             if conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Overflow {
@@ -258,7 +315,7 @@ impl Shard {
     }
 
     async fn run_inbox(self: Rc<Self>) {
-        let inbox = self.inner.dispatch.inbox(self.id);
+        let inbox = self.up.inbox(self.id);
         loop {
             inbox.wait().await;
             let mut n = 0;
@@ -277,7 +334,7 @@ impl Shard {
 
     /// Fans out whatever is queued now (used before draining).
     fn flush_inbox(&self) {
-        let inbox = self.inner.dispatch.inbox(self.id);
+        let inbox = self.up.inbox(self.id);
         while let Some(msg) = inbox.pop() {
             self.fan_out(&msg);
         }
@@ -285,35 +342,48 @@ impl Shard {
     }
 
     fn begin_drain(&self) {
-        self.draining.set(true);
-        let _ = self.http_shutdown.send(true);
+        let _ = self.drain.send(true);
         self.flush_inbox();
         let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| Rc::clone(c)).collect();
         for conn in conns {
             let last = (conn.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(1001, "going away"));
-            conn.close(Disconnect::Shutdown, false, last);
+            conn.close(Disconnect::Shutdown, Pending::Keep, last);
         }
     }
+}
 
-    pub(crate) fn http_shutdown(&self) -> watch::Receiver<bool> {
-        self.http_shutdown.subscribe()
-    }
+/// Why a shard could not register a connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("cannot subscribe to {channel:?}: {source}")]
+    Subscribe { channel: String, source: SubscribeError },
+}
 
-    pub(crate) fn http_opened(&self) {
-        self.http_conns.set(self.http_conns.get() + 1);
+impl OpenError {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            OpenError::ShuttingDown => ErrorCode::Unavailable,
+            OpenError::Subscribe { .. } => ErrorCode::Limit,
+        }
     }
+}
 
-    pub(crate) fn http_closed(&self) {
-        self.http_conns.set(self.http_conns.get() - 1);
-    }
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum SubscribeError {
+    #[error("subscription limit reached ({0} per connection)")]
+    PerConnection(usize),
+    #[error("channel limit reached")]
+    Channels,
 }
 
 /// Starts shard `id`'s thread. `done` is signalled when it has stopped.
 pub(crate) fn spawn(
     id: usize,
-    inner: Arc<Inner>,
+    up: Arc<dyn Upstream>,
     mut control: mpsc::Receiver<Control>,
-    listener: Option<std::net::TcpListener>,
     done: oneshot::Sender<()>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("herald-shard-{id}")).spawn(move || {
@@ -328,35 +398,29 @@ pub(crate) fn spawn(
         local.block_on(&rt, async move {
             let shard = Rc::new(Shard {
                 id,
-                inner,
+                up,
                 conns: RefCell::new(Slab::new()),
                 index: RefCell::new(HashMap::new()),
                 overflowed: RefCell::new(Vec::new()),
                 scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
-                http_conns: Cell::new(0),
-                http_shutdown: watch::channel(false).0,
-                draining: Cell::new(false),
+                tasks: Cell::new(0),
+                drain: watch::channel(false).0,
             });
             CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&shard)));
             tokio::task::spawn_local(Rc::clone(&shard).run_inbox());
-            let acceptor = listener.map(|l| tokio::task::spawn_local(crate::http::accept_loop(Rc::clone(&shard), l)));
             let mut deadline = None;
             while let Some(ctl) = control.recv().await {
                 match ctl {
                     Control::Run(f) => f(&shard),
-                    Control::Accept(stream, permit) => crate::http::serve_accepted(&shard, stream, permit),
                     Control::Shutdown(d) => {
                         deadline = Some(d);
                         break;
                     }
                 }
             }
-            if let Some(a) = acceptor {
-                a.abort();
-            }
             shard.begin_drain();
             let deadline = deadline.unwrap_or_else(Instant::now);
-            while (shard.conn_count() > 0 || shard.http_conns.get() > 0) && Instant::now() < deadline {
+            while (shard.conn_count() > 0 || shard.tasks.get() > 0) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             CURRENT.with(|c| *c.borrow_mut() = None);

@@ -18,6 +18,7 @@ use super::conn::{Conn, Transport};
 use super::Shard;
 use crate::config::Config;
 use crate::metrics::Disconnect;
+use crate::proto::session::Keepalive;
 use crate::proto::sse::KEEPALIVE;
 
 /// Frames buffered between the pump and the response body.
@@ -34,9 +35,8 @@ enum Next {
 /// Runs until the connection closes or the client goes away. Ends the body
 /// cleanly, or with an error (the connection is then cut) for a slow consumer.
 pub(crate) async fn pump(shard: Rc<Shard>, conn: Rc<Conn>, tx: mpsc::Sender<Bytes>, abort: oneshot::Sender<()>) {
-    let keepalive = Config::dur(shard.inner.config.sse_keepalive_ms);
-    let mut last_sent = Instant::now();
-    let timer = tokio::time::sleep_until((last_sent + keepalive).into());
+    let mut keepalive = Keepalive::new(Config::dur(shard.config().sse_keepalive_ms), Instant::now());
+    let timer = tokio::time::sleep_until(keepalive.deadline().into());
     tokio::pin!(timer);
     let mut next_frame = Some(Bytes::from_static(OPENED));
     let reason = 'outer: loop {
@@ -47,7 +47,7 @@ pub(crate) async fn pump(shard: Rc<Shard>, conn: Rc<Conn>, tx: mpsc::Sender<Byte
                     if r.is_err() {
                         break 'outer Disconnect::Client;
                     }
-                    last_sent = Instant::now();
+                    keepalive.sent(Instant::now());
                 }
                 _ = slow_consumer(&conn) => break 'outer Disconnect::SlowConsumer,
             }
@@ -61,7 +61,7 @@ pub(crate) async fn pump(shard: Rc<Shard>, conn: Rc<Conn>, tx: mpsc::Sender<Byte
             if out.closing().is_none() {
                 // A subscriber that dropped frames and caught up is told.
                 drop(out);
-                conn.caught_up(shard.inner.config.outbound_queue_bytes, shard.metrics());
+                conn.caught_up(shard.config().outbound_queue_bytes, shard.metrics());
                 out = conn.out.borrow_mut();
                 if let Some(f) = out.pop_frame(shard.metrics(), Transport::Sse) {
                     return Poll::Ready(Next::Frame(f));
@@ -80,13 +80,11 @@ pub(crate) async fn pump(shard: Rc<Shard>, conn: Rc<Conn>, tx: mpsc::Sender<Byte
             },
             _ = tx.closed() => break Disconnect::Client,
             _ = &mut timer => {
-                let now = Instant::now();
-                if now.saturating_duration_since(last_sent) >= keepalive {
+                if keepalive.due(Instant::now()) {
                     next_frame = Some(Bytes::from_static(KEEPALIVE));
-                    timer.as_mut().reset((now + keepalive).into());
-                } else {
-                    timer.as_mut().reset((last_sent + keepalive).into());
+                    keepalive.sent(Instant::now());
                 }
+                timer.as_mut().reset(keepalive.deadline().into());
             }
         }
     };

@@ -1,8 +1,9 @@
-//! A WebSocket connection's task: one hand-polled future that reads client
-//! frames, writes the outbound queue with vectored I/O and runs the
-//! ping/idle and close timers.
+//! A WebSocket connection's task: one hand-polled future that moves bytes
+//! between the socket and the connection's [`Session`] (the protocol state
+//! machine in `proto`), writes the outbound queue with vectored I/O, and
+//! runs the commands the session hands over.
 //!
-//! Reads land in the shard's shared scratch buffer; a connection keeps
+//! Reads land in the shard's shared scratch buffer; the session keeps
 //! bytes of its own only while a frame or fragmented message is partly
 //! received, so an idle connection holds no read buffer. Polling by hand
 //! (no `select!` over non-cancel-safe futures) keeps every step resumable.
@@ -11,7 +12,6 @@ use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -19,24 +19,29 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-use super::conn::{Conn, Format};
+use super::conn::{Conn, Format, Pending};
 use super::Shard;
 use crate::config::{Config, COMMAND_OVERHEAD_BYTES};
+use crate::message::{PublishError, Published};
 use crate::metrics::Disconnect;
-use crate::proto::assemble::{Assembler, Incoming};
 use crate::proto::command::{self, Command};
 use crate::proto::frame::{self, OpCode, ProtocolError};
 use crate::proto::json::{self, Payload};
+use crate::proto::session::{CloseCause, Event, Session, SessionConfig, Timer};
 use crate::proto::ErrorCode;
 
 /// Frames written per `writev` at most.
 const MAX_IOV: usize = 64;
 /// Reads per poll before the task yields to others.
 const READS_PER_POLL: usize = 16;
+/// Publishes waiting for the broker at once on one connection, at most;
+/// more get error `overloaded`.
+const MAX_PUBLISHES_IN_FLIGHT: u32 = 256;
 
+/// The write side's progress once the session is closing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Reading commands, writing frames.
+enum Write {
+    /// Writing frames as they come.
     Open,
     /// Closing: writing what is left (ending with a close frame).
     Flushing,
@@ -50,12 +55,11 @@ struct WsTask<S> {
     shard: Rc<Shard>,
     conn: Rc<Conn>,
     io: S,
-    /// Bytes of a partly received frame.
-    inbuf: Vec<u8>,
-    assembler: Assembler,
+    session: Session,
     timer: Pin<Box<Sleep>>,
-    last_ping: Instant,
-    phase: Phase,
+    /// What `timer` is set to.
+    armed: Instant,
+    write: Write,
 }
 
 /// Serves a WebSocket connection whose handshake is done until it ends.
@@ -64,22 +68,22 @@ pub(crate) async fn run<S>(shard: Rc<Shard>, conn: Rc<Conn>, io: S, leftover: By
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let cfg = &shard.inner.config;
+    let cfg = shard.config();
     let now = Instant::now();
-    let mut task = WsTask {
-        timer: Box::pin(tokio::time::sleep_until((now + Config::dur(cfg.ping_interval_ms)).into())),
-        assembler: Assembler::new(cfg.max_message_bytes + COMMAND_OVERHEAD_BYTES),
-        inbuf: Vec::new(),
-        last_ping: now,
-        phase: Phase::Open,
-        shard,
-        conn,
-        io,
-    };
+    let session = Session::new(
+        SessionConfig {
+            ping_interval: Config::dur(cfg.ping_interval_ms),
+            idle_timeout: Config::dur(cfg.idle_timeout_ms),
+            close_timeout: Config::dur(cfg.close_timeout_ms),
+            max_message: cfg.max_message_bytes + COMMAND_OVERHEAD_BYTES,
+        },
+        now,
+    );
+    let armed = session.deadline();
+    let mut task = WsTask { timer: Box::pin(tokio::time::sleep_until(armed.into())), armed, session, write: Write::Open, shard, conn, io };
     if !leftover.is_empty() {
-        task.inbuf.extend_from_slice(&leftover);
-        let used = process(&mut task.inbuf, &mut task.assembler, &task.shard, &task.conn);
-        task.inbuf.drain(..used);
+        let mut bytes = leftover.to_vec();
+        task.receive(&mut bytes, now);
     }
     // `leftover` is a slice of hyper's read buffer (8 KiB or more): release
     // it now rather than for the life of the connection.
@@ -95,51 +99,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
             if let Poll::Ready(reason) = self.step(cx) {
                 return Poll::Ready(reason);
             }
+            let deadline = self.session.deadline();
+            if deadline != self.armed {
+                self.armed = deadline;
+                self.timer.as_mut().reset(deadline.into());
+            }
             match self.timer.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    if let Some(reason) = self.on_timer() {
-                        return Poll::Ready(reason);
+                Poll::Ready(()) => match self.session.on_timer(Instant::now()) {
+                    Timer::Idle => {}
+                    Timer::Ping(ping) => {
+                        self.shard.send_to(&self.conn, ping);
                     }
-                }
+                    Timer::Close(cause, last) => close(&self.conn, cause, last),
+                    Timer::Expired => return Poll::Ready(self.closing_reason().unwrap_or(Disconnect::IoError)),
+                },
             }
         }
     }
 
+    /// Hands bytes read from the client to the session and acts on what it says.
+    fn receive(&mut self, buf: &mut [u8], now: Instant) {
+        let (shard, conn) = (&self.shard, &self.conn);
+        self.session.receive(buf, now, |event| {
+            match event {
+                Event::Text(text) => match conn.format {
+                    Format::Json => command(shard, conn, text),
+                    Format::Echo => {
+                        shard.send_to(conn, frame::encode_frame(OpCode::Text, text.as_bytes()));
+                    }
+                    Format::Raw => {
+                        error(shard, conn, ErrorCode::BadRequest, "a format=raw connection takes its channels from the query only", None)
+                    }
+                },
+                Event::Binary(data) => match conn.format {
+                    Format::Echo => {
+                        shard.send_to(conn, frame::encode_frame(OpCode::Binary, data));
+                    }
+                    _ => error(shard, conn, ErrorCode::BadRequest, "binary frames are not accepted", None),
+                },
+                Event::Send(f) => {
+                    shard.send_to(conn, f);
+                }
+                Event::Close(cause, last) => close(conn, cause, last),
+            }
+            conn.out.borrow().closing().is_none()
+        });
+    }
+
     /// Reads, writes and closes as far as the socket allows.
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
-        if self.phase == Phase::Open {
+        if self.write == Write::Open {
             if let Poll::Ready(reason) = self.poll_read(cx) {
                 // The client is gone (or the socket failed): nothing more can be written.
                 return Poll::Ready(self.closing_reason().unwrap_or(reason));
             }
         }
-        if self.phase == Phase::Open && self.closing_reason().is_some() {
-            self.phase = Phase::Flushing;
-            self.reset_timer(Instant::now() + Config::dur(self.shard.inner.config.close_timeout_ms));
+        if self.write == Write::Open && self.closing_reason().is_some() {
+            self.write = Write::Flushing;
+            self.session.start_closing(Instant::now());
         }
-        if matches!(self.phase, Phase::Open | Phase::Flushing) {
+        if matches!(self.write, Write::Open | Write::Flushing) {
             if let Poll::Ready(Err(e)) = self.poll_write(cx) {
                 return Poll::Ready(self.closing_reason().unwrap_or(classify(&e)));
             }
-            if self.phase == Phase::Flushing {
+            if self.write == Write::Flushing {
                 // Keep reading (and discarding) so the client's close frame or
                 // EOF is noticed while the rest is written.
                 if let Poll::Ready(r) = self.poll_discard(cx) {
                     return Poll::Ready(self.closing_reason().unwrap_or(r));
                 }
                 if self.conn.out.borrow().is_empty() {
-                    self.phase = Phase::Shutdown;
+                    self.write = Write::Shutdown;
                 }
             }
         }
-        if self.phase == Phase::Shutdown {
+        if self.write == Write::Shutdown {
             match Pin::new(&mut self.io).poll_shutdown(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(_) => self.phase = Phase::Linger,
+                Poll::Ready(_) => self.write = Write::Linger,
             }
         }
-        if self.phase == Phase::Linger {
+        if self.write == Write::Linger {
             if let Poll::Ready(r) = self.poll_discard(cx) {
                 return Poll::Ready(self.closing_reason().unwrap_or(r));
             }
@@ -151,36 +192,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
         self.conn.out.borrow().closing().map(|c| c.reason)
     }
 
-    fn reset_timer(&mut self, at: Instant) {
-        self.timer.as_mut().reset(at.into());
-    }
-
-    /// Ping/idle while open; the close deadline while closing. Returns a
-    /// reason when the connection must end now.
-    fn on_timer(&mut self) -> Option<Disconnect> {
-        let now = Instant::now();
-        if self.phase != Phase::Open {
-            return Some(self.closing_reason().unwrap_or(Disconnect::IoError));
-        }
-        let cfg = &self.shard.inner.config;
-        let (ping, idle) = (Config::dur(cfg.ping_interval_ms), Config::dur(cfg.idle_timeout_ms));
-        let last_rx = self.conn.last_rx.get();
-        if now.saturating_duration_since(last_rx) >= idle {
-            self.conn.close(Disconnect::IdleTimeout, false, Some(frame::encode_close(1001, "idle timeout")));
-            self.reset_timer(now + Config::dur(cfg.close_timeout_ms));
-            return None;
-        }
-        if now.saturating_duration_since(last_rx) >= ping && now.saturating_duration_since(self.last_ping) >= ping {
-            self.shard.send_to(&self.conn, frame::encode_frame(OpCode::Ping, b""));
-            self.last_ping = now;
-        }
-        let next = (last_rx + idle).min(last_rx.max(self.last_ping) + ping);
-        self.reset_timer(next.max(now + std::time::Duration::from_millis(1)));
-        None
-    }
-
-    /// Reads and handles client frames until the socket has nothing more.
-    /// Ready means the connection is over (EOF or error).
+    /// Reads and hands client bytes to the session until the socket has
+    /// nothing more. Ready means the connection is over (EOF or error).
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
         for _ in 0..READS_PER_POLL {
             let shard = Rc::clone(&self.shard);
@@ -196,27 +209,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
             if n == 0 {
                 return Poll::Ready(Disconnect::Client);
             }
-            self.conn.last_rx.set(Instant::now());
-            if self.inbuf.is_empty() {
-                let used = process(&mut scratch[..n], &mut self.assembler, &self.shard, &self.conn);
-                self.inbuf.extend_from_slice(&scratch[used..n]);
-            } else {
-                self.inbuf.extend_from_slice(&scratch[..n]);
-                let used = process(&mut self.inbuf, &mut self.assembler, &self.shard, &self.conn);
-                self.inbuf.drain(..used);
-                if self.inbuf.is_empty() {
-                    self.inbuf = Vec::new();
-                }
-            }
+            self.receive(&mut scratch[..n], Instant::now());
             if self.closing_reason().is_some() {
-                self.inbuf = Vec::new();
                 return Poll::Pending;
             }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
-
     /// Reads and drops whatever the client sends; Ready at EOF or error.
     fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
         for _ in 0..READS_PER_POLL {
@@ -242,7 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
             if out.is_empty() {
                 drop(out);
                 // A subscriber that dropped frames and caught up is told.
-                self.conn.caught_up(self.shard.inner.config.outbound_queue_bytes, metrics);
+                self.conn.caught_up(self.shard.config().outbound_queue_bytes, metrics);
                 if self.conn.out.borrow().is_empty() {
                     return Poll::Ready(Ok(()));
                 }
@@ -270,73 +270,15 @@ fn classify(e: &io::Error) -> Disconnect {
     }
 }
 
-/// Decodes and handles every complete frame in `buf`; returns the bytes
-/// used. A protocol violation starts the close and uses everything.
-fn process(buf: &mut [u8], asm: &mut Assembler, shard: &Shard, conn: &Rc<Conn>) -> usize {
-    let max_frame = shard.inner.config.max_message_bytes + COMMAND_OVERHEAD_BYTES;
-    let mut pos = 0;
-    while conn.out.borrow().closing().is_none() {
-        let head = match frame::decode_head(&buf[pos..], max_frame) {
-            Ok(Some(h)) if buf.len() - pos >= h.total_len() => h,
-            Ok(_) => break,
-            Err(e) => {
-                protocol_close(conn, e);
-                return buf.len();
-            }
-        };
-        let payload = &mut buf[pos + head.header_len..pos + head.total_len()];
-        frame::apply_mask(payload, head.mask);
-        match asm.push(&head, payload) {
-            Ok(Some(msg)) => handle(shard, conn, msg),
-            Ok(None) => {}
-            Err(e) => {
-                protocol_close(conn, e);
-                return buf.len();
-            }
-        }
-        pos += head.total_len();
-    }
-    pos
-}
-
-fn protocol_close(conn: &Conn, e: ProtocolError) {
-    let reason = match e {
-        ProtocolError::TooLarge => Disconnect::TooLarge,
-        ProtocolError::InvalidUtf8 => Disconnect::InvalidUtf8,
-        _ => Disconnect::ProtocolError,
+fn close(conn: &Conn, cause: CloseCause, last: Bytes) {
+    let reason = match cause {
+        CloseCause::Client => Disconnect::Client,
+        CloseCause::Idle => Disconnect::IdleTimeout,
+        CloseCause::Protocol(ProtocolError::TooLarge) => Disconnect::TooLarge,
+        CloseCause::Protocol(ProtocolError::InvalidUtf8) => Disconnect::InvalidUtf8,
+        CloseCause::Protocol(_) => Disconnect::ProtocolError,
     };
-    conn.close(reason, false, Some(frame::encode_close(e.close_code(), &e.to_string())));
-}
-
-fn handle(shard: &Shard, conn: &Rc<Conn>, msg: Incoming<'_>) {
-    match msg {
-        Incoming::Text(text) => match conn.format {
-            Format::Json => command(shard, conn, text),
-            Format::Echo => {
-                shard.send_to(conn, frame::encode_frame(OpCode::Text, text.as_bytes()));
-            }
-            Format::Raw => {
-                error(shard, conn, ErrorCode::BadRequest, "a format=raw connection takes its channels from the query only", None)
-            }
-        },
-        Incoming::Binary(data) => match conn.format {
-            Format::Echo => {
-                shard.send_to(conn, frame::encode_frame(OpCode::Binary, data));
-            }
-            _ => error(shard, conn, ErrorCode::BadRequest, "binary frames are not accepted", None),
-        },
-        Incoming::Ping(payload) => {
-            shard.send_to(conn, frame::encode_frame(OpCode::Pong, payload));
-        }
-        Incoming::Pong => {}
-        Incoming::Close(code) => {
-            let reply = match code {
-                Some((code, _)) => frame::encode_close(code, ""),
-                None => frame::encode_frame(OpCode::Close, b""),
-            };
-            conn.close(Disconnect::Client, false, Some(reply));
-        }
-    }
+    conn.close(reason, Pending::Keep, Some(last));
 }
 
 fn error(shard: &Shard, conn: &Conn, code: ErrorCode, message: &str, id: Option<&str>) {
@@ -344,29 +286,25 @@ fn error(shard: &Shard, conn: &Conn, code: ErrorCode, message: &str, id: Option<
     shard.send_to(conn, json::reply_error(code, message, id));
 }
 
-fn command(shard: &Shard, conn: &Rc<Conn>, text: &str) {
-    let cfg = &shard.inner.config;
+fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
+    let cfg = shard.config();
     let parsed = command::parse(text, cfg.max_message_bytes);
     let id = parsed.id;
     let reply = match parsed.command {
         Err(e) => return error(shard, conn, e.code, &e.message, id),
-        Ok(Command::Subscribe { channel }) => match subscribe_new(shard, conn, &channel) {
-            Ok((epoch, _)) if shard.inner.broker.is_none() => json::reply_subscribed(&channel, epoch.as_str(), id),
-            // Redis broker: the reply waits for Redis to confirm the node's
-            // subscription, so that everything published after it arrives.
-            Ok((_, created)) => match shard.inner.channels.broker_epoch(&channel) {
+        Ok(Command::Subscribe { channel }) => {
+            let created = match shard.subscribe(conn, &channel) {
+                Ok(created) => created,
+                Err(e) => return error(shard, conn, ErrorCode::Limit, &e.to_string(), id),
+            };
+            match shard.up.subscribed(&channel) {
                 Some(epoch) => json::reply_subscribed(&channel, epoch.as_str(), id),
-                None => return reply_when_confirmed(shard, conn, channel.into_owned(), id.map(str::to_owned), created),
-            },
-            Err(code) => {
-                let msg = if conn.subs.borrow().len() >= cfg.max_subscriptions {
-                    format!("subscription limit reached ({} per connection)", cfg.max_subscriptions)
-                } else {
-                    "channel limit reached".to_string()
-                };
-                return error(shard, conn, code, &msg, id);
+                // The broker's subscription is not in place yet (Redis): the
+                // reply waits for it, so that everything published after it
+                // arrives.
+                None => return reply_when_subscribed(shard, conn, channel.into_owned(), id.map(str::to_owned), created),
             }
-        },
+        }
         Ok(Command::Unsubscribe { channel }) => {
             shard.unsubscribe(conn, &channel);
             json::reply_unsubscribed(&channel, id)
@@ -375,60 +313,51 @@ fn command(shard: &Shard, conn: &Rc<Conn>, text: &str) {
             if !cfg.client_publish {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
             }
-            let payload = Payload::json_prevalidated(Bytes::copy_from_slice(data.as_bytes()));
-            if shard.inner.broker.is_some() {
-                return publish_through_broker(shard, conn, channel.into_owned(), payload, id.map(str::to_owned));
+            if conn.in_flight.get() >= MAX_PUBLISHES_IN_FLIGHT {
+                let msg = format!("more than {MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker on this connection");
+                return error(shard, conn, ErrorCode::Overloaded, &msg, id);
             }
-            match shard.inner.publish_now(&channel, payload, shard.metrics()) {
-                Ok(p) => json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id),
-                Err(e) => return error(shard, conn, e.code(), &e.to_string(), id),
+            let payload = Payload::json_prevalidated(Bytes::copy_from_slice(data.as_bytes()));
+            let mut publishing = shard.up.publish(&channel, payload);
+            match publishing.ready() {
+                Some(r) => return published(shard, conn, r, id),
+                None => {
+                    // Waiting for the broker: reply when it answers.
+                    conn.in_flight.set(conn.in_flight.get() + 1);
+                    let (shard, conn, id) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned));
+                    tokio::task::spawn_local(async move {
+                        let r = publishing.await;
+                        conn.in_flight.set(conn.in_flight.get() - 1);
+                        published(&shard, &conn, r, id.as_deref());
+                    });
+                    return;
+                }
             }
         }
     };
     shard.send_to(conn, reply);
 }
 
-/// Subscribes `conn`; also says whether this created the subscription.
-fn subscribe_new(shard: &Shard, conn: &Rc<Conn>, channel: &str) -> Result<(crate::message::Epoch, bool), ErrorCode> {
-    let had = conn.subs.borrow().iter().any(|c| **c == *channel);
-    shard.subscribe(conn, channel).map(|e| (e, !had))
-}
-
-/// Publishes waiting for Redis at once on one connection, at most; more
-/// get error `overloaded`.
-const MAX_PUBLISHES_IN_FLIGHT: u32 = 256;
-
-/// Publishes through the Redis broker and replies when Redis answered.
-fn publish_through_broker(shard: &Shard, conn: &Rc<Conn>, channel: String, payload: Payload, id: Option<String>) {
-    if conn.in_flight.get() >= MAX_PUBLISHES_IN_FLIGHT {
-        let msg = format!("more than {MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker on this connection");
-        return error(shard, conn, ErrorCode::Overloaded, &msg, id.as_deref());
-    }
-    conn.in_flight.set(conn.in_flight.get() + 1);
-    let (inner, conn, shard_id) = (Arc::clone(&shard.inner), Rc::clone(conn), shard.id);
-    tokio::task::spawn_local(async move {
-        let r = inner.publish(&channel, payload, inner.metrics.shard(shard_id)).await;
-        conn.in_flight.set(conn.in_flight.get() - 1);
-        let Some(shard) = super::current(&inner) else { return };
-        match r {
-            Ok(p) => {
-                shard.send_to(&conn, json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id.as_deref()));
-            }
-            Err(e) => error(&shard, &conn, e.code(), &e.to_string(), id.as_deref()),
+/// Counts a publish's result and answers it.
+fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id: Option<&str>) {
+    shard.metrics().count_publish(&r);
+    match r {
+        Ok(p) => {
+            shard.send_to(conn, json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id));
         }
-    });
+        Err(e) => error(shard, conn, e.code(), &e.to_string(), id),
+    }
 }
 
-/// Sends the `subscribed` reply once Redis confirmed the node's
-/// subscription. If it does not in time, the client gets error
-/// `unavailable`, and the subscription is undone if this command created it
-/// (a repeated subscribe leaves the existing one alone).
-fn reply_when_confirmed(shard: &Shard, conn: &Rc<Conn>, channel: String, id: Option<String>, created: bool) {
-    let (inner, conn) = (Arc::clone(&shard.inner), Rc::clone(conn));
+/// Sends the `subscribed` reply once the broker's subscription is in place.
+/// If it is not in time, the client gets error `unavailable`, and the
+/// subscription is undone if this command created it (a repeated subscribe
+/// leaves the existing one alone).
+fn reply_when_subscribed(shard: &Rc<Shard>, conn: &Rc<Conn>, channel: String, id: Option<String>, created: bool) {
+    let (shard, conn) = (Rc::clone(shard), Rc::clone(conn));
+    let waiting = shard.up.await_subscribed(&channel);
     tokio::task::spawn_local(async move {
-        let Some(broker) = inner.broker.as_ref() else { return };
-        let epoch = broker.wait_confirmed(&inner, &channel).await;
-        let Some(shard) = super::current(&inner) else { return };
+        let epoch = waiting.await;
         if conn.out.borrow().closing().is_some() {
             return;
         }

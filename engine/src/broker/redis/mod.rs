@@ -1,0 +1,323 @@
+//! The Redis brokers: `redis` (pub/sub on one Redis) and `redis-cluster`
+//! (sharded pub/sub on a Redis Cluster).
+//!
+//! - **Publish** ([`script`]): one Lua script spends the channel's next
+//!   offset and PUBLISHes (SPUBLISH) the message carrying it and the
+//!   channel's epoch; names and bodies are in [`wire`].
+//! - **Interest** ([`coordinator`]): a node subscribes to a channel in
+//!   Redis when its first local subscriber appears and unsubscribes when the
+//!   last one leaves. Shards report these changes through a bounded queue
+//!   (a full queue turns into a full resynchronisation, never a lost
+//!   change); the coordinator routes each channel to the subscriber
+//!   connection of the Redis node that owns it.
+//! - **Delivery** ([`subscriber`]): the subscriber connections are read by
+//!   Herald itself ([`crate::proto::resp`]), so nothing sits in an
+//!   unbounded queue: a message is queued on the shards, or the connection
+//!   waits while their queues are full (TCP pushes back to Redis), or it is
+//!   counted as dropped by reason. Offsets are checked per channel
+//!   ([`channels`]); a jump or an epoch change is a gap, counted and logged.
+//! - **Faults**: a lost connection is retried with backoff; on reconnect
+//!   every channel with local interest is subscribed again. Publishes fail
+//!   with `unavailable` while Redis cannot take them.
+//!
+//! Everything but publishing runs on one thread of its own (`herald-broker`).
+
+mod channels;
+mod coordinator;
+mod script;
+mod subscriber;
+mod wire;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+use tokio::sync::{watch, Notify};
+
+use crate::config::Config;
+use crate::message::{BrokerDown, Epoch, PublishError, Published};
+use crate::proto::json::Payload;
+use crate::router::Router;
+use channels::Channels;
+use script::{Publisher, Scripts};
+
+/// Interest changes waiting for the coordinator; past it, a full resync.
+const DIRTY_QUEUE: usize = 65_536;
+
+/// Counters of the Redis bridge (rendered by `/metrics`).
+#[derive(Debug, Default)]
+pub(crate) struct BrokerMetrics {
+    pub received: AtomicU64,
+    pub dropped_no_interest: AtomicU64,
+    pub dropped_malformed: AtomicU64,
+    pub gaps: AtomicU64,
+    pub missed: AtomicU64,
+    pub publish_errors: AtomicU64,
+    pub backpressure: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Channels this node is subscribed to in Redis (confirmed).
+    pub subscribed: AtomicU64,
+    /// Subscriber connections up, and in all.
+    pub nodes_up: AtomicU64,
+    pub nodes: AtomicU64,
+}
+
+/// A configured Redis broker that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A URL redis-rs cannot parse.
+    #[error("bad Redis URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A URL that is not `redis://host:port` (a Unix socket, TLS).
+    #[error("Redis URL {0:?}: only redis://host:port is supported")]
+    Unsupported(String),
+}
+
+/// What the broker thread and the shards share.
+pub(crate) struct Shared {
+    cluster: bool,
+    seeds: Vec<redis::ConnectionInfo>,
+    timeout: Duration,
+    scripts: Scripts,
+    router: Arc<Router>,
+    channels: Channels,
+    publisher: OnceLock<Publisher>,
+    dirty: ArrayQueue<Arc<str>>,
+    /// Channels whose subscription Redis dropped (a slot moved): routed
+    /// and subscribed again by the coordinator.
+    lost: ArrayQueue<Arc<str>>,
+    resync: AtomicBool,
+    /// Set when `lost` overflowed: subscribe every channel again.
+    lost_all: AtomicBool,
+    wake: Notify,
+    /// Bumped whenever a subscription is confirmed (waiters re-check).
+    confirmed: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    metrics: BrokerMetrics,
+}
+
+impl Shared {
+    fn mode(&self) -> &'static str {
+        if self.cluster {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+
+    /// Asks the coordinator to route every channel again.
+    fn request_resync(&self) {
+        self.resync.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Redis dropped `channel`'s subscription: route it again.
+    fn lost(&self, channel: &Arc<str>) {
+        if self.lost.push(Arc::clone(channel)).is_err() {
+            self.lost_all.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The Redis broker of one node.
+pub(crate) struct RedisBroker {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<(std::thread::JoinHandle<()>, tokio::sync::oneshot::Receiver<()>)>>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("mode", &self.shared.mode()).finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// The broker the configuration asks for, if any (not started yet).
+    pub(crate) fn from_config(c: &Config, router: &Arc<Router>) -> Result<Option<RedisBroker>, BrokerError> {
+        let (cluster, urls): (bool, Vec<&String>) = match (&c.redis, c.redis_cluster.is_empty()) {
+            (Some(url), _) => (false, vec![url]),
+            (None, false) => (true, c.redis_cluster.iter().collect()),
+            (None, true) => return Ok(None),
+        };
+        let mut seeds = Vec::new();
+        for url in urls {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+                .map_err(|e| BrokerError::BadUrl { url: url.clone(), reason: e.to_string() })?;
+            if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
+                return Err(BrokerError::Unsupported(url.clone()));
+            }
+            seeds.push(info);
+        }
+        let timeout = Config::dur(c.redis_timeout_ms);
+        let shared = Shared {
+            cluster,
+            seeds,
+            timeout,
+            scripts: Scripts::new(wire::Names::new(&c.redis_prefix), cluster, timeout, c.redis_counter_ttl_ms),
+            router: Arc::clone(router),
+            channels: Channels::new(),
+            publisher: OnceLock::new(),
+            dirty: ArrayQueue::new(DIRTY_QUEUE),
+            lost: ArrayQueue::new(DIRTY_QUEUE),
+            resync: AtomicBool::new(false),
+            lost_all: AtomicBool::new(false),
+            wake: Notify::new(),
+            confirmed: watch::channel(0).0,
+            stop: watch::channel(false).0,
+            metrics: BrokerMetrics::default(),
+        };
+        Ok(Some(RedisBroker { shared: Arc::new(shared), thread: Mutex::new(None) }))
+    }
+
+    pub(crate) fn mode(&self) -> &'static str {
+        self.shared.mode()
+    }
+
+    /// Starts the broker thread.
+    pub(crate) fn start(&self) -> std::io::Result<()> {
+        let shared = Arc::clone(&self.shared);
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        let handle = std::thread::Builder::new().name("herald-broker".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the broker runtime");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, coordinator::run(shared));
+            drop(local);
+            drop(rt);
+            let _ = ended_tx.send(());
+        })?;
+        *crate::router::lock(&self.thread) = Some((handle, ended_rx));
+        Ok(())
+    }
+
+    /// Stops the broker thread: waits for it at most 2 s without
+    /// blocking the caller's runtime.
+    pub(crate) async fn stop(&self) {
+        let _ = self.shared.stop.send(true);
+        let taken = crate::router::lock(&self.thread).take();
+        if let Some((handle, ended)) = taken {
+            if tokio::time::timeout(Duration::from_secs(2), ended).await.is_ok() {
+                let _ = handle.join();
+            } else {
+                tracing::warn!("the broker thread did not stop within 2 s");
+            }
+        }
+    }
+
+    /// A shard gained its node's first subscriber to `channel`, or lost the
+    /// last one.
+    pub(crate) fn interest_changed(&self, channel: &Arc<str>) {
+        if self.shared.dirty.push(Arc::clone(channel)).is_err() {
+            self.shared.resync.store(true, Ordering::Release);
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// Publishes through Redis: the offset and epoch come back from it.
+    pub(crate) fn publish(
+        &self,
+        channel: String,
+        payload: Payload,
+    ) -> impl std::future::Future<Output = Result<Published, PublishError>> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let r = match shared.publisher.get() {
+                Some(p) => shared.scripts.publish(p, &channel, &payload).await,
+                None => Err(PublishError::NotPublished(BrokerDown::NotConnected)),
+            };
+            if r.is_err() {
+                shared.metrics.publish_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        }
+    }
+
+    /// The channel's epoch once Redis confirmed this node's subscription
+    /// (everything published from then on reaches this node).
+    pub(crate) fn subscribed(&self, channel: &str) -> Option<Epoch> {
+        self.shared.channels.confirmed(channel)
+    }
+
+    /// Waits until Redis confirmed this node's subscription to `channel`
+    /// (at most the Redis timeout); returns the channel's epoch.
+    pub(crate) fn await_subscribed(&self, channel: String) -> impl std::future::Future<Output = Option<Epoch>> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        let mut rx = shared.confirmed.subscribe();
+        let deadline = tokio::time::Instant::now() + shared.timeout;
+        async move {
+            loop {
+                if let Some(e) = shared.channels.confirmed(&channel) {
+                    return Some(e);
+                }
+                if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The broker's lines of the Prometheus exposition.
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let m = &self.shared.metrics;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        metric("herald_broker_up", "gauge", "Redis subscriber connections up (of herald_broker_nodes).", &[("", g(&m.nodes_up))]);
+        metric("herald_broker_nodes", "gauge", "Redis nodes this node reads pub/sub from.", &[("", g(&m.nodes))]);
+        metric("herald_broker_subscriptions", "gauge", "Channels this node is subscribed to in Redis.", &[("", g(&m.subscribed))]);
+        metric("herald_broker_messages_total", "counter", "Messages received from Redis.", &[("", g(&m.received))]);
+        metric(
+            "herald_broker_dropped_total",
+            "counter",
+            "Messages from Redis not delivered, by reason.",
+            &[("{reason=\"no_interest\"}", g(&m.dropped_no_interest)), ("{reason=\"malformed\"}", g(&m.dropped_malformed))],
+        );
+        metric("herald_broker_gaps_total", "counter", "Offset jumps or epoch changes seen in a channel from Redis.", &[("", g(&m.gaps))]);
+        metric("herald_broker_missed_messages_total", "counter", "Offsets skipped by those gaps.", &[("", g(&m.missed))]);
+        metric("herald_broker_publish_errors_total", "counter", "Publishes that Redis did not take.", &[("", g(&m.publish_errors))]);
+        metric(
+            "herald_broker_backpressure_total",
+            "counter",
+            "Times a message from Redis waited for a full shard queue.",
+            &[("", g(&m.backpressure))],
+        );
+    }
+
+    /// Reconnections of the subscriber connections.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.shared.metrics.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+/// Reconnect delays: 50 ms, doubling up to 500 ms, plus up to 25 ms of
+/// jitter. A failed attempt costs a refused connect, and the cap bounds
+/// how long a node stays cut off after Redis is back.
+#[derive(Debug, Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = 50u64 << self.0.min(4);
+        self.0 += 1;
+        Duration::from_millis(base.min(500) + fastrand::u64(..25))
+    }
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}

@@ -1,0 +1,405 @@
+//! One subscriber connection to one Redis node: keeps the channels routed
+//! to it subscribed across reconnects, and delivers what it reads.
+//!
+//! The connection is read by Herald itself ([`crate::proto::resp`]) rather
+//! than through redis-rs, whose push sender silently drops on a full
+//! bounded channel: here a message is queued on the shards, or reading
+//! waits while their queues are full (TCP pushes back to Redis), or it is
+//! counted as dropped by reason.
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use super::channels::Delivered;
+use super::{wire, Backoff, Shared};
+use crate::proto::resp::{self, Resp};
+
+/// Channels per SUBSCRIBE command when resubscribing.
+const SUBSCRIBE_BATCH: usize = 256;
+/// Read buffer of a subscriber connection (it grows for a larger message).
+const READ_BYTES: usize = 64 * 1024;
+/// Subscribe commands a connection has in flight at most: Redis buffers
+/// the confirmations (and messages) in its pub/sub output buffer, so a
+/// reconnect with many channels subscribes them a window at a time.
+const MAX_UNACKED: usize = 4096;
+/// Epoch fetches (one round trip each) running at once, per connection.
+const MAX_FETCHES: usize = 32;
+
+/// A command for a subscriber connection.
+#[derive(Debug)]
+pub(crate) enum NodeCmd {
+    /// Subscribe; the generation the coordinator gave the subscription.
+    Subscribe(Arc<str>, u64),
+    Unsubscribe(Arc<str>),
+}
+
+/// How a connection ended.
+enum Session {
+    /// The command channel closed: the broker is stopping.
+    Closed,
+    /// Could not connect.
+    NoConnect(String),
+    /// Connected, then lost the connection.
+    Failed(String),
+}
+
+/// A subscriber connection's state across its reconnects.
+struct Subscriber {
+    shared: Arc<Shared>,
+    node: (String, u16),
+    cmds: mpsc::Receiver<NodeCmd>,
+    /// Channel → generation of its subscription.
+    want: HashMap<Arc<str>, u64>,
+    backoff: Backoff,
+    ever_up: bool,
+    fetches: Rc<tokio::sync::Semaphore>,
+}
+
+/// One connection's view of its subscriptions.
+#[derive(Default)]
+struct Live {
+    /// Confirmed by Redis on this connection.
+    confirmed: HashSet<Arc<str>>,
+    /// To subscribe, in order (checked against `want` when sent).
+    backlog: VecDeque<Arc<str>>,
+    /// Subscribe commands sent and not yet answered.
+    unacked: usize,
+    /// Unsubscribe commands sent and not yet answered, per channel: their
+    /// answers are not Redis dropping a subscription.
+    unsubscribing: HashMap<Arc<str>, u32>,
+    /// False once the connection is gone (late epoch fetches then do not
+    /// confirm anything).
+    alive: Rc<Cell<bool>>,
+}
+
+/// Runs one node's subscriber connection until the broker stops.
+pub(crate) async fn run(shared: Arc<Shared>, node: (String, u16), cmds: mpsc::Receiver<NodeCmd>, mut stop: watch::Receiver<bool>) {
+    let mut s = Subscriber {
+        shared,
+        node,
+        cmds,
+        want: HashMap::new(),
+        backoff: Backoff::default(),
+        ever_up: false,
+        fetches: Rc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
+    };
+    let addr = format!("{}:{}", s.node.0, s.node.1);
+    loop {
+        let outcome = tokio::select! {
+            r = s.session() => r,
+            _ = stop.changed() => return,
+        };
+        if s.shared.cluster && !matches!(outcome, Session::Closed) {
+            // The cluster may have changed: read its slot map again.
+            s.shared.request_resync();
+        }
+        match outcome {
+            Session::Closed => return,
+            Session::Failed(e) => {
+                tracing::warn!(node = %addr, error = %e, channels = s.want.len(), "Redis subscriber connection lost; reconnecting");
+            }
+            Session::NoConnect(e) => tracing::debug!(node = %addr, error = %e, "cannot connect to Redis"),
+        }
+        // Commands keep coming while disconnected: apply them to `want`.
+        let pause = tokio::time::sleep(s.backoff.next());
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                c = s.cmds.recv() => match c {
+                    Some(NodeCmd::Subscribe(ch, gen)) => { s.want.insert(ch, gen); }
+                    Some(NodeCmd::Unsubscribe(ch)) => { s.want.remove(&ch); }
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+impl Subscriber {
+    /// Connects, subscribes everything wanted, and serves until the
+    /// connection fails.
+    async fn session(&mut self) -> Session {
+        let stream = match connect(&self.shared, &self.node).await {
+            Ok(s) => s,
+            Err(e) => return Session::NoConnect(e),
+        };
+        let (mut rd, mut wr) = stream.into_split();
+        self.backoff.reset();
+        let m = &self.shared.metrics;
+        if self.ever_up {
+            m.reconnects.fetch_add(1, Ordering::Relaxed);
+            let node = format!("{}:{}", self.node.0, self.node.1);
+            tracing::info!(node = %node, channels = self.want.len(), "reconnected to Redis; subscribing again");
+        }
+        self.ever_up = true;
+        m.nodes_up.fetch_add(1, Ordering::Relaxed);
+        let mut live = Live { alive: Rc::new(Cell::new(true)), ..Live::default() };
+        live.backlog.extend(self.want.keys().cloned());
+        let r = self.serve(&mut live, &mut rd, &mut wr).await;
+        live.alive.set(false);
+        let m = &self.shared.metrics;
+        m.nodes_up.fetch_sub(1, Ordering::Relaxed);
+        // The subscriptions on that connection are gone.
+        m.subscribed.fetch_sub(live.confirmed.len() as u64, Ordering::Relaxed);
+        for (ch, gen) in &self.want {
+            self.shared.channels.confirm(ch, *gen, None);
+        }
+        r
+    }
+
+    async fn serve(&mut self, live: &mut Live, rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf) -> Session {
+        let fail = |e: std::io::Error| Session::Failed(e.to_string());
+        let mut buf = BytesMut::with_capacity(READ_BYTES);
+        let ping_every = self.shared.timeout.max(Duration::from_millis(200));
+        let mut ping = tokio::time::interval(ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut awaiting_pong = false;
+        loop {
+            if let Err(e) = self.send_backlog(live, wr).await {
+                return fail(e);
+            }
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => {
+                    match r {
+                        Ok(0) => return Session::Failed("Redis closed the connection".into()),
+                        Ok(_) => {}
+                        Err(e) => return fail(e),
+                    }
+                    loop {
+                        let v = match resp::decode(&mut buf) {
+                            Ok(Some(v)) => v,
+                            Ok(None) => break,
+                            Err(e) => return Session::Failed(e.to_string()),
+                        };
+                        awaiting_pong = false;
+                        self.on_value(v, live).await;
+                    }
+                    if buf.capacity() - buf.len() < 4096 {
+                        buf.reserve(READ_BYTES);
+                    }
+                }
+                c = self.cmds.recv() => match c {
+                    None => return Session::Closed,
+                    Some(NodeCmd::Subscribe(ch, gen)) => {
+                        // A new generation: confirmed again when Redis answers.
+                        if live.confirmed.remove(&ch) {
+                            self.shared.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        self.want.insert(Arc::clone(&ch), gen);
+                        live.backlog.push_back(ch);
+                    }
+                    Some(NodeCmd::Unsubscribe(ch)) => {
+                        self.want.remove(&ch);
+                        if live.confirmed.remove(&ch) {
+                            self.shared.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
+                        }
+                        *live.unsubscribing.entry(Arc::clone(&ch)).or_default() += 1;
+                        if let Err(e) = wr.write_all(&self.shared.scripts.names.sub_command(self.shared.cluster, false, &[ch])).await {
+                            return fail(e);
+                        }
+                    }
+                },
+                _ = ping.tick() => {
+                    if awaiting_pong {
+                        return Session::Failed(format!("no answer to PING within {} ms", ping_every.as_millis()));
+                    }
+                    let mut cmd = Vec::new();
+                    resp::command(&mut cmd, &[b"PING"]);
+                    if let Err(e) = wr.write_all(&cmd).await {
+                        return fail(e);
+                    }
+                    awaiting_pong = true;
+                }
+            }
+        }
+    }
+
+    /// Subscribes what is waiting, a window at a time (sharded pub/sub: one
+    /// channel per command, since one SSUBSCRIBE stays in one slot).
+    async fn send_backlog(&self, live: &mut Live, wr: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        let per_command = if self.shared.cluster { 1 } else { SUBSCRIBE_BATCH };
+        while live.unacked < MAX_UNACKED && !live.backlog.is_empty() {
+            let mut batch = Vec::new();
+            while batch.len() < per_command.min(MAX_UNACKED - live.unacked) {
+                let Some(ch) = live.backlog.pop_front() else { break };
+                if self.want.contains_key(&ch) && !live.confirmed.contains(&ch) {
+                    batch.push(ch);
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            live.unacked += batch.len();
+            wr.write_all(&self.shared.scripts.names.sub_command(self.shared.cluster, true, &batch)).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one value read from the connection.
+    async fn on_value(&self, v: Resp, live: &mut Live) {
+        let shared = &self.shared;
+        let items = match v {
+            Resp::Array(Some(items)) => items,
+            Resp::Error(e) => {
+                // The answer to a (S)SUBSCRIBE: the node does not own the slot
+                // (MOVED) or refuses. Read the slot map again and route every
+                // unconfirmed channel of this connection anew.
+                live.unacked = live.unacked.saturating_sub(1);
+                tracing::warn!(error = %String::from_utf8_lossy(&e), "Redis refused a subscription command");
+                for ch in self.want.keys().filter(|c| !live.confirmed.contains(*c)) {
+                    shared.lost(ch);
+                }
+                shared.request_resync();
+                return;
+            }
+            _ => return,
+        };
+        let kind = items.first().and_then(Resp::as_bytes).map(|b| b.as_ref()).unwrap_or_default();
+        let name = || items.get(1).and_then(Resp::as_bytes).and_then(|c| shared.scripts.names.herald_channel(c));
+        match kind {
+            b"message" | b"smessage" => {
+                let (Some(ch), Some(body)) = (items.get(1).and_then(Resp::as_bytes), items.get(2).and_then(Resp::as_bytes)) else { return };
+                shared.metrics.received.fetch_add(1, Ordering::Relaxed);
+                deliver(shared, ch, body.clone()).await;
+            }
+            b"subscribe" | b"ssubscribe" => {
+                live.unacked = live.unacked.saturating_sub(1);
+                let Some((ch, &gen)) = name().and_then(|n| self.want.get_key_value(n)) else { return };
+                if live.confirmed.insert(Arc::clone(ch)) {
+                    shared.metrics.subscribed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.confirm_later(Arc::clone(ch), gen, Rc::clone(&live.alive));
+            }
+            b"sunsubscribe" | b"unsubscribe" => {
+                let Some(name) = name() else { return };
+                if let Some(n) = live.unsubscribing.get_mut(name) {
+                    // The answer to our own UNSUBSCRIBE.
+                    *n -= 1;
+                    if *n == 0 {
+                        live.unsubscribing.remove(name);
+                    }
+                    return;
+                }
+                // Redis dropped a subscription by itself (its slot moved):
+                // route the channel again.
+                let Some((ch, &gen)) = self.want.get_key_value(name) else { return };
+                if live.confirmed.remove(name) {
+                    shared.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
+                }
+                shared.channels.confirm(ch, gen, None);
+                shared.lost(ch);
+                shared.request_resync();
+            }
+            _ => {}
+        }
+    }
+
+    /// Confirms subscription `gen` once the channel's epoch is known. The
+    /// epoch comes from the publisher connection (which may be reconnecting
+    /// too): reading is not held up, and the fetch is retried until this
+    /// connection ends. The generation keeps a late answer from confirming
+    /// a later subscription.
+    fn confirm_later(&self, ch: Arc<str>, gen: u64, alive: Rc<Cell<bool>>) {
+        let (shared, fetches) = (Arc::clone(&self.shared), Rc::clone(&self.fetches));
+        tokio::task::spawn_local(async move {
+            let mut backoff = Backoff::default();
+            while alive.get() && shared.router.has_interest(&ch) {
+                let epoch = {
+                    let Ok(_permit) = fetches.acquire().await else { return };
+                    match shared.publisher.get() {
+                        Some(p) => shared.scripts.fetch_epoch(p, &ch).await,
+                        None => None,
+                    }
+                };
+                if let Some(epoch) = epoch {
+                    if alive.get() {
+                        shared.channels.confirm(&ch, gen, Some(epoch));
+                        shared.confirmed.send_modify(|n| *n += 1);
+                    }
+                    return;
+                }
+                tokio::time::sleep(backoff.next()).await;
+            }
+        });
+    }
+}
+
+async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, String> {
+    let connect = TcpStream::connect((node.0.as_str(), node.1));
+    let mut stream = match tokio::time::timeout(shared.timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("connect timed out".into()),
+    };
+    let _ = stream.set_nodelay(true);
+    let info = shared.seeds[0].redis_settings();
+    if let Some(pass) = info.password() {
+        let mut cmd = Vec::new();
+        match info.username() {
+            Some(user) => resp::command(&mut cmd, &[b"AUTH", user.as_bytes(), pass.as_bytes()]),
+            None => resp::command(&mut cmd, &[b"AUTH", pass.as_bytes()]),
+        }
+        stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(256);
+        let reply = loop {
+            if let Some(v) = resp::decode(&mut buf).map_err(|e| e.to_string())? {
+                break v;
+            }
+            match tokio::time::timeout(shared.timeout, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err("no answer to AUTH".into()),
+                Ok(Ok(_)) => {}
+            }
+        };
+        if let Resp::Error(e) = reply {
+            return Err(format!("AUTH refused: {}", String::from_utf8_lossy(&e)));
+        }
+    }
+    Ok(stream)
+}
+
+async fn deliver(shared: &Shared, redis_channel: &Bytes, body: Bytes) {
+    let m = &shared.metrics;
+    let (Some(channel), Some((epoch, offset, payload))) = (shared.scripts.names.herald_channel(redis_channel), wire::parse_body(&body))
+    else {
+        m.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let mut waited = false;
+    loop {
+        match shared.channels.deliver(&shared.router, channel, epoch, offset, &payload) {
+            Delivered::Queued { missed, reset } => {
+                if missed > 0 || reset {
+                    m.gaps.fetch_add(1, Ordering::Relaxed);
+                    m.missed.fetch_add(missed, Ordering::Relaxed);
+                    tracing::warn!(channel, missed, offsets_restarted = reset, offset, "gap in a channel from Redis");
+                }
+                return;
+            }
+            Delivered::NoInterest => {
+                m.dropped_no_interest.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Delivered::Full => {
+                // The shards are behind: stop reading until they catch up
+                // (Redis buffers meanwhile, up to its pub/sub output limit).
+                if !waited {
+                    m.backpressure.fetch_add(1, Ordering::Relaxed);
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}

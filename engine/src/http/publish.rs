@@ -1,0 +1,76 @@
+//! `POST /publish/{channel}`: the body is the payload (JSON with
+//! `Content-Type: application/json`, else UTF-8 text).
+
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+
+use super::body::Body;
+use super::{refuse, text_response};
+use crate::engine::Engine;
+use crate::proto::json::{self, Payload};
+use crate::proto::{channel, truncate_str, ErrorCode};
+
+pub(crate) async fn publish<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let raw = &req.uri().path()["/publish/".len()..];
+    let channel = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
+    if let Err(e) = channel::validate(&channel) {
+        return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadChannel, &format!("{e}: {:?}", truncate_str(&channel, 64)));
+    }
+    let max = engine.config.max_message_bytes;
+    let too_large = || format!("payload over the limit of {max} bytes");
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return refuse(&engine, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &too_large());
+    }
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    let body = match http_body_util::Limited::new(req.into_body(), max).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return refuse(&engine, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &too_large());
+        }
+        Err(e) => return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &format!("cannot read the body: {e}")),
+    };
+    let payload = if is_json {
+        match Payload::json(body) {
+            Ok(p) => p,
+            Err(e) => return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e.to_string()),
+        }
+    } else {
+        match Payload::text_from_utf8(body) {
+            Ok(p) => p,
+            Err(_) => {
+                return refuse(
+                    &engine,
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::BadRequest,
+                    "body is not UTF-8 (send JSON with Content-Type: application/json)",
+                )
+            }
+        }
+    };
+    match engine.publish(&channel, payload, engine.metrics_here()).await {
+        Ok(p) => text_response("application/json", json::http_published_body(&p.channel, p.offset, p.epoch.as_str())),
+        Err(e) => {
+            let status = match e.code() {
+                ErrorCode::BadChannel => StatusCode::BAD_REQUEST,
+                ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut r = refuse(&engine, status, e.code(), &e.to_string());
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            r
+        }
+    }
+}
