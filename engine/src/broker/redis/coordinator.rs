@@ -155,34 +155,39 @@ impl Coordinator {
             redis::ConnectionAddr::Tcp(h, _) => h.clone(),
             _ => String::new(),
         };
-        match script::cluster_slots(publisher, shared.timeout, &seed_host).await {
-            Ok(map) if !map.is_empty() => {
-                for (_, _, addr) in &map {
-                    if !self.nodes.iter().any(|n| &n.addr == addr) {
-                        self.nodes.push(Node::new(addr.clone()));
-                    }
+        let map = match script::cluster_slots(publisher, shared.timeout, &seed_host).await {
+            Ok(map) if !map.is_empty() => map,
+            // Keep routing with the map we have, if any (and then say so
+            // only at debug level: a refresh is retried every 500 ms).
+            r => {
+                let error = r.err().map_or_else(|| "the slot map is empty".to_string(), |e| e.to_string());
+                if self.slots.is_empty() {
+                    tracing::warn!(%error, "cannot read the Redis Cluster slot map; retrying");
+                } else {
+                    tracing::debug!(%error, "cannot refresh the Redis Cluster slot map; keeping the last one");
                 }
-                // Masters gone from the map are retired (their connection
-                // ends); they get a new one if they return.
-                for n in &mut self.nodes {
-                    let in_map = map.iter().any(|(_, _, a)| *a == n.addr);
-                    if !in_map && n.tx.take().is_some() {
-                        shared.metrics.nodes.fetch_sub(1, Ordering::Relaxed);
-                        tracing::info!(node = %format!("{}:{}", n.addr.0, n.addr.1), "Redis node left the cluster's slot map");
-                    }
-                    if in_map && n.tx.is_none() {
-                        n.tx = Some(spawn_node(shared, &n.addr, stop));
-                    }
-                }
-                self.slots = map;
-                true
+                return !self.slots.is_empty();
             }
-            _ if self.slots.is_empty() => {
-                tracing::warn!("cannot read the Redis Cluster slot map; retrying");
-                false
+        };
+        for (_, _, addr) in &map {
+            if !self.nodes.iter().any(|n| &n.addr == addr) {
+                self.nodes.push(Node::new(addr.clone()));
             }
-            _ => true,
         }
+        // Masters gone from the map are retired (their connection ends);
+        // they get a new one if they return.
+        for n in &mut self.nodes {
+            let in_map = map.iter().any(|(_, _, a)| *a == n.addr);
+            if !in_map && n.tx.take().is_some() {
+                shared.metrics.nodes.fetch_sub(1, Ordering::Relaxed);
+                tracing::info!(node = %format!("{}:{}", n.addr.0, n.addr.1), "Redis node left the cluster's slot map");
+            }
+            if in_map && n.tx.is_none() {
+                n.tx = Some(spawn_node(shared, &n.addr, stop));
+            }
+        }
+        self.slots = map;
+        true
     }
 
     /// Subscribes, moves and releases the channels whose interest or route

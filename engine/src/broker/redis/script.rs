@@ -127,16 +127,27 @@ impl Scripts {
     }
 }
 
+/// Why the slot map could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SlotsError {
+    #[error("not a cluster connection")]
+    NotCluster,
+    #[error("no answer in time")]
+    Timeout,
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    #[error("CLUSTER SLOTS answered something other than an array")]
+    NotArray,
+}
+
 /// Reads `CLUSTER SLOTS` into a slot map of the masters; `seed_host`
 /// stands in for a master announced without a host.
-pub(crate) async fn cluster_slots(publisher: &Publisher, timeout: Duration, seed_host: &str) -> Result<SlotMap, String> {
-    let Publisher::Cluster(mut c) = publisher.clone() else { return Err("not a cluster connection".into()) };
-    let v: redis::Value = tokio::time::timeout(timeout, redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
+pub(crate) async fn cluster_slots(publisher: &Publisher, timeout: Duration, seed_host: &str) -> Result<SlotMap, SlotsError> {
+    let Publisher::Cluster(mut c) = publisher.clone() else { return Err(SlotsError::NotCluster) };
+    let v: redis::Value =
+        tokio::time::timeout(timeout, redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c)).await.map_err(|_| SlotsError::Timeout)??;
     let mut map = Vec::new();
-    let redis::Value::Array(ranges) = v else { return Err("CLUSTER SLOTS: not an array".into()) };
+    let redis::Value::Array(ranges) = v else { return Err(SlotsError::NotArray) };
     for r in ranges {
         let redis::Value::Array(r) = r else { continue };
         let (Some(redis::Value::Int(a)), Some(redis::Value::Int(b)), Some(redis::Value::Array(master))) = (r.first(), r.get(1), r.get(2))

@@ -48,9 +48,28 @@ enum Session {
     /// The command channel closed: the broker is stopping.
     Closed,
     /// Could not connect.
-    NoConnect(String),
+    NoConnect(LinkError),
     /// Connected, then lost the connection.
-    Failed(String),
+    Failed(LinkError),
+}
+
+/// Why a subscriber connection could not be made or was lost.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("no answer to AUTH")]
+    NoAuthAnswer,
+    #[error("AUTH refused: {0}")]
+    AuthRefused(String),
+    #[error("Redis closed the connection")]
+    Closed,
+    #[error("unreadable reply: {0}")]
+    Resp(#[from] resp::RespError),
+    #[error("no answer to PING within {0} ms")]
+    NoPong(u128),
 }
 
 /// A subscriber connection's state across its reconnects.
@@ -160,7 +179,7 @@ impl Subscriber {
     }
 
     async fn serve(&mut self, live: &mut Live, rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf) -> Session {
-        let fail = |e: std::io::Error| Session::Failed(e.to_string());
+        let fail = |e: std::io::Error| Session::Failed(e.into());
         let mut buf = BytesMut::with_capacity(READ_BYTES);
         let ping_every = self.shared.timeout.max(Duration::from_millis(200));
         let mut ping = tokio::time::interval(ping_every);
@@ -173,7 +192,7 @@ impl Subscriber {
             tokio::select! {
                 r = rd.read_buf(&mut buf) => {
                     match r {
-                        Ok(0) => return Session::Failed("Redis closed the connection".into()),
+                        Ok(0) => return Session::Failed(LinkError::Closed),
                         Ok(_) => {}
                         Err(e) => return fail(e),
                     }
@@ -181,7 +200,7 @@ impl Subscriber {
                         let v = match resp::decode(&mut buf) {
                             Ok(Some(v)) => v,
                             Ok(None) => break,
-                            Err(e) => return Session::Failed(e.to_string()),
+                            Err(e) => return Session::Failed(e.into()),
                         };
                         awaiting_pong = false;
                         self.on_value(v, live).await;
@@ -213,7 +232,7 @@ impl Subscriber {
                 },
                 _ = ping.tick() => {
                     if awaiting_pong {
-                        return Session::Failed(format!("no answer to PING within {} ms", ping_every.as_millis()));
+                        return Session::Failed(LinkError::NoPong(ping_every.as_millis()));
                     }
                     let mut cmd = Vec::new();
                     resp::command(&mut cmd, &[b"PING"]);
@@ -336,13 +355,9 @@ impl Subscriber {
     }
 }
 
-async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, String> {
+async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, LinkError> {
     let connect = TcpStream::connect((node.0.as_str(), node.1));
-    let mut stream = match tokio::time::timeout(shared.timeout, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err("connect timed out".into()),
-    };
+    let mut stream = tokio::time::timeout(shared.timeout, connect).await.map_err(|_| LinkError::ConnectTimeout)??;
     let _ = stream.set_nodelay(true);
     let info = shared.seeds[0].redis_settings();
     if let Some(pass) = info.password() {
@@ -351,19 +366,19 @@ async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, Str
             Some(user) => resp::command(&mut cmd, &[b"AUTH", user.as_bytes(), pass.as_bytes()]),
             None => resp::command(&mut cmd, &[b"AUTH", pass.as_bytes()]),
         }
-        stream.write_all(&cmd).await.map_err(|e| e.to_string())?;
+        stream.write_all(&cmd).await?;
         let mut buf = BytesMut::with_capacity(256);
         let reply = loop {
-            if let Some(v) = resp::decode(&mut buf).map_err(|e| e.to_string())? {
+            if let Some(v) = resp::decode(&mut buf)? {
                 break v;
             }
             match tokio::time::timeout(shared.timeout, stream.read_buf(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err("no answer to AUTH".into()),
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err(LinkError::NoAuthAnswer),
                 Ok(Ok(_)) => {}
             }
         };
         if let Resp::Error(e) = reply {
-            return Err(format!("AUTH refused: {}", String::from_utf8_lossy(&e)));
+            return Err(LinkError::AuthRefused(String::from_utf8_lossy(&e).into_owned()));
         }
     }
     Ok(stream)
