@@ -130,7 +130,7 @@ impl Engine {
     }
 
     /// Starts a publish through the broker. Its result is counted by
-    /// [`ShardMetrics::count_publish`] once known.
+    /// [`crate::message::count_publish`] once known.
     pub(crate) fn start_publish(&self, channel: &str, payload: Payload) -> PublishFuture {
         match self.check_publish(channel, &payload) {
             Ok(()) => self.broker.publish(&self.router, channel, payload),
@@ -141,7 +141,7 @@ impl Engine {
     /// Publishes and counts the result in `metrics`.
     pub(crate) async fn publish(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
         let r = self.start_publish(channel, payload).await;
-        metrics.count_publish(&r);
+        crate::message::count_publish(metrics, &r);
         r
     }
 

@@ -116,6 +116,15 @@ pub enum BrokerDown {
     Refused(String),
 }
 
+/// Counts a publish in `metrics` once its result is known.
+pub(crate) fn count_publish(metrics: &ShardMetrics, r: &Result<Published, PublishError>) {
+    match r {
+        Ok(_) => metrics.published.inc(),
+        Err(PublishError::Overloaded) => metrics.publish_overloaded.inc(),
+        Err(_) => {}
+    }
+}
+
 impl PublishError {
     /// The protocol error code for this error.
     pub fn code(&self) -> ErrorCode {

@@ -9,7 +9,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::message::{PublishError, Published};
 pub(crate) use crate::proto::form::Form;
 use crate::proto::ErrorCode;
 
@@ -128,14 +127,6 @@ impl ShardMetrics {
     }
     pub(crate) fn error(&self, code: ErrorCode) {
         self.errors[code.index()].inc();
-    }
-    /// Counts a publish once its result is known.
-    pub(crate) fn count_publish(&self, r: &Result<Published, PublishError>) {
-        match r {
-            Ok(_) => self.published.inc(),
-            Err(PublishError::Overloaded) => self.publish_overloaded.inc(),
-            Err(_) => {}
-        }
     }
 }
 

@@ -340,7 +340,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
 
 /// Counts a publish's result and answers it.
 fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id: Option<&str>) {
-    shard.metrics().count_publish(&r);
+    crate::message::count_publish(shard.metrics(), &r);
     match r {
         Ok(p) => {
             shard.send_to(conn, json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id));
