@@ -4,6 +4,7 @@
 mod broker;
 mod churn;
 mod common;
+mod config_table;
 mod embed;
 mod errors;
 mod fanout;
