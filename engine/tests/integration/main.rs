@@ -6,6 +6,7 @@ mod churn;
 mod common;
 mod config_table;
 mod embed;
+mod embed_shutdown;
 mod errors;
 mod fanout;
 mod fuzz_corpus;
