@@ -6,6 +6,10 @@
 //! curl -d hi localhost:3000/realtime/publish/news
 //! curl localhost:3000/announce        # publishes from Rust
 //! ```
+//!
+//! SIGINT (Ctrl-C) or SIGTERM stops it: Herald closes its WebSockets with
+//! 1001 and ends its SSE streams first, so axum's graceful shutdown, which
+//! waits for every open response, finishes at once.
 
 use std::time::Duration;
 
@@ -29,11 +33,25 @@ async fn main() -> std::io::Result<()> {
         .with_state(herald.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
-    herald.shutdown(Duration::from_secs(5)).await;
+    // Herald's shutdown runs inside axum's signal future, not after
+    // `serve` returns: axum waits for open SSE bodies, which only Herald ends.
+    let stop = herald.shutdown_on(signal()?, Duration::from_secs(5));
+    axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+    println!("stopped");
     Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed
+/// here, before serving, so a signal that comes early is not missed.
+fn signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        let which = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        println!("{which}: closing Herald's connections");
+    })
 }

@@ -1,9 +1,13 @@
 //! Configuration: a plain struct with builder setters, readable from TOML.
 //!
-//! Every limit has a default and a key. Memory per connection is bounded by
-//! `outbound_queue_bytes` (frames waiting to be written) plus, while a
-//! client sends a frame or a fragmented message, `max_message_bytes` plus
-//! [`COMMAND_OVERHEAD_BYTES`].
+//! Every limit has a default, a TOML key (the field name), and a flag and
+//! `HERALD_*` variable of the `herald` binary; docs/operations.md
+//! ("Configuration and limits") is the reference table of all of them, and
+//! a test keeps it in step with these fields.
+//!
+//! Memory per connection is bounded by `outbound_queue_bytes` (frames
+//! waiting to be written) plus, while a client sends a frame or a
+//! fragmented message, `max_message_bytes` plus [`COMMAND_OVERHEAD_BYTES`].
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -203,6 +203,44 @@ impl Herald {
         self.engine.broker.stop().await;
         tracing::info!("herald stopped");
     }
+
+    /// A future that waits for `signal`, then runs [`Herald::shutdown`]
+    /// with `grace` (WebSockets get 1001, SSE streams end) and resolves:
+    /// the graceful-shutdown signal to give your own server.
+    ///
+    /// The order matters. A server's graceful shutdown (axum's
+    /// `with_graceful_shutdown`, hyper-util's `GracefulShutdown`) waits for
+    /// every open response body, and an SSE stream is a body that ends only
+    /// when Herald ends it. Calling `shutdown` after the server returned
+    /// therefore never happens while an SSE client is connected: the
+    /// process hangs. Handing this future to the server ends Herald's
+    /// streams first, and the server's wait then finishes at once.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use herald::{Config, Herald};
+    ///
+    /// let herald = Herald::start_embedded(Config::default()).map_err(std::io::Error::other)?;
+    /// let app = axum::Router::new().nest_service("/realtime", herald.service());
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    /// let ctrl_c = async {
+    ///     let _ = tokio::signal::ctrl_c().await;
+    /// };
+    /// axum::serve(listener, app).with_graceful_shutdown(herald.shutdown_on(ctrl_c, Duration::from_secs(5))).await?;
+    /// // Herald is stopped here: nothing is left to shut down.
+    /// # Ok(()) }
+    /// ```
+    pub fn shutdown_on<F>(&self, signal: F, grace: Duration) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let herald = self.clone();
+        async move {
+            signal.await;
+            herald.shutdown(grace).await;
+        }
+    }
 }
 
 /// Herald's endpoints as a service (`tower_service::Service` and

@@ -2,12 +2,15 @@
 //!
 //! With no arguments it serves `127.0.0.1:8080` with the local broker.
 //! Settings come from defaults, then `--config FILE`, then `HERALD_*`
-//! environment variables and flags.
+//! environment variables and flags. Every `Config` field has a flag and a
+//! variable; docs/operations.md tabulates them (a test keeps that table,
+//! this file and `Config::default()` in agreement).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 use herald::{Config, Herald, SlowConsumerPolicy};
 
@@ -54,14 +57,23 @@ struct Args {
     /// Close a WebSocket silent for this long, in milliseconds.
     #[arg(long, env = "HERALD_IDLE_TIMEOUT_MS")]
     idle_timeout_ms: Option<u64>,
+    /// Time a closing connection has to flush and see the client's close, in milliseconds.
+    #[arg(long, env = "HERALD_CLOSE_TIMEOUT_MS")]
+    close_timeout_ms: Option<u64>,
+    /// Keep-alive comment interval on an idle SSE stream, in milliseconds.
+    #[arg(long, env = "HERALD_SSE_KEEPALIVE_MS")]
+    sse_keepalive_ms: Option<u64>,
     /// Channels whose counters are remembered.
     #[arg(long, env = "HERALD_MAX_CHANNELS")]
     max_channels: Option<usize>,
-    /// Refuse `publish` commands from WebSocket clients.
-    #[arg(long, env = "HERALD_NO_CLIENT_PUBLISH")]
+    /// Messages waiting for one shard before publishes are refused as `overloaded`.
+    #[arg(long, env = "HERALD_SHARD_QUEUE_CAPACITY")]
+    shard_queue_capacity: Option<usize>,
+    /// Refuse `publish` commands from WebSocket clients (sets `client_publish = false`).
+    #[arg(long, env = "HERALD_NO_CLIENT_PUBLISH", value_parser = BoolishValueParser::new())]
     no_client_publish: bool,
     /// Also serve `GET /echo`, a WebSocket echo endpoint for conformance tests.
-    #[arg(long, env = "HERALD_ECHO")]
+    #[arg(long, env = "HERALD_ECHO", value_parser = BoolishValueParser::new())]
     echo: bool,
     /// Use the `redis` broker at this URL (redis://[user:password@]host:port):
     /// every publish goes through Redis, so many nodes serve one set of channels.
@@ -76,9 +88,16 @@ struct Args {
     /// Deadline of one Redis command, in milliseconds.
     #[arg(long, env = "HERALD_REDIS_TIMEOUT_MS")]
     redis_timeout_ms: Option<u64>,
+    /// Expiry of a channel's counter in Redis after its last publish, in milliseconds; 0 = never.
+    #[arg(long, env = "HERALD_REDIS_COUNTER_TTL_MS")]
+    redis_counter_ttl_ms: Option<u64>,
     /// Seconds to drain connections on SIGINT/SIGTERM.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Print the configuration that defaults, the file, the environment and
+    /// the flags give, as TOML, check it, and exit without serving.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn config(args: &Args) -> anyhow::Result<Config> {
@@ -90,7 +109,15 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         ($($f:ident),*) => { $( if let Some(v) = args.$f { c.$f = v; } )* };
     }
     set!(listen, shards, max_message_bytes, max_connections, max_subscriptions, outbound_queue_bytes, max_request_head_bytes);
-    set!(request_head_timeout_ms, ping_interval_ms, idle_timeout_ms, max_channels);
+    set!(
+        request_head_timeout_ms,
+        ping_interval_ms,
+        idle_timeout_ms,
+        close_timeout_ms,
+        sse_keepalive_ms,
+        max_channels,
+        shard_queue_capacity
+    );
     if let Some(p) = &args.slow_consumer {
         c.slow_consumer = p.parse::<SlowConsumerPolicy>().map_err(anyhow::Error::msg)?;
     }
@@ -111,7 +138,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if let Some(p) = &args.redis_prefix {
         c.redis_prefix = p.clone();
     }
-    set!(redis_timeout_ms);
+    set!(redis_timeout_ms, redis_counter_ttl_ms);
     Ok(c)
 }
 
@@ -133,6 +160,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = config(&args)?;
+    if args.print_config {
+        // Printed as given (`shards = 0` stays "one per core"), once it is known to be valid.
+        config.validated()?;
+        print!("{}", toml::to_string(&config).context("cannot render the configuration")?);
+        return Ok(());
+    }
     let herald = Herald::start(config).context("cannot start herald")?;
     if let Some(addr) = herald.local_addr() {
         tracing::info!(%addr, shards = herald.config().shards, "listening");

@@ -4,7 +4,9 @@
 mod broker;
 mod churn;
 mod common;
+mod config_table;
 mod embed;
+mod embed_shutdown;
 mod errors;
 mod fanout;
 mod fuzz_corpus;
