@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use herald::proto::frame::OpCode;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
@@ -22,7 +23,7 @@ use crate::clock;
 use crate::net::{self, Url};
 use crate::payload;
 use crate::stats::{self, Live, Plan};
-use crate::ws::{self, Op};
+use crate::ws;
 
 /// Messages waiting for one publisher connection at most; past it a
 /// message is refused as `backlog` (the target cannot keep up).
@@ -212,12 +213,12 @@ fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Ve
                         std::str::from_utf8(&buf).unwrap_or("")
                     );
                     frame.clear();
-                    ws::client_frame(&mut frame, 0x1, text.as_bytes(), masker.next());
+                    ws::client_frame(&mut frame, OpCode::Text, text.as_bytes(), masker.next());
                     Bytes::copy_from_slice(&frame)
                 }
                 Method::WsRaw { .. } => {
                     frame.clear();
-                    ws::client_frame(&mut frame, 0x1, &buf, masker.next());
+                    ws::client_frame(&mut frame, OpCode::Text, &buf, masker.next());
                     Bytes::copy_from_slice(&frame)
                 }
             };
@@ -515,7 +516,7 @@ async fn ws_conn(url: &Url, path: &str, state: Rc<RefCell<State>>, replies: bool
                 };
                 at += used;
                 match f.op {
-                    Op::Text if replies => {
+                    OpCode::Text if replies => {
                         let failed = memchr::memmem::find(f.payload, br#""op":"error""#).is_some();
                         let id = id_finder.find(f.payload).and_then(|i| {
                             let digits: &[u8] = &f.payload[i + 5..];
@@ -529,12 +530,12 @@ async fn ws_conn(url: &Url, path: &str, state: Rc<RefCell<State>>, replies: bool
                             }
                         }
                     }
-                    Op::Ping => {
+                    OpCode::Ping => {
                         let mut pong = Vec::new();
-                        ws::client_frame(&mut pong, 0xA, f.payload, masker.next());
+                        ws::client_frame(&mut pong, OpCode::Pong, f.payload, masker.next());
                         let _ = pong_tx.try_send(Bytes::from(pong));
                     }
-                    Op::Close => return,
+                    OpCode::Close => return,
                     _ => {}
                 }
             }

@@ -16,7 +16,9 @@ use crate::clock;
 use crate::net::{self, ConnectError, Url};
 use crate::payload;
 use crate::stats::{Live, Plan, Seq, WorkerStats};
-use crate::ws::{self, Dechunker, Op};
+use herald::proto::frame::OpCode;
+
+use crate::ws::{self, Dechunker};
 
 /// Bytes read per `read` call at most.
 const READ_BYTES: usize = 64 * 1024;
@@ -169,16 +171,16 @@ fn ws_frames(ctx: &Ctx, seq: &mut Seq, channel: u64, data: &[u8], reply: &mut Ve
             Ok(Some((f, used))) => {
                 at += used;
                 match f.op {
-                    Op::Text | Op::Binary | Op::Continuation => {
+                    OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                         payload::find_all(&ctx.finder, f.payload, |found| stats.record(seq, channel, found, now, in_window));
                     }
-                    Op::Ping => ws::client_frame(reply, 0xA, f.payload, masker.next()),
-                    Op::Close => {
+                    OpCode::Ping => ws::client_frame(reply, OpCode::Pong, f.payload, masker.next()),
+                    OpCode::Close => {
                         let code = f.payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
-                        ws::client_frame(reply, 0x8, &f.payload[..f.payload.len().min(2)], masker.next());
+                        ws::client_frame(reply, OpCode::Close, &f.payload[..f.payload.len().min(2)], masker.next());
                         return (at, Some(format!("closed_{code}")));
                     }
-                    Op::Pong | Op::Other(_) => {}
+                    OpCode::Pong => {}
                 }
             }
             Ok(None) => return (at, None),

@@ -2,6 +2,7 @@
 //! streams: just what a subscriber needs to find its messages, reading big
 //! buffers and allocating nothing per message.
 
+use herald::proto::frame::{self, OpCode, ProtocolError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -91,82 +92,33 @@ pub async fn sse_open(stream: &mut TcpStream, url: &Url, path: &str) -> Result<(
     Ok((head.chunked, rest))
 }
 
-/// Largest server frame accepted.
-const MAX_FRAME: u64 = 64 * 1024 * 1024;
-
-/// A server frame's opcode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Continuation,
-    Text,
-    Binary,
-    Close,
-    Ping,
-    Pong,
-    Other(u8),
-}
+/// Largest server frame accepted. Payloads are at most 16 MiB (loadgen's
+/// `--payload` limit) plus the server's envelope: anything larger is not a
+/// frame loadgen sent.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// One complete server frame inside a buffer.
 #[derive(Debug)]
 pub struct Frame<'a> {
-    pub op: Op,
+    pub op: OpCode,
     pub payload: &'a [u8],
 }
 
 /// Parses the frame at the start of `buf`: `Ok(None)` when more bytes are
-/// needed, else the frame and the bytes it took.
+/// needed, else the frame (borrowed from `buf`) and the bytes it took.
 #[inline]
-pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, &'static str> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    if b1 & 0x80 != 0 {
-        return Err("masked server frame");
-    }
-    let (len, at) = match b1 & 0x7F {
-        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes([buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9]]), 10),
-        126 | 127 => return Ok(None),
-        n => (u64::from(n), 2),
-    };
-    // Payloads are at most 16 MiB (loadgen's --payload limit) plus the
-    // server's envelope: anything larger is not a frame loadgen sent.
-    if len > MAX_FRAME {
-        return Err("frame over 64 MiB");
-    }
-    let end = at + len as usize;
+pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+    let Some(head) = frame::decode_server_head(buf, MAX_FRAME)? else { return Ok(None) };
+    let end = head.total_len();
     if buf.len() < end {
         return Ok(None);
     }
-    let op = match b0 & 0x0F {
-        0 => Op::Continuation,
-        1 => Op::Text,
-        2 => Op::Binary,
-        8 => Op::Close,
-        9 => Op::Ping,
-        10 => Op::Pong,
-        n => Op::Other(n),
-    };
-    Ok(Some((Frame { op, payload: &buf[at..end] }, end)))
+    Ok(Some((Frame { op: head.opcode, payload: &buf[head.header_len..end] }, end)))
 }
 
 /// Appends a masked client frame (FIN set) to `out`.
-pub fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+pub fn client_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: [u8; 4]) {
+    frame::encode_client_frame(out, true, opcode, payload, mask);
 }
 
 /// A cheap mask source (RFC 6455 wants unpredictable keys against proxy
@@ -316,26 +268,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_three_length_forms_and_waits_for_more() {
-        let mut f = vec![0x81, 3, b'a', b'b', b'c'];
+    fn parses_whole_frames_and_waits_for_their_payload() {
+        let f = [0x81, 3, b'a', b'b', b'c', 0x8A];
         let (fr, n) = parse_frame(&f).unwrap().unwrap();
-        assert_eq!((fr.op, fr.payload, n), (Op::Text, &b"abc"[..], 5));
+        assert_eq!((fr.op, fr.payload, n), (OpCode::Text, &b"abc"[..], 5));
+        // The header is complete but its payload is not.
         assert!(parse_frame(&f[..4]).unwrap().is_none());
-        f = vec![0x82, 126, 0x01, 0x00];
-        f.extend(std::iter::repeat_n(7u8, 256));
-        assert_eq!(parse_frame(&f).unwrap().unwrap().1, 260);
-        f = vec![0x89, 127, 0, 0, 0, 0, 0, 1, 0, 0];
+        let mut f = vec![0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0];
         assert!(parse_frame(&f).unwrap().is_none());
         f.extend(std::iter::repeat_n(0u8, 65536));
         let (fr, n) = parse_frame(&f).unwrap().unwrap();
-        assert_eq!((fr.op, n), (Op::Ping, 65546));
-        assert!(parse_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]).is_err());
+        assert_eq!((fr.op, fr.payload.len(), n), (OpCode::Binary, 65536, 65546));
+        assert_eq!(parse_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]).unwrap_err(), ProtocolError::Masked);
     }
 
     #[test]
     fn client_frames_are_masked() {
         let mut out = Vec::new();
-        client_frame(&mut out, 1, b"hi", [1, 2, 3, 4]);
+        client_frame(&mut out, OpCode::Text, b"hi", [1, 2, 3, 4]);
         assert_eq!(out, [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
     }
 

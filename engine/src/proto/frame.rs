@@ -271,6 +271,7 @@ impl ServerHead {
 /// mirror [`decode_head`]: reserved bits and opcodes, fragmented or long
 /// control frames, a mask, and a declared payload over `max_payload` (from
 /// the length alone) are errors.
+#[inline]
 pub fn decode_server_head(buf: &[u8], max_payload: usize) -> Result<Option<ServerHead>, ProtocolError> {
     if buf.len() < 2 {
         return Ok(None);

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use herald::proto::frame::{decode_server_head, OpCode};
 use tokio::io::AsyncReadExt;
 
 use crate::common::*;
@@ -101,20 +102,15 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: u64) -> u64 {
             let k = skip.min(have - at);
             skip -= k;
             at += k;
-            if skip > 0 || have - at < 2 {
+            if skip > 0 {
                 break;
             }
-            let b = &buf[at..have];
-            let (len, head) = match b[1] & 0x7F {
-                126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                126 | 127 => break,
-                l => (usize::from(l), 2),
-            };
-            if b[0] & 0x0F == 0x1 {
+            let Some(head) = decode_server_head(&buf[at..have], 1 << 20).unwrap() else { break };
+            if head.opcode == OpCode::Text {
                 got += 1;
             }
-            at += head;
-            skip = len;
+            at += head.header_len;
+            skip = head.payload_len;
         }
         buf.copy_within(at..have, 0);
         have -= at;
