@@ -12,6 +12,7 @@ mod clock;
 mod compare;
 mod fanout;
 mod html;
+mod http1;
 mod net;
 mod payload;
 mod progress;

@@ -18,7 +18,8 @@ use crate::payload;
 use crate::stats::{Live, Plan, Seq, WorkerStats};
 use herald::proto::frame::OpCode;
 
-use crate::ws::{self, Dechunker};
+use crate::http1::{self, Dechunker};
+use crate::ws;
 
 /// Bytes read per `read` call at most.
 const READ_BYTES: usize = 64 * 1024;
@@ -121,7 +122,7 @@ pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool), ConnectE
         let mut s = net::connect(spec.addr, spec.source, spec.connect_timeout).await?;
         match spec.transport {
             Transport::Ws => ws::upgrade(&mut s, &spec.url, &spec.path).await.map(|rest| (s, rest, false)),
-            Transport::Sse => ws::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked)),
+            Transport::Sse => http1::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked)),
         }
     };
     match tokio::time::timeout(spec.connect_timeout, fut).await {
