@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herald::proto::frame::{decode_server_head, OpCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -83,12 +84,16 @@ impl Drop for Subscribers {
     }
 }
 
-/// Counts data frames on one connection.
+/// Largest server frame accepted: far over any bench payload.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Counts data frames on one connection: headers are decoded, payloads
+/// skipped without being buffered.
 async fn read(mut s: TcpStream, remaining: Arc<AtomicUsize>, done: Arc<Notify>) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut have = 0;
     // Payload bytes of the current frame still to skip.
-    let mut skip: u64 = 0;
+    let mut skip: usize = 0;
     loop {
         let n = match s.read(&mut buf[have..]).await {
             Ok(0) | Err(_) => return,
@@ -98,27 +103,24 @@ async fn read(mut s: TcpStream, remaining: Arc<AtomicUsize>, done: Arc<Notify>) 
         let mut at = 0;
         loop {
             if skip > 0 {
-                let k = skip.min((have - at) as u64) as usize;
-                skip -= k as u64;
+                let k = skip.min(have - at);
+                skip -= k;
                 at += k;
                 if skip > 0 {
                     break;
                 }
             }
-            let b = &buf[at..have];
-            if b.len() < 2 {
-                break;
-            }
-            let (len, head) = match b[1] & 0x7F {
-                126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().unwrap_or_default()), 10),
-                126 | 127 => break,
-                l => (u64::from(l), 2),
+            let head = match decode_server_head(&buf[at..have], MAX_FRAME) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                // Not a WebSocket stream any more.
+                Err(_) => return,
             };
-            let opcode = b[0] & 0x0F;
-            at += head;
-            skip = len;
-            if matches!(opcode, 0x1 | 0x2) && remaining.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1)) == Ok(1) {
+            at += head.header_len;
+            skip = head.payload_len;
+            if matches!(head.opcode, OpCode::Text | OpCode::Binary)
+                && remaining.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1)) == Ok(1)
+            {
                 done.notify_one();
             }
         }

@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+use crate::cli::{CompareArgs, FormatArg, PublishArg, ScenarioArgs};
 use crate::progress::Progress;
 use crate::report::FanoutReport;
-use crate::{fd_budget, CompareArgs, FormatArg, PublishArg, ScenarioArgs};
+use crate::sys::fd_budget;
 
 #[derive(Debug, Clone)]
 struct Target {

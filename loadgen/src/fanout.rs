@@ -2,7 +2,6 @@
 //! the planned rate through warm-up and the measured window, wait for
 //! stragglers, then turn every observation into a report.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,141 +9,24 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::clock;
-use crate::net::{ConnectError, Url};
+use crate::connect::{connect_all, Connected};
+use crate::net::ConnectError;
 use crate::progress::Progress;
-use crate::publish::{self, Method};
+use crate::publish;
 use crate::report::{FanoutReport, Percentiles, Sample};
-use crate::stats::{Live, Plan, WorkerStats};
-use crate::sub::{SubSpec, Transport, Worker};
+use crate::scenario::Scenario;
+use crate::stats::WorkerStats;
+use crate::sub::{Transport, Worker};
 use crate::sys;
 
-/// Largest number of messages one run may plan (memory: ~12 bytes per
-/// message per worker thread).
-const MAX_MESSAGES: u64 = 50_000_000;
 /// Thread-name prefix of an embedded Herald's shards.
 const SERVER_THREADS: &str = "herald-shard";
-
-/// Everything that defines a fan-out scenario and its target.
-#[derive(Debug, Clone)]
-pub struct Scenario {
-    /// Subscriber URL templates; subscriber j uses `urls[j % len]`.
-    pub urls: Vec<Url>,
-    pub target: String,
-    pub transport: Transport,
-    pub format: String,
-    pub method: Method,
-    pub subscribers: u64,
-    pub channels: u64,
-    pub channel_prefix: String,
-    pub rate: f64,
-    pub duration: f64,
-    pub warmup: f64,
-    pub drain: f64,
-    pub payload: usize,
-    pub connect_rate: f64,
-    pub connect_timeout: Duration,
-    pub threads: usize,
-    pub source_ips: Vec<IpAddr>,
-    pub server_pids: Vec<u32>,
-    /// The target is an embedded Herald in this process.
-    pub embedded: bool,
-}
-
-impl Scenario {
-    pub fn channel_names(&self) -> Vec<String> {
-        (0..self.channels).map(|c| format!("{}{c}", self.channel_prefix)).collect()
-    }
-
-    fn plan(&self) -> anyhow::Result<Plan> {
-        if self.rate.is_nan() || self.rate <= 0.0 || !self.rate.is_finite() {
-            bail!("--rate must be above 0");
-        }
-        if self.duration.is_nan() || self.duration <= 0.0 {
-            bail!("--duration must be above 0");
-        }
-        if self.channels == 0 || self.subscribers == 0 {
-            bail!("--channels and --subscribers must be at least 1");
-        }
-        let first_measured = (self.rate * self.warmup).round() as u64;
-        let total = (self.rate * (self.warmup + self.duration)).round() as u64;
-        if total > MAX_MESSAGES {
-            bail!("{total} messages planned: over the limit of {MAX_MESSAGES}; lower --rate or --duration");
-        }
-        if total <= first_measured {
-            bail!("no message falls in the measured window: raise --rate or --duration");
-        }
-        // A number of this run, carried in every payload.
-        let nonce = (clock::now_ns() ^ (u64::from(std::process::id()) << 32)) % 1_000_000_007;
-        Ok(Plan { total, first_measured, channels: self.channels, nonce })
-    }
-}
-
-/// The connected subscribers of a run.
-pub struct Connected {
-    pub workers: Vec<Worker>,
-    pub live: Arc<Live>,
-    /// Connected subscribers per channel.
-    pub per_channel: Vec<u64>,
-    pub open_s: f64,
-}
-
-/// Opens `scenario.subscribers` subscribers at the connect rate and waits
-/// until each has connected or failed.
-pub async fn connect_all(sc: &Scenario, plan: Plan, progress: &Progress) -> anyhow::Result<Connected> {
-    let live = Live::new(sc.channels as usize);
-    let threads = sc.threads.max(1);
-    let workers: Vec<Worker> = (0..threads).map(|i| Worker::spawn(i, plan, Arc::clone(&live))).collect::<anyhow::Result<_>>()?;
-    let mut addrs = Vec::new();
-    for u in &sc.urls {
-        addrs.push((Arc::new(u.clone()), u.resolve().await?));
-    }
-    let names = sc.channel_names();
-    let n = sc.subscribers;
-    let started = Instant::now();
-    let gap = Duration::from_secs_f64(1.0 / sc.connect_rate.max(1.0));
-    progress.phase("connect");
-    for j in 0..n {
-        let due = started + gap.mul_f64(j as f64);
-        if due > Instant::now() + Duration::from_millis(1) {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let (url, addr) = &addrs[(j as usize) % addrs.len()];
-        let channel = j % sc.channels;
-        let spec = SubSpec {
-            transport: sc.transport,
-            url: Arc::clone(url),
-            addr: *addr,
-            path: url.path_for(&names[channel as usize]),
-            channel,
-            source: (!sc.source_ips.is_empty()).then(|| sc.source_ips[(j as usize) % sc.source_ips.len()]),
-            connect_timeout: sc.connect_timeout,
-        };
-        workers[(j as usize) % workers.len()].subscribe(spec);
-        if j % 64 == 0 {
-            progress.tick(&live, n, 0.0);
-        }
-    }
-    let deadline = Instant::now() + sc.connect_timeout + Duration::from_secs(2);
-    loop {
-        let done = live.connected.load(Ordering::Relaxed)
-            + live.connect_failed.load(Ordering::Relaxed)
-            + live.disconnected.load(Ordering::Relaxed);
-        if done >= n || Instant::now() > deadline {
-            break;
-        }
-        progress.tick(&live, n, 0.0);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let open_s = started.elapsed().as_secs_f64();
-    let per_channel = live.connected_per_channel.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    Ok(Connected { workers, live, per_channel, open_s })
-}
 
 /// Runs one fan-out scenario and reports it.
 pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutReport> {
     let plan = sc.plan()?;
-    let rss_before = sys::servers_rss_kib(&sc.server_pids);
-    let connected = connect_all(sc, plan, progress).await?;
+    let rss_before = sys::servers_rss_kib(&sc.conns.server_pids);
+    let connected = connect_all(&sc.conns, plan, progress).await?;
     let Connected { workers, live, per_channel, .. } = connected;
     if per_channel.iter().sum::<u64>() == 0 {
         let stats: Vec<WorkerStats> = workers.into_iter().map(Worker::stop).collect();
@@ -155,28 +37,28 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
             }
         }
         let hint = errs.keys().find_map(|k| ConnectError::hint(k)).map(|h| format!("; {h}")).unwrap_or_default();
-        bail!("no subscriber could connect to {} (errors: {errs:?}){hint}", sc.target);
+        bail!("no subscriber could connect to {} (errors: {errs:?}){hint}", sc.conns.target);
     }
     // Let the target finish its subscriptions before publishing.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_connected = sys::servers_rss_kib(&sc.server_pids);
+    let rss_connected = sys::servers_rss_kib(&sc.conns.server_pids);
 
     let failed = live.connect_failed.load(Ordering::Relaxed);
     let abort = Arc::new(AtomicBool::new(false));
     let (publisher, start_ns) = publish::spawn(publish::Job {
-        method: sc.method.clone(),
+        method: sc.load.method.clone(),
         plan,
-        rate: sc.rate,
-        payload_bytes: sc.payload,
-        channel_names: sc.channel_names(),
+        rate: sc.load.rate,
+        payload_bytes: sc.load.payload,
+        channel_names: sc.conns.channel_names(),
         lead: Duration::from_millis(200),
         live: Arc::clone(&live),
         abort: Arc::clone(&abort),
     })
     .context("cannot start the publisher")?;
 
-    let window_start = start_ns + (plan.first_measured as f64 * 1e9 / sc.rate) as u64;
-    let window_end = start_ns + (plan.total as f64 * 1e9 / sc.rate) as u64;
+    let window_start = start_ns + (plan.first_measured as f64 * 1e9 / sc.load.rate) as u64;
+    let window_end = start_ns + (plan.total as f64 * 1e9 / sc.load.rate) as u64;
     live.window_start.store(window_start, Ordering::Relaxed);
     live.window_end.store(window_end, Ordering::Relaxed);
     let hiccups = spawn_hiccup_meter(window_start, window_end)?;
@@ -189,11 +71,16 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     loop {
         let now = clock::now_ns();
         if cpu0.is_none() && now >= window_start {
-            cpu0 = Some((sys::thread_cpu(), sys::self_cpu(), sys::servers_cpu(&sc.server_pids)));
+            cpu0 = Some((sys::thread_cpu(), sys::self_cpu(), sys::servers_cpu(&sc.conns.server_pids)));
             progress.phase("measure");
         }
         if cpu1.is_none() && now >= window_end {
-            cpu1 = Some((sys::thread_cpu(), sys::self_cpu(), sys::servers_cpu(&sc.server_pids), sys::servers_rss_kib(&sc.server_pids)));
+            cpu1 = Some((
+                sys::thread_cpu(),
+                sys::self_cpu(),
+                sys::servers_cpu(&sc.conns.server_pids),
+                sys::servers_rss_kib(&sc.conns.server_pids),
+            ));
         }
         if now >= next_sample {
             // One sample per second, even after a stall of several.
@@ -218,7 +105,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
                 deliveries: recv - prev_recv,
                 p99_us: p99,
             });
-            progress.tick(&live, sc.subscribers, p99);
+            progress.tick(&live, sc.conns.subscribers, p99);
             (prev_sent, prev_recv) = (sent, recv);
             next_sample += 1_000_000_000;
         }
@@ -243,15 +130,15 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     for (i, g) in measured_range.clone().enumerate() {
         if outcome.ok.get(g).copied().unwrap_or(false) {
             sent += 1;
-            let e = per_channel[g % sc.channels as usize];
+            let e = per_channel[g % sc.conns.channels as usize];
             expected += e;
             expected_per_message[i] = e as u32;
         }
     }
     progress.phase("drain");
-    let drain_until = Instant::now() + Duration::from_secs_f64(sc.drain);
+    let drain_until = Instant::now() + Duration::from_secs_f64(sc.load.drain);
     while live.measured.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
-        progress.tick(&live, sc.subscribers, live.take_interval_p99_us());
+        progress.tick(&live, sc.conns.subscribers, live.take_interval_p99_us());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Flushes happen every 200 ms: let the last one land.
@@ -284,7 +171,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
         delivered += u64::from(got.min(want));
         lost += u64::from(want.saturating_sub(got));
         if got >= want {
-            let intended = start_ns + (g as f64 * 1e9 / sc.rate) as u64;
+            let intended = start_ns + (g as f64 * 1e9 / sc.load.rate) as u64;
             let _ = completion.record(stats.last_ns.get(i).copied().unwrap_or(0).saturating_sub(intended).max(1));
         } else {
             incomplete += 1;
@@ -297,12 +184,12 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     // The whole process (threads that ended included) less the embedded
     // server's shards.
     let client_cpu = (self_b - self_a - embedded_server_cpu).max(0.0);
-    let window_s = sc.duration;
+    let window_s = sc.load.duration;
     // Receipts between the window's bounds: what the window's CPU paid for.
     let deliveries_in_window = stats.in_window.max(1) as f64;
     let server_cpu_s = match (server_a, server_b) {
         (Some(a), Some(b)) => Some(b - a),
-        _ if sc.embedded => Some(embedded_server_cpu),
+        _ if sc.conns.embedded => Some(embedded_server_cpu),
         _ => None,
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -344,7 +231,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
             .push(format!("{n} messages were refused because the target did not take them as fast as planned (publisher backlog full)"));
     }
     if !stats.connect_errors.is_empty() {
-        let mut w = format!("{} of {} subscribers could not connect: {:?}", failed, sc.subscribers, stats.connect_errors);
+        let mut w = format!("{} of {} subscribers could not connect: {:?}", failed, sc.conns.subscribers, stats.connect_errors);
         if let Some(h) = stats.connect_errors.keys().find_map(|k| ConnectError::hint(k)) {
             w.push_str("; ");
             w.push_str(h);
@@ -352,7 +239,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
         warnings.push(w);
     }
     if lost > 0 {
-        warnings.push(format!("{lost} deliveries were lost (not received by the end of the drain period, {} s)", sc.drain));
+        warnings.push(format!("{lost} deliveries were lost (not received by the end of the drain period, {} s)", sc.load.drain));
     }
     if unexpected > 0 {
         warnings.push(format!("{unexpected} deliveries were of messages the target refused or did not confirm"));
@@ -373,19 +260,19 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     };
     let _ = outcome.scheduled;
     Ok(FanoutReport {
-        target: sc.target.clone(),
-        transport: match sc.transport {
+        target: sc.conns.target.clone(),
+        transport: match sc.conns.transport {
             Transport::Ws => "ws".into(),
             Transport::Sse => "sse".into(),
         },
-        format: sc.format.clone(),
-        publish: sc.method.name().into(),
-        subscribers: sc.subscribers,
-        channels: sc.channels,
-        rate: sc.rate,
-        duration_s: sc.duration,
-        warmup_s: sc.warmup,
-        payload_bytes: sc.payload,
+        format: sc.load.format.clone(),
+        publish: sc.load.method.name().into(),
+        subscribers: sc.conns.subscribers,
+        channels: sc.conns.channels,
+        rate: sc.load.rate,
+        duration_s: sc.load.duration,
+        warmup_s: sc.load.warmup,
+        payload_bytes: sc.load.payload,
         connected: connected_total,
         sent,
         publish_errors: outcome.errors,

@@ -16,7 +16,10 @@ use crate::clock;
 use crate::net::{self, ConnectError, Url};
 use crate::payload;
 use crate::stats::{Live, Plan, Seq, WorkerStats};
-use crate::ws::{self, Dechunker, Op};
+use herald::proto::frame::OpCode;
+
+use crate::http1::{self, Dechunker};
+use crate::ws;
 
 /// Bytes read per `read` call at most.
 const READ_BYTES: usize = 64 * 1024;
@@ -119,7 +122,7 @@ pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool), ConnectE
         let mut s = net::connect(spec.addr, spec.source, spec.connect_timeout).await?;
         match spec.transport {
             Transport::Ws => ws::upgrade(&mut s, &spec.url, &spec.path).await.map(|rest| (s, rest, false)),
-            Transport::Sse => ws::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked)),
+            Transport::Sse => http1::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked)),
         }
     };
     match tokio::time::timeout(spec.connect_timeout, fut).await {
@@ -169,16 +172,16 @@ fn ws_frames(ctx: &Ctx, seq: &mut Seq, channel: u64, data: &[u8], reply: &mut Ve
             Ok(Some((f, used))) => {
                 at += used;
                 match f.op {
-                    Op::Text | Op::Binary | Op::Continuation => {
+                    OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                         payload::find_all(&ctx.finder, f.payload, |found| stats.record(seq, channel, found, now, in_window));
                     }
-                    Op::Ping => ws::client_frame(reply, 0xA, f.payload, masker.next()),
-                    Op::Close => {
+                    OpCode::Ping => ws::client_frame(reply, OpCode::Pong, f.payload, masker.next()),
+                    OpCode::Close => {
                         let code = f.payload.get(..2).map_or(1005, |c| u16::from_be_bytes([c[0], c[1]]));
-                        ws::client_frame(reply, 0x8, &f.payload[..f.payload.len().min(2)], masker.next());
+                        ws::client_frame(reply, OpCode::Close, &f.payload[..f.payload.len().min(2)], masker.next());
                         return (at, Some(format!("closed_{code}")));
                     }
-                    Op::Pong | Op::Other(_) => {}
+                    OpCode::Pong => {}
                 }
             }
             Ok(None) => return (at, None),

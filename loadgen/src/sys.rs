@@ -91,3 +91,13 @@ pub fn split_cpu(before: &HashMap<u32, (String, f64)>, after: &HashMap<u32, (Str
     }
     (client, busiest, server, threads)
 }
+
+/// Raises the fd limit and says what it allows.
+pub fn fd_budget(connections: u64, progress: &crate::progress::Progress) {
+    let limit = raise_fd_limit();
+    if connections + 64 > limit {
+        progress.note(&format!(
+            "the file descriptor limit is {limit}: {connections} connections will not all open (raise the hard limit with ulimit -Hn)"
+        ));
+    }
+}

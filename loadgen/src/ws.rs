@@ -1,67 +1,11 @@
-//! The lean client side of HTTP/1.1 upgrades, WebSocket frames and SSE
-//! streams: just what a subscriber needs to find its messages, reading big
-//! buffers and allocating nothing per message.
+//! The lean client side of WebSockets: the upgrade, server frames found in
+//! a read buffer without allocating, masked client frames.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use herald::proto::frame::{self, OpCode, ProtocolError};
 use tokio::net::TcpStream;
 
+use crate::http1::{exchange, refused};
 use crate::net::{ConnectError, Url};
-
-/// Largest response head accepted.
-const MAX_HEAD: usize = 16 * 1024;
-
-/// A response head: status and the headers loadgen cares about.
-#[derive(Debug, Default)]
-pub struct Head {
-    pub status: u16,
-    pub chunked: bool,
-    pub content_type: String,
-}
-
-/// Sends `request` and reads the response head; returns it with any bytes
-/// that followed it.
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(Head, Vec<u8>), ConnectError> {
-    stream.write_all(request).await.map_err(|e| ConnectError::io(&e))?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut tmp = [0u8; 2048];
-    loop {
-        let n = stream.read(&mut tmp).await.map_err(|e| ConnectError::io(&e))?;
-        if n == 0 {
-            return Err(ConnectError::new("closed", "the server closed the connection during the handshake"));
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let mut head = Head { status: resp.code.unwrap_or(0), ..Head::default() };
-                for h in resp.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                        head.chunked = String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked");
-                    } else if h.name.eq_ignore_ascii_case("content-type") {
-                        head.content_type = String::from_utf8_lossy(h.value).into_owned();
-                    }
-                }
-                return Ok((head, buf.split_off(len)));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(ConnectError::new("bad_response", "response head over 16 KiB")),
-            Err(e) => return Err(ConnectError::new("bad_response", format!("unparsable response: {e}"))),
-        }
-    }
-}
-
-fn refused(status: u16) -> ConnectError {
-    let kind = match status {
-        400 => "http_400",
-        403 => "http_403",
-        404 => "http_404",
-        429 => "http_429",
-        500..=599 => "http_5xx",
-        _ => "http_other",
-    };
-    ConnectError::new(kind, format!("the server answered HTTP {status}"))
-}
 
 /// Opens a WebSocket on `stream`; returns bytes received after the head.
 pub async fn upgrade(stream: &mut TcpStream, url: &Url, path: &str) -> Result<Vec<u8>, ConnectError> {
@@ -77,96 +21,33 @@ pub async fn upgrade(stream: &mut TcpStream, url: &Url, path: &str) -> Result<Ve
     Ok(rest)
 }
 
-/// Opens an SSE stream on `stream`; returns whether the body is chunked
-/// and bytes received after the head.
-pub async fn sse_open(stream: &mut TcpStream, url: &Url, path: &str) -> Result<(bool, Vec<u8>), ConnectError> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n", url.authority());
-    let (head, rest) = exchange(stream, req.as_bytes()).await?;
-    if head.status != 200 {
-        return Err(refused(head.status));
-    }
-    if !head.content_type.starts_with("text/event-stream") {
-        return Err(ConnectError::new("bad_response", format!("content-type {:?} is not text/event-stream", head.content_type)));
-    }
-    Ok((head.chunked, rest))
-}
-
-/// Largest server frame accepted.
-const MAX_FRAME: u64 = 64 * 1024 * 1024;
-
-/// A server frame's opcode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Continuation,
-    Text,
-    Binary,
-    Close,
-    Ping,
-    Pong,
-    Other(u8),
-}
+/// Largest server frame accepted. Payloads are at most 16 MiB (loadgen's
+/// `--payload` limit) plus the server's envelope: anything larger is not a
+/// frame loadgen sent.
+const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// One complete server frame inside a buffer.
 #[derive(Debug)]
 pub struct Frame<'a> {
-    pub op: Op,
+    pub op: OpCode,
     pub payload: &'a [u8],
 }
 
 /// Parses the frame at the start of `buf`: `Ok(None)` when more bytes are
-/// needed, else the frame and the bytes it took.
+/// needed, else the frame (borrowed from `buf`) and the bytes it took.
 #[inline]
-pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, &'static str> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    if b1 & 0x80 != 0 {
-        return Err("masked server frame");
-    }
-    let (len, at) = match b1 & 0x7F {
-        126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
-        127 if buf.len() >= 10 => (u64::from_be_bytes([buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9]]), 10),
-        126 | 127 => return Ok(None),
-        n => (u64::from(n), 2),
-    };
-    // Payloads are at most 16 MiB (loadgen's --payload limit) plus the
-    // server's envelope: anything larger is not a frame loadgen sent.
-    if len > MAX_FRAME {
-        return Err("frame over 64 MiB");
-    }
-    let end = at + len as usize;
+pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, ProtocolError> {
+    let Some(head) = frame::decode_server_head(buf, MAX_FRAME)? else { return Ok(None) };
+    let end = head.total_len();
     if buf.len() < end {
         return Ok(None);
     }
-    let op = match b0 & 0x0F {
-        0 => Op::Continuation,
-        1 => Op::Text,
-        2 => Op::Binary,
-        8 => Op::Close,
-        9 => Op::Ping,
-        10 => Op::Pong,
-        n => Op::Other(n),
-    };
-    Ok(Some((Frame { op, payload: &buf[at..end] }, end)))
+    Ok(Some((Frame { op: head.opcode, payload: &buf[head.header_len..end] }, end)))
 }
 
 /// Appends a masked client frame (FIN set) to `out`.
-pub fn client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+pub fn client_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: [u8; 4]) {
+    frame::encode_client_frame(out, true, opcode, payload, mask);
 }
 
 /// A cheap mask source (RFC 6455 wants unpredictable keys against proxy
@@ -187,175 +68,29 @@ impl Masker {
     }
 }
 
-/// Decodes an HTTP/1.1 chunked body as it streams in.
-#[derive(Debug, Default)]
-pub struct Dechunker {
-    state: Chunk,
-    size: u64,
-    consumed: usize,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    #[default]
-    Size,
-    /// Skipping a chunk extension up to the line end.
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    /// After the last chunk: at the start of a trailer line or the final CRLF.
-    TrailerStart,
-    /// Inside a trailer line.
-    TrailerLine,
-    /// The final CRLF's LF is due.
-    FinalLf,
-    /// The body is over.
-    Done,
-}
-
-impl Dechunker {
-    /// Appends the decoded bytes of `input` to `out`; `Err` on malformed
-    /// framing, `Ok(true)` once the body has ended.
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<bool, &'static str> {
-        let before = input.len();
-        let r = self.feed_inner(input, out);
-        self.consumed += before - r.1;
-        r.0
-    }
-
-    /// Input bytes taken so far (up to the end of the body once it ended).
-    pub fn consumed_total(&self) -> usize {
-        self.consumed
-    }
-
-    fn feed_inner(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> (Result<bool, &'static str>, usize) {
-        macro_rules! fail {
-            ($e:expr) => {
-                return (Err($e), input.len())
-            };
-        }
-        while !input.is_empty() {
-            match self.state {
-                Chunk::Size => {
-                    let b = input[0];
-                    input = &input[1..];
-                    match b {
-                        b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                            let d = (b as char).to_digit(16).unwrap_or(0);
-                            let Some(v) = self.size.checked_mul(16) else { fail!("chunk size overflow") };
-                            self.size = v + u64::from(d);
-                        }
-                        b';' | b' ' | b'\t' => self.state = Chunk::Ext,
-                        b'\r' => self.state = Chunk::SizeLf,
-                        _ => fail!("bad chunk size"),
-                    }
-                }
-                Chunk::Ext => {
-                    if let Some(i) = memchr::memchr(b'\r', input) {
-                        input = &input[i + 1..];
-                        self.state = Chunk::SizeLf;
-                    } else {
-                        input = &[];
-                    }
-                }
-                Chunk::SizeLf => {
-                    if input[0] != b'\n' {
-                        fail!("bad chunk line end");
-                    }
-                    input = &input[1..];
-                    self.state = if self.size == 0 { Chunk::TrailerStart } else { Chunk::Data };
-                }
-                Chunk::Data => {
-                    let n = (self.size as usize).min(input.len());
-                    out.extend_from_slice(&input[..n]);
-                    input = &input[n..];
-                    self.size -= n as u64;
-                    if self.size == 0 {
-                        self.state = Chunk::DataCr;
-                    }
-                }
-                Chunk::DataCr | Chunk::DataLf => {
-                    let want = if self.state == Chunk::DataCr { b'\r' } else { b'\n' };
-                    if input[0] != want {
-                        fail!("bad chunk end");
-                    }
-                    input = &input[1..];
-                    self.state = if self.state == Chunk::DataCr { Chunk::DataLf } else { Chunk::Size };
-                }
-                Chunk::TrailerStart => {
-                    self.state = if input[0] == b'\r' { Chunk::FinalLf } else { Chunk::TrailerLine };
-                    input = &input[1..];
-                }
-                Chunk::TrailerLine => {
-                    if let Some(i) = memchr::memchr(b'\n', input) {
-                        input = &input[i + 1..];
-                        self.state = Chunk::TrailerStart;
-                    } else {
-                        input = &[];
-                    }
-                }
-                Chunk::FinalLf => {
-                    if input[0] != b'\n' {
-                        fail!("bad final line end");
-                    }
-                    input = &input[1..];
-                    self.state = Chunk::Done;
-                    return (Ok(true), input.len());
-                }
-                Chunk::Done => return (Ok(true), input.len()),
-            }
-        }
-        (Ok(self.state == Chunk::Done), 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_three_length_forms_and_waits_for_more() {
-        let mut f = vec![0x81, 3, b'a', b'b', b'c'];
+    fn parses_whole_frames_and_waits_for_their_payload() {
+        let f = [0x81, 3, b'a', b'b', b'c', 0x8A];
         let (fr, n) = parse_frame(&f).unwrap().unwrap();
-        assert_eq!((fr.op, fr.payload, n), (Op::Text, &b"abc"[..], 5));
+        assert_eq!((fr.op, fr.payload, n), (OpCode::Text, &b"abc"[..], 5));
+        // The header is complete but its payload is not.
         assert!(parse_frame(&f[..4]).unwrap().is_none());
-        f = vec![0x82, 126, 0x01, 0x00];
-        f.extend(std::iter::repeat_n(7u8, 256));
-        assert_eq!(parse_frame(&f).unwrap().unwrap().1, 260);
-        f = vec![0x89, 127, 0, 0, 0, 0, 0, 1, 0, 0];
+        let mut f = vec![0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0];
         assert!(parse_frame(&f).unwrap().is_none());
         f.extend(std::iter::repeat_n(0u8, 65536));
         let (fr, n) = parse_frame(&f).unwrap().unwrap();
-        assert_eq!((fr.op, n), (Op::Ping, 65546));
-        assert!(parse_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]).is_err());
+        assert_eq!((fr.op, fr.payload.len(), n), (OpCode::Binary, 65536, 65546));
+        assert_eq!(parse_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]).unwrap_err(), ProtocolError::Masked);
     }
 
     #[test]
     fn client_frames_are_masked() {
         let mut out = Vec::new();
-        client_frame(&mut out, 1, b"hi", [1, 2, 3, 4]);
+        client_frame(&mut out, OpCode::Text, b"hi", [1, 2, 3, 4]);
         assert_eq!(out, [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
-    }
-
-    #[test]
-    fn dechunks_across_arbitrary_splits() {
-        let body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
-        for split in 0..body.len() {
-            let mut d = Dechunker::default();
-            let mut out = Vec::new();
-            let a = d.feed(&body[..split], &mut out).unwrap();
-            let b = d.feed(&body[split..], &mut out).unwrap();
-            assert_eq!(out, b"hello world");
-            assert!(a || b);
-            assert_eq!(d.consumed_total(), body.len());
-        }
-        // Trailers, and bytes after the body are not taken.
-        let mut d = Dechunker::default();
-        let mut out = Vec::new();
-        assert_eq!(d.feed(b"1\r\na\r\n0\r\nx-t: 1\r\n\r\nHTTP/1.1", &mut out), Ok(true));
-        assert_eq!(d.consumed_total(), 19);
-        assert!(Dechunker::default().feed(b"zz\r\n", &mut Vec::new()).is_err());
     }
 }

@@ -55,11 +55,14 @@ fn embedded_herald_over_websocket_loses_nothing() {
     assert_eq!(u(&r, "incomplete_messages"), 0);
     assert_eq!(r["completion_latency_us"]["count"].as_u64(), Some(400));
     for k in ["p50", "p90", "p99", "p999", "max"] {
-        assert!(r["delivery_latency_us"][k].as_f64().unwrap() > 0.0, "{k}");
-        assert!(r["completion_latency_us"][k].as_f64().unwrap() >= r["delivery_latency_us"]["p50"].as_f64().unwrap() * 0.0);
+        let (delivery, completion) = (r["delivery_latency_us"][k].as_f64().unwrap(), r["completion_latency_us"][k].as_f64().unwrap());
+        assert!(delivery > 0.0, "{k}");
+        // A message is complete at its last delivery: every quantile of
+        // completion is at least the same quantile of delivery.
+        assert!(completion >= delivery, "{k}: completion {completion} < delivery {delivery}");
     }
     assert!(r["server_cpu_s"].as_f64().is_some(), "an embedded server's CPU is measured");
-    assert!(r["client_cpu_s"].as_f64().unwrap() >= 0.0);
+    assert!(r["client_cpu_s"].as_f64().unwrap() > 0.0, "200 subscribers for 2.5 s cost the client some CPU");
     assert!(r["client_saturated"].is_boolean());
     assert!(!r["timeline"].as_array().unwrap().is_empty());
     assert!(stdout.contains("deliveries"), "a human summary: {stdout}");
@@ -150,8 +153,8 @@ async fn lossy_server(delay: Duration) -> std::net::SocketAddr {
     addr
 }
 
-#[test]
-fn planted_delay_and_loss_are_reported() {
+/// Runs loadgen against [`lossy_server`] holding each message 50 ms.
+fn planted_delay_run() -> Value {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let addr = rt.block_on(lossy_server(Duration::from_millis(50)));
     let url = format!("ws://{addr}/sub");
@@ -177,15 +180,32 @@ fn planted_delay_and_loss_are_reported() {
         "--drain",
         "1",
     ]);
+    drop(rt);
+    r
+}
+
+#[test]
+fn planted_delay_and_loss_are_reported() {
+    let r = planted_delay_run();
     assert_eq!(u(&r, "sent"), 100);
     assert_eq!(u(&r, "expected"), 100 * 20);
     assert_eq!(u(&r, "lost"), 10 * 20, "messages 3, 13, … 93 were dropped for all 20 subscribers");
     assert_eq!(u(&r, "deliveries"), 90 * 20);
     assert_eq!(u(&r, "incomplete_messages"), 10);
+    // The server holds every message 50 ms before it sends it: however
+    // slow the machine, no measured latency can be below that.
     let lat = &r["delivery_latency_us"];
-    // The floor is the planted delay: nothing beats it, and the fastest
-    // deliveries are close to it (this machine stalls threads by hundreds
-    // of milliseconds at times, so only the floor is a stable figure).
+    assert!(lat["min"].as_f64().unwrap() >= 50_000.0, "nothing beats the planted 50 ms: {lat}");
+    assert!(r["completion_latency_us"]["min"].as_f64().unwrap() >= 50_000.0);
+}
+
+#[test]
+#[ignore = "stress: run by bench/stress.sh"]
+fn planted_delay_is_measured_close_to_its_floor() {
+    let r = planted_delay_run();
+    let lat = &r["delivery_latency_us"];
+    // The fastest deliveries are close to the planted delay (on a quiet
+    // machine; a loaded one stalls threads by hundreds of milliseconds).
     let min = lat["min"].as_f64().unwrap();
     assert!(
         (50_000.0..250_000.0).contains(&min),
@@ -193,8 +213,6 @@ fn planted_delay_and_loss_are_reported() {
         r["publisher_lag_us"],
         r["machine_hiccup_us"]
     );
-    assert!(r["completion_latency_us"]["min"].as_f64().unwrap() >= 50_000.0);
-    drop(rt);
 }
 
 #[test]
@@ -217,8 +235,11 @@ fn connect_storm_against_an_embedded_herald() {
 
 #[test]
 fn an_unreachable_target_is_a_clear_error() {
-    // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A socket bound but not listening holds the port for the whole test
+    // (no other test can take it), and connecting to it is refused.
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let port = holder.local_addr().unwrap().as_socket().unwrap().port();
     let url = format!("ws://127.0.0.1:{port}/ws?channel={{channel}}");
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["fanout", "--url", &url, "--subscribers", "5", "--duration", "1", "--quiet"])
@@ -227,6 +248,7 @@ fn an_unreachable_target_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no subscriber could connect") && err.contains("refused"), "{err}");
+    drop(holder);
 }
 
 #[test]
@@ -260,6 +282,7 @@ fn compare_interleaves_targets_and_prints_ratios() {
 }
 
 #[test]
+#[ignore = "stress: run by bench/stress.sh"]
 fn a_high_rate_keeps_its_schedule_with_pipelined_http() {
     // 2,000 msg/s: the schedule never waits for the connection, and HTTP
     // requests are pipelined, so nothing is refused for backlog.

@@ -104,7 +104,7 @@ fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandErr
     let op = wire.op.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"op\""))?;
     let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish");
     if !known {
-        return Err(CommandError::new(ErrorCode::UnknownOp, format!("unknown op {:?}", truncate(&op, 64))));
+        return Err(CommandError::new(ErrorCode::UnknownOp, format!("unknown op {:?}", super::truncate_str(&op, 64))));
     }
     let channel = wire.channel.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"channel\""))?;
     channel::validate(&channel).map_err(|e| CommandError::new(ErrorCode::BadChannel, e.to_string()))?;
@@ -126,14 +126,6 @@ fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandErr
             Ok(Command::Publish { channel, data })
         }
     }
-}
-
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! WebSocket framing (RFC 6455 §5): the server-frame encoder and a strict
-//! client-frame decoder.
+//! client-frame decoder, and their mirror images for clients (load
+//! generators, benches, tests): a server-frame header decoder and a
+//! client-frame encoder.
 //!
 //! Server frames are never masked, so one encoded frame is byte-for-byte the
 //! same for every subscriber: it is built once and shared by refcount.
@@ -95,14 +97,11 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
 /// Encodes a close frame with a status code and a reason, the reason cut at
 /// a character boundary so the payload fits a control frame (125 bytes).
 pub fn encode_close(code: u16, reason: &str) -> Bytes {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
+    let reason = super::truncate_str(reason, 123).as_bytes();
     let mut payload = [0u8; 125];
     payload[..2].copy_from_slice(&code.to_be_bytes());
-    payload[2..2 + end].copy_from_slice(&reason.as_bytes()[..end]);
-    encode_frame(OpCode::Close, &payload[..2 + end])
+    payload[2..2 + reason.len()].copy_from_slice(reason);
+    encode_frame(OpCode::Close, &payload[..2 + reason.len()])
 }
 
 /// A violation of RFC 6455 by the client; each maps to the close code the
@@ -118,6 +117,9 @@ pub enum ProtocolError {
     /// Client frames must be masked (§5.1).
     #[error("client frame not masked")]
     Unmasked,
+    /// Server frames must not be masked (§5.1); only a client sees this.
+    #[error("server frame masked")]
+    Masked,
     /// Control frames cannot be fragmented (§5.5).
     #[error("fragmented control frame")]
     FragmentedControl,
@@ -240,6 +242,85 @@ fn check_len(opcode: OpCode, len: u64, max_payload: usize) -> Result<(), Protoco
     }
 }
 
+/// A decoded server frame header, as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerHead {
+    /// Final fragment of its message.
+    pub fin: bool,
+    /// The opcode.
+    pub opcode: OpCode,
+    /// Bytes of header (2, 4 or 10: server frames carry no mask).
+    pub header_len: usize,
+    /// Bytes of payload.
+    pub payload_len: usize,
+}
+
+impl ServerHead {
+    /// Header plus payload.
+    pub fn total_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
+/// Decodes a server (unmasked) frame header from the start of `buf`, for
+/// clients.
+///
+/// `Ok(None)` means the header is not complete yet: read more. It says
+/// nothing of the payload, which may still be arriving: the frame is
+/// complete once `buf` holds [`ServerHead::total_len`] bytes. The checks
+/// mirror [`decode_head`]: reserved bits and opcodes, fragmented or long
+/// control frames, a mask, and a declared payload over `max_payload` (from
+/// the length alone) are errors.
+#[inline]
+pub fn decode_server_head(buf: &[u8], max_payload: usize) -> Result<Option<ServerHead>, ProtocolError> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err(ProtocolError::ReservedBits);
+    }
+    let opcode = OpCode::from_u8(b0 & 0x0F).ok_or(ProtocolError::BadOpcode)?;
+    let fin = b0 & 0x80 != 0;
+    if b1 & 0x80 != 0 {
+        return Err(ProtocolError::Masked);
+    }
+    if opcode.is_control() && !fin {
+        return Err(ProtocolError::FragmentedControl);
+    }
+    let (header_len, payload_len) = match b1 & 0x7F {
+        126 | 127 if opcode.is_control() => return Err(ProtocolError::ControlTooLong),
+        126 if buf.len() >= 4 => (4, u64::from(u16::from_be_bytes([buf[2], buf[3]]))),
+        127 if buf.len() >= 10 => (10, u64::from_be_bytes([buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9]])),
+        126 | 127 => return Ok(None),
+        n => (2, u64::from(n)),
+    };
+    check_len(opcode, payload_len, max_payload)?;
+    // check_len bounded it by max_payload, a usize.
+    Ok(Some(ServerHead { fin, opcode, header_len, payload_len: payload_len as usize }))
+}
+
+/// Appends a masked client frame to `out` (§5.2): header, masking key and
+/// the payload masked with it. Nothing is allocated beyond `out`'s growth.
+pub fn encode_client_frame(out: &mut Vec<u8>, fin: bool, opcode: OpCode, payload: &[u8], mask: [u8; 4]) {
+    let n = payload.len();
+    out.reserve(14 + n);
+    out.push((u8::from(fin) << 7) | opcode as u8);
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    apply_mask(&mut out[start..], mask);
+}
+
 /// Unmasks (or masks) `payload` in place with `mask` (§5.3).
 pub fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
     let word = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
@@ -294,30 +375,99 @@ mod tests {
         assert!(std::str::from_utf8(&f[4..]).is_ok());
     }
 
-    fn client_frame(fin: bool, op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut v = vec![(u8::from(fin) << 7) | op];
-        let n = payload.len();
-        if n < 126 {
-            v.push(0x80 | n as u8);
-        } else if n <= 65535 {
-            v.push(0x80 | 126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            v.push(0x80 | 127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        v.extend_from_slice(&mask);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, mask);
-        v.extend_from_slice(&p);
+    fn client_frame(fin: bool, op: OpCode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_client_frame(&mut v, fin, op, payload, mask);
         v
+    }
+
+    #[test]
+    fn client_frames_from_literal_bytes_at_the_length_boundaries() {
+        let mask = [1, 2, 3, 4];
+        let f = client_frame(true, OpCode::Text, b"hi", mask);
+        assert_eq!(f, [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
+        let f = client_frame(false, OpCode::Binary, &[0; 125], mask);
+        assert_eq!(&f[..6], &[0x02, 0x80 | 125, 1, 2, 3, 4]);
+        assert_eq!(f.len(), 6 + 125);
+        let f = client_frame(true, OpCode::Binary, &[0; 126], mask);
+        assert_eq!(&f[..8], &[0x82, 0x80 | 126, 0, 126, 1, 2, 3, 4]);
+        assert_eq!(f.len(), 8 + 126);
+        let f = client_frame(true, OpCode::Binary, &vec![0; 65535], mask);
+        assert_eq!(&f[..8], &[0x82, 0x80 | 126, 0xFF, 0xFF, 1, 2, 3, 4]);
+        assert_eq!(f.len(), 8 + 65535);
+        let f = client_frame(true, OpCode::Binary, &vec![0; 65536], mask);
+        assert_eq!(&f[..14], &[0x82, 0x80 | 127, 0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 3, 4]);
+        assert_eq!(f.len(), 14 + 65536);
+        // Zero payload bytes masked with the key read back as the key.
+        assert_eq!(&f[14..18], &mask);
+        // Appends: what `out` held stays.
+        let mut out = vec![0xEE];
+        encode_client_frame(&mut out, true, OpCode::Pong, b"", mask);
+        assert_eq!(out, [0xEE, 0x8A, 0x80, 1, 2, 3, 4]);
+    }
+
+    fn server_head(fin: bool, opcode: OpCode, header_len: usize, payload_len: usize) -> Option<ServerHead> {
+        Some(ServerHead { fin, opcode, header_len, payload_len })
+    }
+
+    #[test]
+    fn server_heads_from_literal_bytes_at_the_length_boundaries() {
+        let max = 1 << 20;
+        assert_eq!(decode_server_head(&[0x81, 125], max), Ok(server_head(true, OpCode::Text, 2, 125)));
+        assert_eq!(decode_server_head(&[0x01, 0], max), Ok(server_head(false, OpCode::Text, 2, 0)));
+        assert_eq!(decode_server_head(&[0x82, 126, 0, 126], max), Ok(server_head(true, OpCode::Binary, 4, 126)));
+        assert_eq!(decode_server_head(&[0x80, 126, 0xFF, 0xFF], max), Ok(server_head(true, OpCode::Continuation, 4, 65535)));
+        assert_eq!(decode_server_head(&[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0], max), Ok(server_head(true, OpCode::Binary, 10, 65536)));
+        assert_eq!(decode_server_head(&[0x88, 2, 0x03, 0xE8], max), Ok(server_head(true, OpCode::Close, 2, 2)));
+        assert_eq!(decode_server_head(&[0x89, 0], max).unwrap().unwrap().total_len(), 2);
+        // Whatever follows the header (payload, the next frame) is not read.
+        assert_eq!(decode_server_head(&[0x81, 1, b'x', 0xFF, 0xFF], max), Ok(server_head(true, OpCode::Text, 2, 1)));
+    }
+
+    #[test]
+    fn server_heads_round_trip_the_encoder() {
+        for n in [0usize, 1, 125, 126, 65535, 65536] {
+            let f = encode_frame(OpCode::Text, &vec![b'a'; n]);
+            let head = decode_server_head(&f, 1 << 20).unwrap().unwrap();
+            assert_eq!((head.header_len, head.payload_len), (header_len(n), n));
+            assert_eq!(head.total_len(), f.len());
+        }
+    }
+
+    #[test]
+    fn incomplete_server_heads_ask_for_more() {
+        assert_eq!(decode_server_head(&[], 1024), Ok(None));
+        assert_eq!(decode_server_head(&[0x81], 1024), Ok(None));
+        for cut in 2..4 {
+            assert_eq!(decode_server_head(&[0x81, 126, 0x01, 0x00][..cut], 1024), Ok(None), "cut at {cut}");
+        }
+        let long = [0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0];
+        for cut in 2..10 {
+            assert_eq!(decode_server_head(&long[..cut], 1 << 20), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn server_heads_refuse_what_a_server_may_not_send() {
+        let max = 1024;
+        assert_eq!(decode_server_head(&[0x81, 0x80], max), Err(ProtocolError::Masked));
+        assert_eq!(decode_server_head(&[0xC1, 0], max), Err(ProtocolError::ReservedBits));
+        assert_eq!(decode_server_head(&[0x83, 0], max), Err(ProtocolError::BadOpcode));
+        assert_eq!(decode_server_head(&[0x09, 0], max), Err(ProtocolError::FragmentedControl));
+        assert_eq!(decode_server_head(&[0x89, 126], max), Err(ProtocolError::ControlTooLong));
+        assert_eq!(decode_server_head(&[0x8A, 126, 0, 1], max), Err(ProtocolError::ControlTooLong));
+        assert_eq!(decode_server_head(&[0x81, 126, 0x04, 0x01], max), Err(ProtocolError::TooLarge));
+        assert_eq!(decode_server_head(&[0x81, 126, 0x04, 0x00], max), Ok(server_head(true, OpCode::Text, 4, 1024)));
+        let mut huge = vec![0x82, 127];
+        huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        assert_eq!(decode_server_head(&huge, max), Err(ProtocolError::TooLarge));
     }
 
     #[test]
     fn decodes_each_length_form_and_unmasks() {
         for n in [0usize, 1, 125, 126, 65535, 65536] {
             let payload: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-            let wire = client_frame(true, 0x2, &payload, [1, 2, 3, 4]);
+            let wire = client_frame(true, OpCode::Binary, &payload, [1, 2, 3, 4]);
             let head = decode_head(&wire, 1 << 20).unwrap().unwrap();
             assert_eq!(head.payload_len, n);
             assert_eq!(head.total_len(), wire.len());
@@ -329,7 +479,7 @@ mod tests {
 
     #[test]
     fn incomplete_headers_ask_for_more() {
-        let wire = client_frame(true, 0x1, &[b'x'; 300], [9, 9, 9, 9]);
+        let wire = client_frame(true, OpCode::Text, &[b'x'; 300], [9, 9, 9, 9]);
         for cut in 0..8 {
             assert_eq!(decode_head(&wire[..cut], 1 << 20), Ok(None), "cut at {cut}");
         }

@@ -28,6 +28,16 @@ pub mod resp;
 pub mod session;
 pub mod sse;
 
+/// The longest prefix of `s` that is at most `max` bytes and ends at a
+/// character boundary: for quoting untrusted text in a bounded message.
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Error codes of protocol v1, sent in `{"op":"error","code":…}` replies and
 /// in HTTP error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,12 +93,20 @@ impl ErrorCode {
     }
 }
 
-/// The longest prefix of `s` of at most `max` bytes that ends on a char
-/// boundary (for quoting client input in error messages).
-pub fn truncate_str(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
+#[cfg(test)]
+mod tests {
+    use super::truncate_str;
+
+    #[test]
+    fn truncate_str_cuts_at_a_character_boundary() {
+        assert_eq!(truncate_str("abc", 5), "abc");
+        assert_eq!(truncate_str("abc", 3), "abc");
+        assert_eq!(truncate_str("abc", 2), "ab");
+        assert_eq!(truncate_str("abc", 0), "");
+        // "é" is 2 bytes, "€" 3: a cut inside one keeps the bytes before it.
+        assert_eq!(truncate_str("aé", 2), "a");
+        assert_eq!(truncate_str("aé", 3), "aé");
+        assert_eq!(truncate_str("€€", 5), "€");
+        assert_eq!(truncate_str("€", 2), "");
     }
-    &s[..end]
 }

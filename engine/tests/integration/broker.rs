@@ -169,7 +169,8 @@ async fn a_node_is_subscribed_in_redis_only_while_it_has_subscribers() {
     let channels: Vec<String> = redis.query(&["PUBSUB", "CHANNELS"]).unwrap();
     assert_eq!(channels, vec!["herald:{quiet}".to_string()], "no node subscribes to a channel nobody wants");
     drop(first);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once A has seen the client go, it had its chance to unsubscribe.
+    wait_metric(&a, "herald_subscriptions", |v| v == 1).await;
     assert_eq!(redis.subscribers("quiet", false), 2, "A still has a subscriber");
     drop(second);
     wait_for("A to unsubscribe", || redis.subscribers("quiet", false) == 1).await;

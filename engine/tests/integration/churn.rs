@@ -1,10 +1,12 @@
-//! Connection churn against the `herald` binary: many connect–subscribe–
-//! disconnect cycles leave no file descriptor, subscription or memory
-//! behind.
+//! Connection churn against the `herald` binary: connect–subscribe–
+//! disconnect cycles leave no file descriptor, subscription or permit
+//! behind. The long runs that also bound memory (RSS) are stress tests,
+//! run by `bench/stress.sh`: they need an idle machine.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use herald::proto::frame::{decode_server_head, OpCode};
 use tokio::io::AsyncReadExt;
 
 use crate::common::*;
@@ -30,8 +32,17 @@ async fn metrics(server: SocketAddr) -> String {
     http(server, "GET", "/metrics", &[], b"").await.2
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_thousand_connect_subscribe_disconnect_cycles_leave_nothing_behind() {
+/// What a churn run left behind.
+struct Churned {
+    metrics: String,
+    fds: (usize, usize),
+    rss_kib: (u64, u64),
+}
+
+/// Runs `warmup` then `n` connect–subscribe–disconnect cycles against a
+/// fresh `herald` binary; returns its metrics once every connection
+/// closed, and its fds and RSS after the warm-up and at the end.
+async fn churn(warmup: usize, n: usize) -> Churned {
     let (mut child, server) = spawn_herald(&["--shards", "2"], false).await;
     let pid = child.id().unwrap();
     // Source addresses 127.0.0.1-32: past one address's ephemeral ports
@@ -56,34 +67,46 @@ async fn fifty_thousand_connect_subscribe_disconnect_cycles_leave_nothing_behind
             }
         }
     };
-    let settled = |m: &str| metric(m, "herald_connections_open{transport=\"ws\"}") == 0 && metric(m, "herald_subscriptions") == 0;
-    // Warm up (allocator pools, shard buffers), then take the baseline.
-    run(2_000).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !settled(&metrics(server).await) {
-        assert!(tokio::time::Instant::now() < deadline, "connections did not close");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (fds0, rss0) = (fds(pid), rss_kib(pid));
-
-    run(50_000).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let m = loop {
-        let m = metrics(server).await;
-        if settled(&m) {
-            break m;
+    let settled = || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = metrics(server).await;
+            if metric(&m, "herald_connections_open{transport=\"ws\"}") == 0 && metric(&m, "herald_subscriptions") == 0 {
+                return m;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "connections did not close: {m}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(tokio::time::Instant::now() < deadline, "connections did not close: {m}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // Warm up (allocator pools, shard buffers), then take the baseline.
+    run(warmup).await;
+    settled().await;
+    let (fds0, rss0) = (fds(pid), rss_kib(pid));
+    run(n).await;
+    let m = settled().await;
     let (fds1, rss1) = (fds(pid), rss_kib(pid));
+    child.kill().await.unwrap();
     eprintln!("churn: fds {fds0} -> {fds1}, RSS {rss0} KiB -> {rss1} KiB");
-    assert!(metric(&m, "herald_connections_total{transport=\"ws\"}") >= 52_000);
+    Churned { metrics: m, fds: (fds0, fds1), rss_kib: (rss0, rss1) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_subscribe_disconnect_cycles_give_back_fds_and_permits() {
+    let Churned { metrics: m, fds: (fds0, fds1), .. } = churn(50, 300).await;
+    assert_eq!(metric(&m, "herald_connections_total{transport=\"ws\"}"), 350);
     // One permit is the /metrics request's own connection.
     assert_eq!(metric(&m, "herald_open_permits"), 1, "every connection permit came back");
     assert!(fds1 <= fds0 + 2, "file descriptors leaked: {fds0} -> {fds1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stress: run by bench/stress.sh"]
+async fn fifty_thousand_connect_subscribe_disconnect_cycles_leave_nothing_behind() {
+    let Churned { metrics: m, fds: (fds0, fds1), rss_kib: (rss0, rss1) } = churn(2_000, 50_000).await;
+    assert!(metric(&m, "herald_connections_total{transport=\"ws\"}") >= 52_000);
+    assert_eq!(metric(&m, "herald_open_permits"), 1, "every connection permit came back");
+    assert!(fds1 <= fds0 + 2, "file descriptors leaked: {fds0} -> {fds1}");
     assert!(rss1 <= rss0 + rss0 / 4 + 2048, "RSS did not return near its baseline: {rss0} KiB -> {rss1} KiB");
-    child.kill().await.unwrap();
 }
 
 /// Counts text frames on a raw WebSocket until `want` arrived.
@@ -101,20 +124,15 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: u64) -> u64 {
             let k = skip.min(have - at);
             skip -= k;
             at += k;
-            if skip > 0 || have - at < 2 {
+            if skip > 0 {
                 break;
             }
-            let b = &buf[at..have];
-            let (len, head) = match b[1] & 0x7F {
-                126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
-                126 | 127 => break,
-                l => (usize::from(l), 2),
-            };
-            if b[0] & 0x0F == 0x1 {
+            let Some(head) = decode_server_head(&buf[at..have], 1 << 20).unwrap() else { break };
+            if head.opcode == OpCode::Text {
                 got += 1;
             }
-            at += head;
-            skip = len;
+            at += head.header_len;
+            skip = head.payload_len;
         }
         buf.copy_within(at..have, 0);
         have -= at;
@@ -123,6 +141,7 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: u64) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stress: run by bench/stress.sh"]
 async fn one_stalled_subscriber_among_a_thousand_costs_bounded_memory_and_nothing_else() {
     // A 256 KiB outbound bound, so the stalled client reaches it quickly.
     let args = ["--shards", "2", "--outbound-queue-bytes", "262144", "--max-message-bytes", "16384"];

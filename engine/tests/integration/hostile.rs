@@ -6,10 +6,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use futures_util::SinkExt;
+use herald::proto::frame::{decode_server_head, encode_client_frame, OpCode};
 use herald::Payload;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -37,42 +40,48 @@ fn status(resp: &[u8]) -> u16 {
     std::str::from_utf8(resp.get(9..12).unwrap_or_default()).ok().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-/// The close code of the first close frame in `bytes` (server frames are
-/// unmasked; skips data frames before it).
+/// The close code of the first close frame in `bytes` (skips data frames
+/// before it).
 fn close_code(bytes: &[u8]) -> Option<u16> {
     let mut at = 0;
-    while at + 2 <= bytes.len() {
-        let len = usize::from(bytes[at + 1] & 0x7F);
-        let (len, head) = match len {
-            126 => (usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]])), 4),
-            127 => return None,
-            l => (l, 2),
-        };
-        if bytes[at] & 0x0F == 0x8 {
-            return Some(u16::from_be_bytes([*bytes.get(at + head)?, *bytes.get(at + head + 1)?]));
+    while let Ok(Some(head)) = decode_server_head(&bytes[at..], 1 << 20) {
+        if head.opcode == OpCode::Close {
+            let p = bytes.get(at + head.header_len..at + head.header_len + 2)?;
+            return Some(u16::from_be_bytes([p[0], p[1]]));
         }
-        at += head + len;
+        at += head.total_len();
     }
     None
 }
 
-/// A masked client frame (mask 0: the payload goes as is).
+/// A masked client frame whose first byte (FIN, RSV, opcode) is `first`,
+/// set by hand so that reserved bits and opcodes can be sent.
 fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![first];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(payload);
+    let mut f = Vec::new();
+    encode_client_frame(&mut f, true, OpCode::Text, payload, [0x37, 0xFA, 0x21, 0x3D]);
+    f[0] = first;
     f
+}
+
+/// The next text frame on a raw WebSocket (control frames skipped).
+async fn next_raw_text(s: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        while let Some(head) = decode_server_head(&buf, 1 << 20).unwrap() {
+            if buf.len() < head.total_len() {
+                break;
+            }
+            let frame: Vec<u8> = buf.drain(..head.total_len()).collect();
+            if head.opcode == OpCode::Text {
+                return String::from_utf8(frame[head.header_len..].to_vec()).unwrap();
+            }
+            assert!(head.opcode.is_control(), "unexpected {:?} frame", head.opcode);
+        }
+        let n = tokio::time::timeout(WAIT, s.read(&mut tmp)).await.expect("timed out waiting for a frame").unwrap();
+        assert!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&tmp[..n]);
+    }
 }
 
 async fn ws_close_code(a: SocketAddr, frames: &[u8]) -> Option<u16> {
@@ -153,22 +162,38 @@ async fn hostile_clients_get_clear_answers_and_the_others_lose_nothing() {
         endless.extend_from_slice(&client_frame(0x00, &[b'a'; 1000]));
     }
     assert_eq!(ws_close_code(a, &endless).await, Some(1009), "endless fragments");
-    // Slowloris mid-frame: a frame trickled slower than nothing at all is
-    // still answered (pings, then the idle timeout), never a stuck shard;
-    // meanwhile the stream goes on (checked below).
+    // Slowloris mid-frame: a command trickled a byte at a time is parsed
+    // once complete and answered like any other, and the subscription it
+    // made works; meanwhile the stream goes on (checked below).
     let mut trickle = raw_ws(a, "/ws").await;
-    for b in client_frame(0x81, br#"{"op":"subscribe","channel":"x"}"#).iter().take(10) {
-        trickle.write_all(&[*b]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    for b in client_frame(0x81, br#"{"op":"subscribe","channel":"x"}"#) {
+        trickle.write_all(&[b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let reply: serde_json::Value = serde_json::from_str(&next_raw_text(&mut trickle).await).unwrap();
+    assert_eq!((reply["op"].as_str(), reply["channel"].as_str()), (Some("subscribed"), Some("x")), "{reply}");
+    h.publish("x", Payload::text("after the trickle")).await.unwrap();
+    let m: serde_json::Value = serde_json::from_str(&next_raw_text(&mut trickle).await).unwrap();
+    assert_eq!(m["data"], "after the trickle", "{m}");
     drop(trickle);
 
-    // Deeply nested JSON and a flood of subscribes: error replies, the
-    // connection stays.
+    // JSON nested deeper than the parser's limit (serde_json's is 128) as
+    // the data of a publish: a bad_request reply, and the connection stays
+    // usable.
     let mut c = ws(a, "/ws").await;
     let deep = format!(r#"{{"op":"publish","channel":"d","data":{}{}}}"#, "[".repeat(200), "]".repeat(200));
-    let r = command(&mut c, serde_json::from_str(&deep).unwrap_or(json!({"op":"publish","channel":"d"}))).await;
-    assert_eq!(r["op"], "error", "{r}");
+    assert!(serde_json::from_str::<serde_json::Value>(&deep).is_err(), "the payload is past the depth limit");
+    c.send(Message::Text(deep.into())).await.unwrap();
+    let r = next_json(&mut c).await;
+    assert_eq!((r["op"].as_str(), r["code"].as_str()), (Some("error"), Some("bad_request")), "{r}");
+    let r = command(&mut c, json!({"op": "subscribe", "channel": "d"})).await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    send(&mut c, json!({"op": "publish", "channel": "d", "data": [[[1]]]})).await;
+    let (x, y) = (next_json(&mut c).await, next_json(&mut c).await);
+    let message = if x["op"] == "message" { &x } else { &y };
+    assert_eq!(message["data"], json!([[[1]]]), "the publish after the refused one went through: {x} {y}");
+
+    // A flood of subscribes: error replies, the connection stays.
     for i in 0..40 {
         send(&mut c, json!({"op": "subscribe", "channel": format!("flood-{i}"), "id": i})).await;
     }
@@ -179,7 +204,8 @@ async fn hostile_clients_get_clear_answers_and_the_others_lose_nothing() {
             limits += 1;
         }
     }
-    assert_eq!(limits, 40 - 16, "subscriptions over max_subscriptions are refused");
+    // It holds one subscription (to "d") already.
+    assert_eq!(limits, 40 - 15, "subscriptions over max_subscriptions are refused");
     let r = command(&mut c, json!({"op": "subscribe", "channel": "bad channel!"})).await;
     assert_eq!(r["code"], "bad_channel");
 
@@ -198,4 +224,31 @@ async fn hostile_clients_get_clear_answers_and_the_others_lose_nothing() {
     assert!(metric(&m, "herald_disconnects_total{reason=\"invalid_utf8\"}") >= 1);
     assert!(metric(&m, "herald_errors_total{code=\"bad_channel\"}") >= 2);
     assert!(metric(&m, "herald_errors_total{code=\"limit\"}") >= 25);
+    assert!(metric(&m, "herald_errors_total{code=\"bad_request\"}") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stuck_mid_frame_is_pinged_then_closed_as_idle() {
+    let h = start(1, |c| {
+        c.ping_interval(Duration::from_millis(100)).idle_timeout(Duration::from_millis(600));
+    });
+    let mut s = raw_ws(addr(&h), "/ws").await;
+    // Half a frame, then silence: the shard is not stuck waiting for the
+    // rest, it keeps the connection's timers.
+    let frame = client_frame(0x81, br#"{"op":"subscribe","channel":"x"}"#);
+    s.write_all(&frame[..10]).await.unwrap();
+    let got = read_until_closed(&mut s, WAIT).await;
+    let mut at = 0;
+    let mut pings = 0;
+    while let Some(head) = decode_server_head(&got[at..], 1 << 20).unwrap() {
+        match head.opcode {
+            OpCode::Ping => pings += 1,
+            OpCode::Close => break,
+            op => panic!("unexpected {op:?} frame"),
+        }
+        at += head.total_len();
+    }
+    assert!(pings >= 1, "the server pinged first");
+    assert_eq!(close_code(&got), Some(1001), "then closed it");
+    wait_metric(&h, "herald_disconnects_total{reason=\"idle_timeout\"}", |v| v == 1).await;
 }

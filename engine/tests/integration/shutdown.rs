@@ -16,10 +16,11 @@ async fn shutdown_flushes_then_closes_websockets_with_1001_and_ends_sse() {
     for i in 0..10 {
         h.publish("bye", Payload::text(format!("m{i}"))).await.unwrap();
     }
-    let started = std::time::Instant::now();
+    // A deadline far beyond the test's own wait: the drain can only end
+    // within that wait because every client has gone, not by the deadline.
     let stopping = {
         let h = h.clone();
-        tokio::spawn(async move { h.shutdown(Duration::from_secs(5)).await })
+        tokio::spawn(async move { h.shutdown(Duration::from_secs(600)).await })
     };
     for i in 0..10 {
         assert_eq!(next_json(&mut w).await["data"], format!("m{i}"));
@@ -29,8 +30,7 @@ async fn shutdown_flushes_then_closes_websockets_with_1001_and_ends_sse() {
     assert_eq!(s.next_data().await, None, "the SSE stream ended");
     // tokio-tungstenite answers the close when it reads it; then the drain ends.
     drop(w);
-    stopping.await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(5), "drained before the deadline");
+    tokio::time::timeout(WAIT, stopping).await.expect("the drain ends once the last client is gone").unwrap();
     assert!(h.publish("bye", Payload::text("late")).await.is_err());
     assert!(tokio::net::TcpStream::connect(a).await.is_err(), "the listener is closed");
 }

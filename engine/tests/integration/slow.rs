@@ -98,8 +98,8 @@ async fn under_the_drop_policy_a_stalled_subscriber_stays_and_drops_are_counted(
         c.outbound_queue_bytes(256 * 1024)
             .max_message_bytes(32 * 1024)
             .slow_consumer(herald::SlowConsumerPolicy::Drop)
-            // Server pings that find the queue full are dropped too, not a
-            // reason to disconnect.
+            // Pings go on throughout (what they do at the bound is shown
+            // by `a_ping_that_meets_the_full_queue_is_dropped_and_counted`).
             .ping_interval(std::time::Duration::from_millis(50));
     });
     let a = addr(&h);
@@ -121,8 +121,6 @@ async fn under_the_drop_policy_a_stalled_subscriber_stays_and_drops_are_counted(
     });
     let payload = "d".repeat(2000);
     let sent = flood_until(&h, "dflood", &payload, |m| metric(m, "herald_frames_dropped_total{reason=\"slow_consumer\"}") >= 200).await;
-    // Let a few pings find the full queue.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     h.publish("dflood", Payload::text("end")).await.unwrap();
     let (received, _reader) = reading.await.unwrap();
     assert_eq!(received, sent);
@@ -167,4 +165,64 @@ async fn under_the_drop_policy_a_stalled_subscriber_stays_and_drops_are_counted(
         assert_eq!(w[1].0, w[0].1 + 1, "no offset missing or repeated between {:?} and {:?}", w[0], w[1]);
     }
     assert!(metric(&h.metrics_text(), "herald_lagged_notices_total") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_that_meets_the_full_queue_is_dropped_and_counted() {
+    let h = start(1, |c| {
+        c.outbound_queue_bytes(64 * 1024)
+            .max_message_bytes(8 * 1024)
+            .slow_consumer(herald::SlowConsumerPolicy::Drop)
+            .ping_interval(std::time::Duration::from_millis(50))
+            .idle_timeout(std::time::Duration::from_secs(600));
+    });
+    let a = addr(&h);
+    let dropped = |h: &herald::Herald| metric(&h.metrics_text(), "herald_frames_dropped_total{reason=\"slow_consumer\"}");
+    // The stalled client takes raw frames: an empty message is a 2-byte
+    // frame, the size of a server ping.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let _stalled = upgrade(sock.connect(a).await.unwrap(), "/ws?channel=pfull&format=raw").await;
+    // A reader on the same (single) shard: once it has a message, the
+    // shard has offered that message to the stalled client too.
+    let mut reader = ws(a, "/ws?channel=pfull").await;
+    let (seen_tx, mut seen) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        loop {
+            let m = next_json(&mut reader).await;
+            assert_ne!(m["op"], "lagged", "the reader keeps up");
+            if let Some(offset) = m["offset"].as_u64() {
+                let _ = seen_tx.send(offset);
+            }
+        }
+    });
+    wait_metric(&h, "herald_subscriptions", |v| v == 2).await;
+    // Fill the stalled queue with big frames, then top it up with 2-byte
+    // ones until one is dropped: less than 2 bytes are left under the
+    // bound. Each message is published once the reader has the previous
+    // one, so the reader never queues and every drop is the stalled
+    // client's.
+    let big = "f".repeat(2000);
+    for text in [big.as_str(), ""] {
+        loop {
+            let before = dropped(&h);
+            let offset = h.publish("pfull", Payload::text(text.to_string())).await.unwrap().offset;
+            seen.wait_for(|&o| o >= offset).await.unwrap();
+            if dropped(&h) > before {
+                break;
+            }
+        }
+    }
+    // Nothing is published any more and the client sends nothing, so
+    // the only frames still offered to it are the server's pings: each
+    // meets the full queue and is dropped and counted.
+    let full = dropped(&h);
+    wait_metric(&h, "herald_frames_dropped_total{reason=\"slow_consumer\"}", |v| v >= full + 2).await;
+    let m = h.metrics_text();
+    assert_eq!(
+        metric(&m, "herald_disconnects_total{reason=\"slow_consumer\"}"),
+        0,
+        "under drop, a ping at the bound is no reason to close"
+    );
+    assert_eq!(metric(&m, "herald_subscriptions"), 2, "the stalled subscriber is still subscribed");
 }

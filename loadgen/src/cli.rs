@@ -1,0 +1,283 @@
+//! The command line: clap's types, and turning them into a [`Scenario`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::net::{self, Url};
+use crate::publish::Method;
+use crate::scenario::{embedded, threads, Connections, Load, Scenario};
+use crate::sub::Transport;
+
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version, about = "Fan-out load generator for Herald and any WebSocket/SSE server")]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Cmd {
+    /// N subscribers over C channels, an open-loop publisher at a fixed
+    /// rate: delivery and fan-out completion latency, throughput, loss.
+    /// With no --url it measures an embedded Herald.
+    Fanout(FanoutArgs),
+    /// A connection storm: open N at a rate, hold, close.
+    Connect(ConnectArgs),
+    /// The same fan-out scenario against several targets, interleaved.
+    Compare(CompareArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TransportArg {
+    Ws,
+    Sse,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FormatArg {
+    /// Herald's v1 envelope.
+    Herald,
+    /// The frame or SSE data is the payload alone.
+    Raw,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PublishArg {
+    /// POST to --publish-url.
+    Http,
+    /// Herald's publish command on a WebSocket.
+    Ws,
+    /// The payload as a text frame, one connection per channel.
+    WsRaw,
+    /// PUBLISH straight to Redis.
+    Redis,
+}
+
+/// What a scenario is made of (shared by `fanout` and `compare`).
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ScenarioArgs {
+    /// Subscriber URL template; `{channel}` is replaced by the channel name.
+    /// Repeat to spread subscribers over several nodes. None: an embedded
+    /// Herald.
+    #[arg(long)]
+    pub(crate) url: Vec<String>,
+    #[arg(long, value_enum, default_value = "ws")]
+    pub(crate) transport: TransportArg,
+    #[arg(long, value_enum, default_value = "herald")]
+    pub(crate) format: FormatArg,
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) subscribers: u64,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) channels: u64,
+    /// Messages per second, all channels together.
+    #[arg(long, default_value_t = 100.0)]
+    pub(crate) rate: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) duration: f64,
+    /// Seconds of publishing before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) warmup: f64,
+    /// Seconds to wait after the last publish for deliveries still on
+    /// their way; what has not arrived then is lost.
+    #[arg(long, default_value_t = 3.0)]
+    pub(crate) drain: f64,
+    /// Payload size in bytes (at least the ~30-byte header).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) payload: usize,
+    /// New connections per second while connecting.
+    #[arg(long, default_value_t = 2000.0)]
+    pub(crate) connect_rate: f64,
+    /// Seconds a connection and its handshake may take.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) connect_timeout: f64,
+    #[arg(long, value_enum, default_value = "http")]
+    pub(crate) publish: PublishArg,
+    /// Publish URL template (`{channel}` replaced). Derived for Herald URLs
+    /// (`/ws`, `/sse`) when not given.
+    #[arg(long)]
+    pub(crate) publish_url: Option<String>,
+    /// Keep-alive connections of the `http` publisher.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) publish_connections: usize,
+    /// Redis channel name template of the `redis` publisher.
+    #[arg(long, default_value = "{channel}")]
+    pub(crate) redis_channel: String,
+    /// Channel names are this prefix and a number.
+    #[arg(long, default_value = "lg-")]
+    pub(crate) channel_prefix: String,
+    /// Subscriber threads (default: the number of cores).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    /// Source addresses to spread connections over, past the ephemeral
+    /// port limit: `127.0.0.1-127.0.0.8` or a comma list.
+    #[arg(long)]
+    pub(crate) source_ips: Option<String>,
+    /// Sample this server process's CPU and RSS (repeatable).
+    #[arg(long)]
+    pub(crate) server_pid: Vec<u32>,
+    /// Shards of the embedded Herald (default: the number of cores).
+    #[arg(long)]
+    pub(crate) shards: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FanoutArgs {
+    #[command(flatten)]
+    pub(crate) scenario: ScenarioArgs,
+    /// Write the full report as JSON.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Write a self-contained HTML report with plots.
+    #[arg(long)]
+    pub(crate) html: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ConnectArgs {
+    /// URL (`{channel}` replaced by `lg-0`…); none: an embedded Herald.
+    #[arg(long)]
+    pub(crate) url: Vec<String>,
+    #[arg(long, value_enum, default_value = "ws")]
+    pub(crate) transport: TransportArg,
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) connections: u64,
+    /// New connections per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub(crate) rate: f64,
+    /// Seconds to hold them open.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) hold: f64,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) channels: u64,
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) connect_timeout: f64,
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    #[arg(long)]
+    pub(crate) source_ips: Option<String>,
+    #[arg(long)]
+    pub(crate) server_pid: Vec<u32>,
+    #[arg(long)]
+    pub(crate) shards: Option<usize>,
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CompareArgs {
+    /// A target: space-separated `key=value` pairs; keys `name`, `url`
+    /// (repeatable), `publish`, `publish-url`, `format`, `pid`. A target
+    /// with no `url` is an embedded Herald.
+    #[arg(long, required = true)]
+    pub(crate) target: Vec<String>,
+    /// Rounds; each runs every target once, in turn (A B A B …).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    #[command(flatten)]
+    pub(crate) scenario: ScenarioArgs,
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+impl ScenarioArgs {
+    /// The scenario, and the embedded Herald when there is no URL.
+    pub(crate) fn build(&self, name: Option<&str>) -> anyhow::Result<(Scenario, Option<herald::Herald>)> {
+        let (urls, method_default_url, herald) = if self.url.is_empty() {
+            let h = embedded(self.shards)?;
+            let addr = h.local_addr().context("the embedded Herald has no address")?;
+            let raw = if self.format == FormatArg::Raw { "&format=raw" } else { "" };
+            let url = match self.transport {
+                TransportArg::Ws => format!("ws://{addr}/ws?channel={{channel}}{raw}"),
+                TransportArg::Sse => format!("http://{addr}/sse?channel={{channel}}{raw}"),
+            };
+            (vec![Url::parse(&url)?], Some(addr.to_string()), Some(h))
+        } else {
+            let urls = self.url.iter().map(|u| Url::parse(u)).collect::<anyhow::Result<Vec<_>>>()?;
+            (urls, None, None)
+        };
+        let first = &urls[0];
+        let herald_path = first.path.starts_with("/ws") || first.path.starts_with("/sse");
+        let authority = method_default_url.unwrap_or_else(|| first.authority());
+        let method = match self.publish {
+            PublishArg::Http => {
+                let u = match &self.publish_url {
+                    Some(u) => u.clone(),
+                    None if herald_path => format!("http://{authority}/publish/{{channel}}"),
+                    None => bail!("--publish http needs --publish-url for a target that is not Herald"),
+                };
+                Method::Http { url: Url::parse(&u)?, connections: self.publish_connections.max(1) }
+            }
+            PublishArg::Ws => {
+                let u = match &self.publish_url {
+                    Some(u) => u.clone(),
+                    None if herald_path => format!("ws://{authority}/ws"),
+                    None => bail!("--publish ws needs --publish-url for a target that is not Herald"),
+                };
+                Method::Ws { url: Url::parse(&u)? }
+            }
+            PublishArg::WsRaw => {
+                let u = self.publish_url.clone().context("--publish ws-raw needs --publish-url (a WebSocket URL template)")?;
+                Method::WsRaw { url: Url::parse(&u)? }
+            }
+            PublishArg::Redis => Method::Redis {
+                url: self.publish_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
+                channel: self.redis_channel.clone(),
+            },
+        };
+        if self.payload > 16 * 1024 * 1024 {
+            bail!("--payload is limited to 16 MiB");
+        }
+        let source_ips = match &self.source_ips {
+            Some(s) => net::parse_source_ips(s)?,
+            None => Vec::new(),
+        };
+        let conns = Connections {
+            target: name.map(str::to_string).unwrap_or_else(|| {
+                if herald.is_some() {
+                    format!("embedded herald ({})", first.authority())
+                } else {
+                    urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                }
+            }),
+            embedded: herald.is_some(),
+            urls,
+            transport: match self.transport {
+                TransportArg::Ws => Transport::Ws,
+                TransportArg::Sse => Transport::Sse,
+            },
+            subscribers: self.subscribers,
+            channels: self.channels,
+            channel_prefix: self.channel_prefix.clone(),
+            connect_rate: self.connect_rate,
+            connect_timeout: Duration::from_secs_f64(self.connect_timeout.max(0.1)),
+            threads: threads(self.threads),
+            source_ips,
+            server_pids: self.server_pid.clone(),
+        };
+        let load = Load {
+            format: match self.format {
+                FormatArg::Herald => "herald".into(),
+                FormatArg::Raw => "raw".into(),
+            },
+            method,
+            rate: self.rate,
+            duration: self.duration,
+            warmup: self.warmup.max(0.0),
+            drain: self.drain.max(0.0),
+            payload: self.payload,
+        };
+        let sc = Scenario { conns, load };
+        Ok((sc, herald))
+    }
+}
