@@ -88,9 +88,20 @@ impl Drop for RedisServer {
 }
 
 fn node(redis: &str) -> Herald {
-    start(2, |c| {
+    ready(start(2, |c| {
         c.redis(redis).redis_timeout(Duration::from_millis(500));
-    })
+    }))
+}
+
+/// Returns `h` once its publisher connection to Redis is up, so that a
+/// publish right away is not refused for a connection still being made.
+fn ready(h: Herald) -> Herald {
+    let deadline = std::time::Instant::now() + WAIT;
+    while metric(&h.metrics_text(), "herald_broker_publisher_up") == 0 {
+        assert!(std::time::Instant::now() < deadline, "the node did not connect to Redis");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h
 }
 
 async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
@@ -358,7 +369,7 @@ async fn redis_cluster_sharded_pubsub_reaches_only_the_owning_shard() {
     let cfg = |c: &mut herald::Config| {
         c.redis_cluster(cluster.urls()).redis_timeout(Duration::from_millis(1000));
     };
-    let (a, b) = (start(2, cfg), start(2, cfg));
+    let (a, b) = (ready(start(2, cfg)), ready(start(2, cfg)));
     // Channels spread over the three masters.
     let channels: Vec<String> = (0..6).map(|i| format!("room-{i}")).collect();
     let mut subs = Vec::new();
@@ -406,6 +417,7 @@ async fn messages_from_redis_wait_for_full_shard_queues_instead_of_being_dropped
         c.redis(redis.url()).shard_queue_capacity(1);
     });
     let b = node(&redis.url());
+    let a = ready(a);
     let mut sub = subscribed_ws(&a, "burst").await;
     let n = 2000u64;
     let publishes: Vec<_> = (0..n)
@@ -432,8 +444,11 @@ async fn messages_from_redis_wait_for_full_shard_queues_instead_of_being_dropped
 async fn a_node_started_before_redis_serves_once_redis_is_up() {
     let mut redis = RedisServer::start(&[]);
     redis.kill();
-    let a = node(&redis.url());
+    let a = start(2, |c| {
+        c.redis(redis.url()).redis_timeout(Duration::from_millis(500));
+    });
     // Redis is not there: the node serves, refuses publishes, and waits.
+    assert_eq!(metric(&a.metrics_text(), "herald_broker_publisher_up"), 0);
     let (status, _, _) = http(addr(&a), "GET", "/healthz", &[], b"").await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -446,6 +461,7 @@ async fn a_node_started_before_redis_serves_once_redis_is_up() {
     let mut sse = Sse::open(addr(&a), "channel=early").await;
     redis.spawn();
     wait_metric(&a, "herald_broker_subscriptions", |v| v == 1).await;
+    assert_eq!(metric(&a.metrics_text(), "herald_broker_publisher_up"), 1);
     let p = a.publish("early", Payload::text("first")).await.unwrap();
     assert_eq!(p.offset, 1);
     let m: Value = serde_json::from_str(&sse.next_data().await.unwrap()).unwrap();

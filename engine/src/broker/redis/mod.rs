@@ -278,6 +278,13 @@ impl RedisBroker {
                 let _ = writeln!(out, "{name}{labels} {v}");
             }
         };
+        let publisher = u64::from(self.shared.publisher.get().is_some());
+        metric(
+            "herald_broker_publisher_up",
+            "gauge",
+            "1 once the publisher connection to Redis is established (it reconnects by itself after).",
+            &[("", publisher)],
+        );
         metric("herald_broker_up", "gauge", "Redis subscriber connections up (of herald_broker_nodes).", &[("", g(&m.nodes_up))]);
         metric("herald_broker_nodes", "gauge", "Redis nodes this node reads pub/sub from.", &[("", g(&m.nodes))]);
         metric("herald_broker_subscriptions", "gauge", "Channels this node is subscribed to in Redis.", &[("", g(&m.subscribed))]);
