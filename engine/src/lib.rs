@@ -153,7 +153,10 @@ impl Herald {
         if let Some(listener) = listener {
             accept::start(&engine, listener);
         }
-        tracing::info!(shards = n, addr = ?local_addr, broker = engine.broker.mode(), "herald started");
+        match local_addr {
+            Some(addr) => tracing::info!(%addr, shards = n, broker = engine.broker.mode(), "herald started"),
+            None => tracing::info!(shards = n, broker = engine.broker.mode(), "herald started (embedded)"),
+        }
         Ok(Herald { engine })
     }
 

@@ -167,9 +167,6 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let herald = Herald::start(config).context("cannot start herald")?;
-    if let Some(addr) = herald.local_addr() {
-        tracing::info!(%addr, shards = herald.config().shards, "listening");
-    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let which = signal().await?;

@@ -43,7 +43,7 @@ struct Churned {
 /// fresh `herald` binary; returns its metrics once every connection
 /// closed, and its fds and RSS after the warm-up and at the end.
 async fn churn(warmup: usize, n: usize) -> Churned {
-    let (mut child, server) = spawn_herald(&["--shards", "2"], false).await;
+    let Spawned { mut child, addr: server, .. } = spawn_herald(&["--shards", "2"]).await;
     let pid = child.id().unwrap();
     // Source addresses 127.0.0.1-32: past one address's ephemeral ports
     // (each cycle leaves a client socket in TIME_WAIT).
@@ -145,7 +145,7 @@ async fn count_frames(mut s: tokio::net::TcpStream, want: u64) -> u64 {
 async fn one_stalled_subscriber_among_a_thousand_costs_bounded_memory_and_nothing_else() {
     // A 256 KiB outbound bound, so the stalled client reaches it quickly.
     let args = ["--shards", "2", "--outbound-queue-bytes", "262144", "--max-message-bytes", "16384"];
-    let (mut child, server) = spawn_herald(&args, false).await;
+    let Spawned { mut child, addr: server, .. } = spawn_herald(&args).await;
     let pid = child.id().unwrap();
     let rss_idle = rss_kib(pid);
     let n_msgs = 3_000u64;

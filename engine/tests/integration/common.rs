@@ -24,25 +24,50 @@ pub fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> Herald {
     Herald::start_on(listener, c).unwrap()
 }
 
-/// The `herald` binary on a free loopback port, with `args`, once it
-/// accepts connections. Its stderr is piped when `log` is set (read it
-/// after the process exits), else discarded; it is killed when dropped.
-pub async fn spawn_herald(args: &[&str], log: bool) -> (tokio::process::Child, SocketAddr) {
-    let a: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", &a.to_string()])
+/// A `herald` binary started by [`spawn_herald`].
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    /// What it writes to stderr after its start line, once it closes stderr
+    /// (when it exits).
+    pub log: tokio::task::JoinHandle<String>,
+}
+
+/// The `herald` binary on `127.0.0.1:0` with `args`, once it accepts
+/// connections: the port comes from its start line (`herald started
+/// addr=…`), so no other process can take it in between. It is killed
+/// when dropped.
+pub async fn spawn_herald(args: &[&str]) -> Spawned {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", "127.0.0.1:0"])
         .args(args)
+        .env("HERALD_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(if log { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(a).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "herald did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (child, a)
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let addr = tokio::time::timeout(WAIT, async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(lines.read_line(&mut line).await.unwrap() > 0, "herald exited before it started");
+            if let Some(rest) = line.split_once("herald started").map(|(_, r)| r) {
+                let addr = rest.split_whitespace().find_map(|f| f.strip_prefix("addr=")).expect("an addr= field");
+                break addr.parse::<SocketAddr>().unwrap();
+            }
+        }
+    })
+    .await
+    .expect("herald did not start");
+    let log = tokio::spawn(async move {
+        let mut rest = String::new();
+        let _ = lines.read_to_string(&mut rest).await;
+        rest
+    });
+    Spawned { child, addr, log }
 }
 
 /// Sends a WebSocket upgrade for `path` on a connected socket and returns
