@@ -26,18 +26,23 @@ pub enum SlowConsumerPolicy {
     /// Close the connection: WebSocket close 1008 "slow consumer", SSE
     /// stream ended. The default.
     Disconnect,
-    /// Drop the frame and count it; the subscriber sees the gap as a jump
-    /// in the channel's offsets.
+    /// Drop the frame and count it; once the subscriber catches up it gets
+    /// a `lagged` notice naming the offsets it missed.
     Drop,
 }
 
+/// A slow-consumer policy name that is neither `disconnect` nor `drop`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown slow-consumer policy {0:?} (expected disconnect or drop)")]
+pub struct UnknownPolicy(pub String);
+
 impl std::str::FromStr for SlowConsumerPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, UnknownPolicy> {
         match s {
             "disconnect" => Ok(SlowConsumerPolicy::Disconnect),
             "drop" => Ok(SlowConsumerPolicy::Drop),
-            other => Err(format!("unknown slow-consumer policy {other:?} (expected disconnect or drop)")),
+            other => Err(UnknownPolicy(other.to_string())),
         }
     }
 }

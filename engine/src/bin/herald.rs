@@ -119,7 +119,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         shard_queue_capacity
     );
     if let Some(p) = &args.slow_consumer {
-        c.slow_consumer = p.parse::<SlowConsumerPolicy>().map_err(anyhow::Error::msg)?;
+        c.slow_consumer = p.parse::<SlowConsumerPolicy>()?;
     }
     if args.no_client_publish {
         c.client_publish = false;

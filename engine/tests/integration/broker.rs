@@ -23,16 +23,30 @@ fn free_port() -> u16 {
 }
 
 impl RedisServer {
+    /// A redis-server on a free port. redis-server cannot be handed a bound
+    /// socket, so the port is picked, released and passed: if another
+    /// process took it meanwhile, redis-server exits and another is tried.
     fn start(extra: &[&str]) -> RedisServer {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut r = RedisServer { port, dir, extra: extra.iter().map(|s| s.to_string()).collect(), child: None };
-        r.spawn();
-        r
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut r = RedisServer { port, dir, extra: extra.iter().map(|s| s.to_string()).collect(), child: None };
+            if r.try_spawn() {
+                return r;
+            }
+        }
+        panic!("no free port for redis-server after 5 tries");
     }
 
+    /// Starts it again on its port (after [`RedisServer::kill`]).
     fn spawn(&mut self) {
+        assert!(self.try_spawn(), "redis-server could not bind port {} again", self.port);
+    }
+
+    /// Starts redis-server and waits until it answers; false if it exited
+    /// (its port was taken).
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", self.dir.to_str().unwrap()])
@@ -43,7 +57,15 @@ impl RedisServer {
             .expect("redis-server is on PATH");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + WAIT;
-        while self.query::<String>(&["PING"]).is_err() {
+        loop {
+            // Ours exited: whatever answers on the port is not ours.
+            if self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+                self.child = None;
+                return false;
+            }
+            if self.query::<String>(&["PING"]).is_ok() {
+                return true;
+            }
             assert!(std::time::Instant::now() < deadline, "redis-server on port {} did not start", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
