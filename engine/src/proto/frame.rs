@@ -30,7 +30,7 @@ pub enum OpCode {
 }
 
 impl OpCode {
-    fn from_u8(b: u8) -> Option<OpCode> {
+    pub(crate) fn from_u8(b: u8) -> Option<OpCode> {
         Some(match b {
             0x0 => OpCode::Continuation,
             0x1 => OpCode::Text,

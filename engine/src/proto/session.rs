@@ -257,12 +257,9 @@ mod tests {
     };
 
     fn client_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1, 2, 3, 4];
-        let mut out = vec![(u8::from(fin) << 7) | op];
-        assert!(payload.len() < 126);
-        out.push(0x80 | payload.len() as u8);
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut out = Vec::new();
+        let op = OpCode::from_u8(op).expect("a known opcode");
+        frame::encode_client_frame(&mut out, fin, op, payload, [1, 2, 3, 4]);
         out
     }
 
