@@ -24,6 +24,21 @@ pub fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> Herald {
     Herald::start_on(listener, c).unwrap()
 }
 
+/// Herald embedded in an axum router as a user mounts it: the embedder's
+/// own `/hello` beside Herald's endpoints under `/rt`, and a listener on a
+/// free loopback port for `axum::serve`.
+pub async fn embedded_in_axum() -> (Herald, axum::Router, tokio::net::TcpListener, SocketAddr) {
+    let mut config = Config::default();
+    config.shards(2);
+    let herald = Herald::start_embedded(config).unwrap();
+    let app = axum::Router::new()
+        .route("/hello", axum::routing::get(|| async { "hello from the embedder" }))
+        .nest_service("/rt", herald.service());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = listener.local_addr().unwrap();
+    (herald, app, listener, a)
+}
+
 /// A `herald` binary started by [`spawn_herald`].
 pub struct Spawned {
     pub child: tokio::process::Child,

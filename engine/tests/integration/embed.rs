@@ -1,21 +1,14 @@
 //! Embedding: Herald's endpoints mounted in an axum router beside the
 //! embedder's own routes.
 
-use herald::{Config, Herald, Payload};
+use herald::Payload;
 use serde_json::json;
 
 use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herald_under_an_axum_router() {
-    let mut config = Config::default();
-    config.shards(2);
-    let herald = Herald::start_embedded(config).unwrap();
-    let app = axum::Router::new()
-        .route("/hello", axum::routing::get(|| async { "hello from the embedder" }))
-        .nest_service("/rt", herald.service());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = listener.local_addr().unwrap();
+    let (herald, app, listener, a) = embedded_in_axum().await;
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let (status, _, body) = http(a, "GET", "/hello", &[], b"").await;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use herald::{Config, Herald, Payload};
+use herald::Payload;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,14 +26,7 @@ async fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, needle: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_on_ends_sse_and_websockets_so_axum_serve_returns() {
-    let mut config = Config::default();
-    config.shards(2);
-    let herald = Herald::start_embedded(config).unwrap();
-    let app = axum::Router::new()
-        .route("/hello", axum::routing::get(|| async { "hello from the embedder" }))
-        .nest_service("/rt", herald.service());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = listener.local_addr().unwrap();
+    let (herald, app, listener, a) = embedded_in_axum().await;
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = herald.shutdown_on(
         async move {
