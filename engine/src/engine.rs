@@ -133,7 +133,7 @@ impl Engine {
     /// [`crate::message::count_publish`] once known.
     pub(crate) fn start_publish(&self, channel: &str, payload: Payload) -> PublishFuture {
         match self.check_publish(channel, &payload) {
-            Ok(()) => self.broker.publish(&self.router, channel, payload),
+            Ok(()) => self.broker.publish(&self.router, channel, payload, shard::current(self).map(|s| s.id)),
             Err(e) => PublishFuture::Ready(Some(Err(e))),
         }
     }

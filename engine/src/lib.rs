@@ -150,6 +150,21 @@ impl Herald {
             let up: Arc<dyn Upstream> = Arc::clone(&engine) as Arc<dyn Upstream>;
             shard::spawn(id, up, rx, done).map_err(|source| StartError::Io { what: "cannot start a shard thread".into(), source })?;
         }
+        for (id, control) in engine.controls.iter().enumerate() {
+            let e = Arc::clone(&engine);
+            // The shard's control queue is new and empty: there is room.
+            let _ = control.try_send(Control::Run(Box::new(move |shard| {
+                if let Some(work) = e.broker.on_shard(id) {
+                    let drained = shard.drain_signal();
+                    tokio::task::spawn_local(async move {
+                        tokio::select! {
+                            _ = work => {}
+                            _ = drained => {}
+                        }
+                    });
+                }
+            })));
+        }
         if let Some(listener) = listener {
             accept::start(&engine, listener);
         }

@@ -62,10 +62,20 @@ impl Broker {
 
     /// Orders and stores a publish, and gets it to every subscriber. The
     /// local broker is done at once ([`PublishFuture::ready`]).
-    pub(crate) fn publish(&self, router: &Router, channel: &str, payload: Payload) -> PublishFuture {
+    /// `shard` is the calling shard, if a shard is calling.
+    pub(crate) fn publish(&self, router: &Router, channel: &str, payload: Payload, shard: Option<usize>) -> PublishFuture {
         match self {
             Broker::Local(b) => PublishFuture::Ready(Some(b.publish(router, channel, payload))),
-            Broker::Redis(r) => PublishFuture::Waiting(Box::pin(r.publish(channel.to_owned(), payload))),
+            Broker::Redis(r) => PublishFuture::Waiting(Box::pin(r.publish(channel.to_owned(), payload, shard))),
+        }
+    }
+
+    /// Work the broker runs on each shard once it started (the Redis
+    /// brokers connect the shard's own publisher).
+    pub(crate) fn on_shard(&self, shard: usize) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> {
+        match self {
+            Broker::Local(_) => None,
+            Broker::Redis(r) => Some(Box::pin(r.connect_shard_publisher(shard))),
         }
     }
 

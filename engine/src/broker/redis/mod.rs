@@ -87,7 +87,12 @@ pub(crate) struct Shared {
     scripts: Scripts,
     router: Arc<Router>,
     channels: Channels,
+    /// The broker thread's publisher: epoch fetches, the slot map, and
+    /// publishes from threads that are not shards.
     publisher: OnceLock<Publisher>,
+    /// Each shard's own publisher, driven by the shard's runtime, so a
+    /// publish from a shard crosses no thread on its way to Redis and back.
+    shard_publishers: Box<[OnceLock<Publisher>]>,
     dirty: ArrayQueue<Arc<str>>,
     /// Channels whose subscription Redis dropped (a slot moved): routed
     /// and subscribed again by the coordinator.
@@ -163,6 +168,7 @@ impl RedisBroker {
             router: Arc::clone(router),
             channels: Channels::new(),
             publisher: OnceLock::new(),
+            shard_publishers: (0..c.shards).map(|_| OnceLock::new()).collect(),
             dirty: ArrayQueue::new(DIRTY_QUEUE),
             lost: ArrayQueue::new(DIRTY_QUEUE),
             resync: AtomicBool::new(false),
@@ -224,15 +230,47 @@ impl RedisBroker {
         self.shared.wake.notify_one();
     }
 
+    /// Connects shard `shard`'s own publisher, retrying until it is up or
+    /// the broker stops. Runs on that shard.
+    pub(crate) fn connect_shard_publisher(&self, shard: usize) -> impl std::future::Future<Output = ()> + 'static {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let mut stop = shared.stop.subscribe();
+            let mut backoff = Backoff::default();
+            loop {
+                let connected = tokio::select! {
+                    r = Publisher::connect(shared.cluster, &shared.seeds, shared.timeout) => r,
+                    _ = stop.changed() => return,
+                };
+                match connected {
+                    Ok(p) => {
+                        let _ = shared.shard_publishers[shard].set(p);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard, error = %e, "cannot connect a shard's publisher to Redis; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next()) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Publishes through Redis: the offset and epoch come back from it.
+    /// `shard` is the calling shard, whose own connection is used once up.
     pub(crate) fn publish(
         &self,
         channel: String,
         payload: Payload,
+        shard: Option<usize>,
     ) -> impl std::future::Future<Output = Result<Published, PublishError>> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         async move {
-            let r = match shared.publisher.get() {
+            let own = shard.and_then(|s| shared.shard_publishers.get(s)).and_then(OnceLock::get);
+            let r = match own.or_else(|| shared.publisher.get()) {
                 Some(p) => shared.scripts.publish(p, &channel, &payload).await,
                 None => Err(PublishError::NotPublished(BrokerDown::NotConnected)),
             };
@@ -284,6 +322,13 @@ impl RedisBroker {
             "gauge",
             "1 once the publisher connection to Redis is established (it reconnects by itself after).",
             &[("", publisher)],
+        );
+        let shard_publishers = self.shared.shard_publishers.iter().filter(|p| p.get().is_some()).count() as u64;
+        metric(
+            "herald_broker_shard_publishers_up",
+            "gauge",
+            "Shards whose own publisher connection to Redis is established (until then they publish through the broker thread's).",
+            &[("", shard_publishers)],
         );
         metric("herald_broker_up", "gauge", "Redis subscriber connections up (of herald_broker_nodes).", &[("", g(&m.nodes_up))]);
         metric("herald_broker_nodes", "gauge", "Redis nodes this node reads pub/sub from.", &[("", g(&m.nodes))]);
