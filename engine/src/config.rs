@@ -57,6 +57,13 @@ impl std::str::FromStr for SlowConsumerPolicy {
 pub struct Config {
     /// Address to listen on. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Connections the kernel queues for the acceptor (the `listen(2)`
+    /// backlog); past it a connection storm's SYNs are dropped and retried
+    /// by the clients seconds later. The kernel caps it at
+    /// `net.core.somaxconn` (Herald warns at start when it does). Default
+    /// 4,096. Applies when Herald binds (`Herald::start`), not to a listener
+    /// the caller bound.
+    pub listen_backlog: u32,
     /// Number of shards (threads); 0 means one per available core. At most 128.
     pub shards: usize,
     /// Largest message payload in bytes (publish bodies, `data` of a publish
@@ -127,6 +134,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_backlog: 4096,
             shards: 0,
             max_message_bytes: 64 * 1024,
             max_request_head_bytes: 16 * 1024,
@@ -209,6 +217,8 @@ impl Config {
 
     setter!(/// Sets [`Config::listen`].
         listen: SocketAddr);
+    setter!(/// Sets [`Config::listen_backlog`].
+        listen_backlog: u32);
     setter!(/// Sets [`Config::shards`].
         shards: usize);
     setter!(/// Sets [`Config::max_message_bytes`].
@@ -272,6 +282,7 @@ impl Config {
         }
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(ConfigError::Invalid(what.to_string())) };
         check(c.shards <= MAX_SHARDS, &format!("shards must be at most {MAX_SHARDS}"))?;
+        check(c.listen_backlog >= 1 && c.listen_backlog <= i32::MAX as u32, "listen_backlog must be between 1 and 2147483647")?;
         check(c.max_message_bytes >= 1, "max_message_bytes must be at least 1")?;
         check(c.max_request_head_bytes >= 8192, "max_request_head_bytes must be at least 8192")?;
         check(c.request_head_timeout_ms >= 1, "request_head_timeout_ms must be at least 1")?;

@@ -115,7 +115,7 @@ pub struct Herald {
 impl Herald {
     /// Binds `config.listen` and serves on it.
     pub fn start(config: Config) -> Result<Herald, StartError> {
-        let listener = TcpListener::bind(config.listen)
+        let listener = bind(config.listen, config.listen_backlog)
             .map_err(|source| StartError::Io { what: format!("cannot listen on {}", config.listen), source })?;
         Herald::start_on(listener, config)
     }
@@ -259,6 +259,23 @@ impl Herald {
             herald.shutdown(grace).await;
         }
     }
+}
+
+/// Binds `addr` with a listen backlog of `backlog` (`std`'s `bind` fixes it
+/// at 128, which a connection storm overflows), warning when the kernel
+/// caps it lower.
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    let wanted = i32::try_from(backlog).unwrap_or(i32::MAX);
+    socket.listen(wanted)?;
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse::<u32>().ok());
+    if let Some(cap) = cap.filter(|&c| c < backlog) {
+        tracing::warn!(listen_backlog = backlog, somaxconn = cap, "the kernel caps the listen backlog at net.core.somaxconn");
+    }
+    Ok(socket.into())
 }
 
 /// Herald's endpoints as a service (`tower_service::Service` and

@@ -24,6 +24,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "HERALD_LISTEN")]
     listen: Option<std::net::SocketAddr>,
+    /// Connections the kernel queues for the acceptor (capped by net.core.somaxconn).
+    #[arg(long, env = "HERALD_LISTEN_BACKLOG")]
+    listen_backlog: Option<u32>,
     /// Shards (threads); 0 = one per core.
     #[arg(long, env = "HERALD_SHARDS")]
     shards: Option<usize>,
@@ -108,7 +111,16 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = args.$f { c.$f = v; } )* };
     }
-    set!(listen, shards, max_message_bytes, max_connections, max_subscriptions, outbound_queue_bytes, max_request_head_bytes);
+    set!(
+        listen,
+        listen_backlog,
+        shards,
+        max_message_bytes,
+        max_connections,
+        max_subscriptions,
+        outbound_queue_bytes,
+        max_request_head_bytes
+    );
     set!(
         request_head_timeout_ms,
         ping_interval_ms,

@@ -111,3 +111,23 @@ async fn silent_client_is_pinged_then_closed_while_a_responsive_one_stays() {
     assert_eq!(next_json(&mut alive).await["op"], "subscribed", "the responsive client is still connected");
     wait_metric(&h, "herald_disconnects_total{reason=\"idle_timeout\"}", |v| v == 1).await;
 }
+
+/// The backlog the kernel reports for a listening socket (`ss`'s Send-Q).
+fn listen_backlog(port: u16) -> u32 {
+    let out = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().expect("ss (iproute2) is installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or_else(|| panic!("port {port} is not listening: {text:?}"));
+    line.split_whitespace().nth(2).and_then(|q| q.parse().ok()).unwrap_or_else(|| panic!("no backlog in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_backlog_is_the_configured_one_up_to_somaxconn() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    for want in [100, 1000] {
+        let mut c = herald::Config::default();
+        c.shards(1).listen("127.0.0.1:0".parse().unwrap()).listen_backlog(want);
+        let h = herald::Herald::start(c).unwrap();
+        assert_eq!(listen_backlog(addr(&h).port()), want.min(somaxconn), "listen_backlog {want}");
+        h.shutdown(Duration::from_secs(1)).await;
+    }
+}
