@@ -508,7 +508,9 @@ mod tests {
             warnings: vec!["a <b>bold</b> warning".to_string()],
             disconnects_by_kind: BTreeMap::from([("reset \"by peer\"".to_string(), 3)]),
             delivery_latency_us: latency.clone(),
-            completion_latency_us: latency,
+            completion_latency_us: latency.clone(),
+            publish_rtt_us: latency,
+            publish_inflight: Some(1),
             client_saturated: true,
             server_rss_kib: Some(123_456),
             timeline,
@@ -523,7 +525,8 @@ mod tests {
         assert!(page.contains("Client saturated"));
         assert!(page.contains("123,456 KiB"));
         assert!(page.contains("2023-11-14 22:13:20 UTC"));
-        assert_eq!(page.matches("<polyline").count(), 4);
+        assert!(page.contains("publish round trip (n = 5,000)") && page.contains("closed loop"));
+        assert_eq!(page.matches("<polyline").count(), 5);
         assert!(!page.contains("NaN"));
     }
 }

@@ -202,3 +202,30 @@ fn expire(p: &Pending, state: &RefCell<State>, before_ns: u64) {
         false
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::publish::Status;
+    use crate::stats;
+
+    #[test]
+    fn expire_gives_up_only_on_old_commands_still_awaited() {
+        let state = RefCell::new(State {
+            status: vec![Status::Sent, Status::Sent, Status::Ok],
+            errors: BTreeMap::new(),
+            rtt: stats::histogram(),
+            first_measured: 0,
+            lag: None,
+        });
+        let p = Pending::default();
+        p.written.borrow_mut().extend([(0, 100), (1, 900), (2, 100)]);
+        expire(&p, &state, 500);
+        let st = state.borrow();
+        assert_eq!(st.status, [Status::Failed, Status::Sent, Status::Ok], "2 was answered already");
+        assert_eq!(st.errors.get("reply_timeout"), Some(&1));
+        assert_eq!(p.written.borrow().keys().copied().collect::<Vec<_>>(), [1]);
+    }
+}
