@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::net::{self, Url};
-use crate::publish::Method;
+use crate::publish::{self, Method};
 use crate::scenario::{embedded, threads, Connections, Load, Scenario};
 use crate::sub::Transport;
 
@@ -103,6 +103,11 @@ pub(crate) struct ScenarioArgs {
     /// Keep-alive connections of the `http` publisher.
     #[arg(long, default_value_t = 4)]
     pub(crate) publish_connections: usize,
+    /// Publishes awaiting their reply on each publisher connection at most
+    /// (1 to 4096; 1: closed loop, each waits for the previous reply).
+    /// Default: unlimited (pipelined). Not for `ws-raw` (no replies).
+    #[arg(long)]
+    pub(crate) publish_inflight: Option<usize>,
     /// Redis channel name template of the `redis` publisher.
     #[arg(long, default_value = "{channel}")]
     pub(crate) redis_channel: String,
@@ -235,6 +240,14 @@ impl ScenarioArgs {
                 channel: self.redis_channel.clone(),
             },
         };
+        if let Some(n) = self.publish_inflight {
+            if matches!(method, Method::WsRaw { .. }) {
+                bail!("--publish-inflight needs replies to wait for; --publish ws-raw has none (use http, ws or redis)");
+            }
+            if !(1..=publish::MAX_INFLIGHT).contains(&n) {
+                bail!("--publish-inflight must be from 1 to {} (omit it for unlimited)", publish::MAX_INFLIGHT);
+            }
+        }
         if self.payload > 16 * 1024 * 1024 {
             bail!("--payload is limited to 16 MiB");
         }
@@ -271,6 +284,7 @@ impl ScenarioArgs {
                 FormatArg::Raw => "raw".into(),
             },
             method,
+            inflight: self.publish_inflight,
             rate: self.rate,
             duration: self.duration,
             warmup: self.warmup.max(0.0),

@@ -36,6 +36,7 @@ const PLOT_H: f64 = H - TOP - BOTTOM;
 
 const BLUE: &str = "#1f77b4";
 const ORANGE: &str = "#e6731a";
+const GREEN: &str = "#2ca02c";
 
 /// The whole page for one run.
 pub fn render(r: &FanoutReport) -> String {
@@ -52,7 +53,14 @@ pub fn render(r: &FanoutReport) -> String {
     figures(&mut out, r);
     latency_table(&mut out, r);
     out.push_str("<h2>Latency by percentile</h2>\n");
-    percentile_plot(&mut out, &[("delivery", &r.delivery_latency_us, BLUE), ("fan-out completion", &r.completion_latency_us, ORANGE)]);
+    percentile_plot(
+        &mut out,
+        &[
+            ("delivery", &r.delivery_latency_us, BLUE),
+            ("fan-out completion", &r.completion_latency_us, ORANGE),
+            ("publish round trip", &r.publish_rtt_us, GREEN),
+        ],
+    );
     out.push_str("<h2>Throughput over time</h2>\n");
     timeline_plot(&mut out, &r.timeline);
     out.push_str(
@@ -71,6 +79,7 @@ fn header(out: &mut String, r: &FanoutReport) {
         ("transport", esc(&r.transport)),
         ("format", esc(&r.format)),
         ("publish method", esc(&r.publish)),
+        ("publish loop", esc(&r.inflight_label())),
         ("rate", format!("{} msg/s", num(r.rate))),
         ("duration", format!("{} s", num(r.duration_s))),
         ("warm-up", format!("{} s", num(r.warmup_s))),
@@ -161,6 +170,7 @@ fn latency_table(out: &mut String, r: &FanoutReport) {
         ("delivery", &r.delivery_latency_us),
         ("fan-out completion", &r.completion_latency_us),
         ("publisher lag", &r.publisher_lag_us),
+        ("publish round trip", &r.publish_rtt_us),
         ("machine hiccup", &r.machine_hiccup_us),
         ("connect", &r.connect_latency_us),
     ] {
@@ -498,7 +508,9 @@ mod tests {
             warnings: vec!["a <b>bold</b> warning".to_string()],
             disconnects_by_kind: BTreeMap::from([("reset \"by peer\"".to_string(), 3)]),
             delivery_latency_us: latency.clone(),
-            completion_latency_us: latency,
+            completion_latency_us: latency.clone(),
+            publish_rtt_us: latency,
+            publish_inflight: Some(1),
             client_saturated: true,
             server_rss_kib: Some(123_456),
             timeline,
@@ -513,7 +525,8 @@ mod tests {
         assert!(page.contains("Client saturated"));
         assert!(page.contains("123,456 KiB"));
         assert!(page.contains("2023-11-14 22:13:20 UTC"));
-        assert_eq!(page.matches("<polyline").count(), 4);
+        assert!(page.contains("publish round trip (n = 5,000)") && page.contains("closed loop"));
+        assert_eq!(page.matches("<polyline").count(), 5);
         assert!(!page.contains("NaN"));
     }
 }

@@ -16,8 +16,8 @@
 //! - `connect`: opening subscribers at a rate; the `connect` command.
 //! - `fanout`: one fan-out run, from connecting to the report.
 //! - `compare`: a scenario against several targets, interleaved.
-//! - `publish`: the open-loop publisher; `publish/{http,ws,redis}` the
-//!   ways it sends.
+//! - `publish`: the publisher (open loop, or a bounded number of publishes
+//!   awaiting replies); `publish/{http,ws,redis}` the ways it sends.
 //! - `sub`: subscriber worker threads and their receive paths.
 //! - `ws`, `http1`, `net`: WebSocket frames, the HTTP/1.1 client side,
 //!   addresses and connecting.

@@ -84,6 +84,9 @@ pub struct FanoutReport {
     pub transport: String,
     pub format: String,
     pub publish: String,
+    /// Publishes awaiting their reply per publisher connection at most;
+    /// `null`: unlimited (pipelined). 1 is a closed loop.
+    pub publish_inflight: Option<usize>,
     pub subscribers: u64,
     pub channels: u64,
     pub rate: f64,
@@ -124,6 +127,10 @@ pub struct FanoutReport {
     pub incomplete_messages: u64,
     /// Actual send time minus intended send time, per message.
     pub publisher_lag_us: Percentiles,
+    /// Write of a publish request to read of its reply, per measured
+    /// message that had one (pipelined: queueing on the connection
+    /// included; `ws-raw` has none).
+    pub publish_rtt_us: Percentiles,
     /// How much a 1 ms sleep overran on this machine during the measured
     /// window: stalls the machine imposed on every thread.
     pub machine_hiccup_us: Percentiles,
@@ -159,13 +166,22 @@ pub struct FanoutReport {
 }
 
 impl FanoutReport {
+    /// `pipelined`, `closed loop, 1 in flight` or `N in flight`.
+    pub fn inflight_label(&self) -> String {
+        match self.publish_inflight {
+            None => "pipelined".into(),
+            Some(1) => "closed loop, 1 in flight".into(),
+            Some(n) => format!("{n} in flight"),
+        }
+    }
+
     /// The human summary table.
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "target       {}", self.target);
         let _ = writeln!(
             s,
-            "scenario     {} subscribers ({} connected) over {} channel(s), {} {}, {} msg/s for {}s after {}s warm-up, {} B payload, publish {}",
+            "scenario     {} subscribers ({} connected) over {} channel(s), {} {}, {} msg/s for {}s after {}s warm-up, {} B payload, publish {} ({})",
             self.subscribers,
             self.connected,
             self.channels,
@@ -175,7 +191,8 @@ impl FanoutReport {
             self.duration_s,
             self.warmup_s,
             self.payload_bytes,
-            self.publish
+            self.publish,
+            self.inflight_label()
         );
         let _ = writeln!(
             s,
@@ -194,6 +211,7 @@ impl FanoutReport {
             ("delivery", &self.delivery_latency_us),
             ("fan-out completion", &self.completion_latency_us),
             ("publisher lag", &self.publisher_lag_us),
+            ("publish round trip", &self.publish_rtt_us),
             ("machine hiccup", &self.machine_hiccup_us),
             ("connect", &self.connect_latency_us),
         ] {

@@ -48,6 +48,9 @@ impl Connections {
 pub struct Load {
     pub format: String,
     pub method: Method,
+    /// Publishes awaiting their reply per connection at most; `None`:
+    /// unlimited (pipelined).
+    pub inflight: Option<usize>,
     pub rate: f64,
     pub duration: f64,
     pub warmup: f64,

@@ -101,6 +101,76 @@ fn raw_format_on_an_embedded_herald() {
     assert_eq!(u(&r, "lost"), 0);
 }
 
+/// A run whose publisher has at most `inflight` publishes awaiting their
+/// reply (`None`: pipelined); its JSON report and text summary.
+fn publisher_run(publish: &str, inflight: Option<&str>) -> (Value, String) {
+    let mut args = vec!["fanout", "--publish", publish, "--subscribers", "10", "--rate", "100", "--duration", "1", "--warmup", "0.2"];
+    if let Some(n) = inflight {
+        args.extend(["--publish-inflight", n]);
+    }
+    loadgen(&args)
+}
+
+/// Every measured message the target took had its reply timed, and the
+/// percentiles are ordered.
+fn assert_round_trips(r: &Value) {
+    let rtt = &r["publish_rtt_us"];
+    assert_eq!(rtt["count"].as_u64(), Some(u(r, "sent")), "one round trip per accepted measured message: {rtt}");
+    let (p50, p90, p99, p999, max) = (
+        rtt["p50"].as_f64().unwrap(),
+        rtt["p90"].as_f64().unwrap(),
+        rtt["p99"].as_f64().unwrap(),
+        rtt["p999"].as_f64().unwrap(),
+        rtt["max"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p90 && p90 <= p99 && p99 <= p999 && p999 <= max, "{rtt}");
+}
+
+#[test]
+fn closed_loop_http_publisher_loses_nothing_and_times_replies() {
+    let (r, stdout) = publisher_run("http", Some("1"));
+    assert_eq!(u(&r, "sent"), 100);
+    assert_eq!(u(&r, "lost"), 0);
+    assert_eq!(u(&r, "deliveries"), 100 * 10);
+    assert_eq!(r["publish_inflight"].as_u64(), Some(1));
+    assert_round_trips(&r);
+    assert_eq!(r["publisher_lag_us"]["count"].as_u64(), Some(120), "lag is taken at every write, warm-up included");
+    assert!(stdout.contains("publish round trip") && stdout.contains("closed loop"), "{stdout}");
+}
+
+#[test]
+fn closed_loop_ws_publisher_loses_nothing_and_times_replies() {
+    let (r, _) = publisher_run("ws", Some("1"));
+    assert_eq!(u(&r, "sent"), 100);
+    assert_eq!(u(&r, "lost"), 0);
+    assert_eq!(r["publish_errors"], serde_json::json!({}));
+    assert_eq!(r["publish_inflight"].as_u64(), Some(1));
+    assert_round_trips(&r);
+}
+
+#[test]
+fn pipelined_publishers_time_replies_too() {
+    for publish in ["http", "ws"] {
+        let (r, stdout) = publisher_run(publish, None);
+        assert_eq!(u(&r, "sent"), 100, "{publish}");
+        assert_eq!(u(&r, "lost"), 0, "{publish}");
+        assert!(r["publish_inflight"].is_null(), "unlimited is null: {}", r["publish_inflight"]);
+        assert_round_trips(&r);
+        assert!(stdout.contains("(pipelined)"), "{stdout}");
+    }
+}
+
+#[test]
+fn an_inflight_limit_needs_replies() {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["fanout", "--publish", "ws-raw", "--publish-url", "ws://127.0.0.1:9/x", "--publish-inflight", "1", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--publish-inflight") && err.contains("ws-raw"), "{err}");
+}
+
 /// A broadcast server that holds every message `delay` and drops every
 /// message whose number (from 0) is `≡ 3 (mod 10)`: 10 % of them.
 async fn lossy_server(delay: Duration) -> std::net::SocketAddr {

@@ -1,4 +1,5 @@
-//! Publishing by HTTP `POST`, pipelined on keep-alive connections.
+//! Publishing by HTTP `POST` on keep-alive connections: pipelined, or with
+//! at most a given number of requests awaiting their response.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -6,30 +7,34 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::State;
+use super::{Item, State};
+use crate::clock;
 use crate::http1::parse_response;
 use crate::net::{self, Url};
 
 /// Requests in flight on one HTTP connection at most; past it the
 /// connection stops writing and its queue fills up.
-const MAX_IN_FLIGHT: usize = 4096;
+const MAX_IN_FLIGHT: usize = super::MAX_INFLIGHT;
 
-/// One pipelined HTTP/1.1 connection: requests are written as they come,
-/// without waiting for answers, and the answers settle them in order.
-/// Each channel always uses the same connection, so the target receives a
-/// channel's messages in order.
+/// One HTTP/1.1 connection: requests are written as they come, without
+/// waiting for answers while fewer than `limit` await theirs (pipelined
+/// when the limit is unlimited), and the answers settle them in order.
+/// With `limit` 1 each request waits for the previous response: a closed
+/// loop. Each channel always uses the same connection, so the target
+/// receives a channel's messages in order.
 pub(super) async fn http_conn(
     addr: SocketAddr,
     url: Url,
     names: Vec<String>,
     channels: u64,
-    mut rx: mpsc::Receiver<(u64, Bytes)>,
+    limit: usize,
+    mut rx: mpsc::Receiver<Item>,
     state: Rc<RefCell<State>>,
 ) {
+    let limit = limit.clamp(1, MAX_IN_FLIGHT);
     // A server may close a keep-alive connection (a request limit, an
     // error): reconnect and go on; what was in flight is counted failed.
     loop {
@@ -37,13 +42,13 @@ pub(super) async fn http_conn(
             Ok(s) => s,
             Err(e) => {
                 // Nothing to talk to: refuse one message, then try again.
-                let Some((g, _)) = rx.recv().await else { return };
+                let Some(Item { g, .. }) = rx.recv().await else { return };
                 state.borrow_mut().done(g, Err(format!("connect_{}", e.kind)));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        if http_session(stream, &url, &names, channels, &mut rx, &state).await {
+        if http_session(stream, &url, &names, channels, limit, &mut rx, &state).await {
             return;
         }
     }
@@ -56,12 +61,14 @@ async fn http_session(
     url: &Url,
     names: &[String],
     channels: u64,
-    rx: &mut mpsc::Receiver<(u64, Bytes)>,
+    limit: usize,
+    rx: &mut mpsc::Receiver<Item>,
     state: &Rc<RefCell<State>>,
 ) -> bool {
     let host = url.authority();
     let (mut read, mut write) = stream.into_split();
-    let in_flight: Rc<RefCell<VecDeque<u64>>> = Rc::default();
+    // `(message, when its request was written)`, oldest first.
+    let in_flight: Rc<RefCell<VecDeque<(u64, u64)>>> = Rc::default();
     let room = Rc::new(tokio::sync::Notify::new());
     let reader = {
         let in_flight = Rc::clone(&in_flight);
@@ -71,18 +78,22 @@ async fn http_session(
             use tokio::io::AsyncReadExt;
             let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
             let mut ended = "io_closed";
+            // When the bytes being parsed were read.
+            let mut read_ns = 0;
             'read: loop {
                 // Settle every complete response in `buf`.
                 loop {
                     match parse_response(&buf) {
                         Ok(Some((status, used))) => {
                             buf.drain(..used);
-                            let Some(g) = in_flight.borrow_mut().pop_front() else {
+                            let Some((g, written_ns)) = in_flight.borrow_mut().pop_front() else {
                                 ended = "unexpected_response";
                                 break 'read;
                             };
                             let r = if (200..300).contains(&status) { Ok(()) } else { Err(format!("http_{status}")) };
-                            state.borrow_mut().done(g, r);
+                            let mut st = state.borrow_mut();
+                            st.round_trip(g, written_ns, read_ns);
+                            st.done(g, r);
                             room.notify_one();
                         }
                         Ok(None) => break,
@@ -95,10 +106,10 @@ async fn http_session(
                 buf.reserve(16 * 1024);
                 match read.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(_) => read_ns = clock::now_ns(),
                 }
             }
-            for g in in_flight.borrow_mut().drain(..) {
+            for (g, _) in in_flight.borrow_mut().drain(..) {
                 state.borrow_mut().done(g, Err(ended.to_string()));
             }
             room.notify_one();
@@ -108,9 +119,11 @@ async fn http_session(
     let mut itoa = itoa::Buffer::new();
     let closed = loop {
         let Some(first) = rx.recv().await else { break true };
+        // The batch is written right after it is built (microseconds).
+        let now = clock::now_ns();
         let mut next = Some(first);
         // Coalesce what is queued into one write.
-        while let Some((g, body)) = next.take() {
+        while let Some(Item { g, due_ns, bytes: body }) = next.take() {
             let path = url.path_for(&names[(g % channels) as usize]);
             out.extend_from_slice(b"POST ");
             out.extend_from_slice(path.as_bytes());
@@ -120,9 +133,9 @@ async fn http_session(
             out.extend_from_slice(itoa.format(body.len()).as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
             out.extend_from_slice(&body);
-            state.borrow_mut().sent(g);
-            in_flight.borrow_mut().push_back(g);
-            if out.len() < 64 * 1024 && in_flight.borrow().len() < MAX_IN_FLIGHT {
+            state.borrow_mut().sent(g, due_ns, now);
+            in_flight.borrow_mut().push_back((g, now));
+            if out.len() < 64 * 1024 && in_flight.borrow().len() < limit {
                 next = rx.try_recv().ok();
             }
         }
@@ -130,7 +143,7 @@ async fn http_session(
             break false;
         }
         out.clear();
-        while in_flight.borrow().len() >= MAX_IN_FLIGHT && !reader.is_finished() {
+        while in_flight.borrow().len() >= limit && !reader.is_finished() {
             room.notified().await;
         }
     };
@@ -141,7 +154,7 @@ async fn http_session(
     }
     drop(write);
     reader.abort();
-    for g in in_flight.borrow_mut().drain(..) {
+    for (g, _) in in_flight.borrow_mut().drain(..) {
         state.borrow_mut().done(g, Err("io".into()));
     }
     closed

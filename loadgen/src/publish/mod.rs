@@ -1,7 +1,11 @@
-//! The open-loop publisher: message `g` is due at `start + g / rate`, is
-//! stamped with that intended time, and is sent then whatever happened to
-//! earlier messages. It never waits for deliveries; when it falls behind,
-//! the lag is measured and latency still counts from the intended time.
+//! The publisher: message `g` is due at `start + g / rate` and is stamped
+//! with that intended time. By default it is open loop: `g` is sent then
+//! whatever happened to earlier messages (pipelined, never waiting for
+//! replies or deliveries). With an in-flight limit (`--publish-inflight`)
+//! a connection holds at most that many requests awaiting their reply, so
+//! `g` may go out late (1: closed loop, as an application backend
+//! publishes). Either way the lag is measured and latency still counts
+//! from the intended time, and each reply's round trip is recorded.
 //!
 //! - [`http`]: pipelined `POST`s on keep-alive HTTP/1.1 connections.
 //! - [`ws`]: Herald's `publish` command, or raw text frames, on WebSockets.
@@ -32,6 +36,10 @@ mod ws;
 /// Messages waiting for one publisher connection at most; past it a
 /// message is refused as `backlog` (the target cannot keep up).
 const BACKLOG: usize = 4096;
+
+/// The largest `--publish-inflight`: the HTTP publisher's own bound on
+/// requests in flight (see `http::MAX_IN_FLIGHT`).
+pub const MAX_INFLIGHT: usize = 4096;
 
 /// How messages are published.
 #[derive(Debug, Clone)]
@@ -66,6 +74,9 @@ pub struct Outcome {
     /// Per message: whether the target took it.
     pub ok: Vec<bool>,
     pub lag: Histogram<u64>,
+    /// Write of a request to read of its reply, per measured message that
+    /// had one (ns).
+    pub rtt: Histogram<u64>,
     pub errors: BTreeMap<String, u64>,
     /// Messages scheduled (some may have been refused).
     pub scheduled: u64,
@@ -84,14 +95,35 @@ enum Status {
 struct State {
     status: Vec<Status>,
     errors: BTreeMap<String, u64>,
+    /// Round trips of measured messages.
+    rtt: Histogram<u64>,
+    first_measured: u64,
+    /// Lag taken when a message is written, not when it is handed over:
+    /// with an in-flight limit the connection may hold it back.
+    lag: Option<Histogram<u64>>,
 }
 
 impl State {
-    /// The connection took message `g`.
-    fn sent(&mut self, g: u64) {
+    /// The connection writes message `g`, due at `due_ns`, at `now_ns`.
+    fn sent(&mut self, g: u64, due_ns: u64, now_ns: u64) {
         if let Some(s) = self.status.get_mut(g as usize) {
             *s = Status::Sent;
         }
+        if let Some(lag) = &mut self.lag {
+            let _ = lag.record(now_ns.saturating_sub(due_ns).max(1));
+        }
+    }
+
+    /// The reply to message `g`, written at `written_ns`, was read at `now_ns`.
+    fn round_trip(&mut self, g: u64, written_ns: u64, now_ns: u64) {
+        if g >= self.first_measured {
+            let _ = self.rtt.record(now_ns.saturating_sub(written_ns).max(1));
+        }
+    }
+
+    /// Whether `g` was written and awaits its answer.
+    fn awaiting(&self, g: u64) -> bool {
+        self.status.get(g as usize) == Some(&Status::Sent)
     }
 
     fn done(&mut self, g: u64, result: Result<(), String>) {
@@ -113,6 +145,9 @@ pub struct Job {
     pub plan: Plan,
     pub rate: f64,
     pub payload_bytes: usize,
+    /// Requests awaiting their reply on one connection at most; `None`:
+    /// unlimited (pipelined, open loop).
+    pub inflight: Option<usize>,
     pub channel_names: Vec<String>,
     /// How long after the publisher is connected message 0 is due.
     pub lead: Duration,
@@ -127,21 +162,22 @@ pub struct Job {
 /// due, stamps it and hands it over without ever blocking; the I/O thread
 /// (a current-thread runtime) writes it and settles the answers. A slow
 /// target therefore never delays the schedule: it fills the connection's
-/// queue, and what does not fit is refused as `backlog`.
+/// queue, and what does not fit is refused as `backlog`. With an in-flight
+/// limit, a message waits in that queue until a reply makes room, and its
+/// lag is taken when it is written.
 /// Returns that thread and when message 0 is due (nanoseconds, process
 /// epoch): `lead` after the connections are ready, so a slow handshake
 /// never eats into the schedule.
 pub fn spawn(job: Job) -> anyhow::Result<(std::thread::JoinHandle<anyhow::Result<Outcome>>, u64)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let total = job.plan.total as usize;
-    let io_job = IoJob { method: job.method.clone(), plan: job.plan, channel_names: job.channel_names.clone(), total };
-    let io = std::thread::Builder::new().name("lg-publisher-io".into()).spawn(
-        move || -> anyhow::Result<(Vec<Status>, BTreeMap<String, u64>)> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, io_run(io_job, ready_tx))
-        },
-    )?;
+    let io_job =
+        IoJob { method: job.method.clone(), plan: job.plan, inflight: job.inflight, channel_names: job.channel_names.clone(), total };
+    let io = std::thread::Builder::new().name("lg-publisher-io".into()).spawn(move || -> anyhow::Result<IoOutcome> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, io_run(io_job, ready_tx))
+    })?;
     let queues = match ready_rx.recv() {
         Ok(Ok(q)) => q,
         Ok(Err(e)) => {
@@ -155,8 +191,10 @@ pub fn spawn(job: Job) -> anyhow::Result<(std::thread::JoinHandle<anyhow::Result
     };
     let start_ns = clock::now_ns() + job.lead.as_nanos() as u64;
     let thread = std::thread::Builder::new().name("lg-publisher".into()).spawn(move || {
-        let (lag, refused, scheduled) = schedule(&job, queues, start_ns);
-        let (mut status, mut errors) = io.join().map_err(|_| anyhow::anyhow!("the publisher I/O thread failed"))??;
+        let (handover_lag, refused, scheduled) = schedule(&job, queues, start_ns);
+        let IoOutcome { mut status, mut errors, rtt, write_lag } =
+            io.join().map_err(|_| anyhow::anyhow!("the publisher I/O thread failed"))??;
+        let lag = write_lag.unwrap_or(handover_lag);
         for g in refused {
             status[g as usize] = Status::Failed;
             *errors.entry("backlog".into()).or_default() += 1;
@@ -164,23 +202,49 @@ pub fn spawn(job: Job) -> anyhow::Result<(std::thread::JoinHandle<anyhow::Result
         // A message sent without an answer (ws-raw has none; a ws reply may
         // be missing) counts as published: if it was not, the loss shows.
         let ok = status.iter().map(|s| matches!(s, Status::Ok | Status::Sent)).collect();
-        Ok(Outcome { ok, lag, errors, scheduled })
+        Ok(Outcome { ok, lag, rtt, errors, scheduled })
     })?;
     Ok((thread, start_ns))
 }
 
-/// A connection's queue of `(message, bytes to send)`.
-type Queue = mpsc::Sender<(u64, Bytes)>;
+/// One message handed to a connection.
+struct Item {
+    g: u64,
+    /// Its intended send time (process-epoch ns).
+    due_ns: u64,
+    bytes: Bytes,
+}
+
+/// A connection's queue of messages to send.
+type Queue = mpsc::Sender<Item>;
 
 struct IoJob {
     method: Method,
     plan: Plan,
+    inflight: Option<usize>,
     channel_names: Vec<String>,
     total: usize,
 }
 
-/// The timing loop: returns the lag histogram, the messages refused for
-/// backlog and how many were scheduled.
+impl IoJob {
+    /// Requests a connection may have awaiting their reply.
+    fn limit(&self) -> usize {
+        self.inflight.unwrap_or(usize::MAX)
+    }
+}
+
+/// What the I/O thread observed.
+struct IoOutcome {
+    status: Vec<Status>,
+    errors: BTreeMap<String, u64>,
+    rtt: Histogram<u64>,
+    /// Lag taken at the write (with an in-flight limit only).
+    write_lag: Option<Histogram<u64>>,
+}
+
+/// The timing loop: returns the lag histogram (at handover: recorded only
+/// without an in-flight limit, when handing over is sending), the
+/// messages refused for backlog and how many were scheduled.
 fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Vec<u64>, u64) {
     let mut lag = stats::histogram();
     let mut refused = Vec::new();
@@ -205,7 +269,9 @@ fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Ve
             if due > now {
                 break;
             }
-            let _ = lag.record(now.saturating_sub(due).max(1));
+            if job.inflight.is_none() {
+                let _ = lag.record(now.saturating_sub(due).max(1));
+            }
             let c = (g % job.plan.channels) as usize;
             payload::encode(&mut buf, job.plan.nonce, g, due, job.payload_bytes);
             let bytes = match &job.method {
@@ -227,7 +293,7 @@ fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Ve
                 }
             };
             // A channel always takes the same connection: its order holds.
-            if queues[c % queues.len()].try_send((g, bytes)).is_err() {
+            if queues[c % queues.len()].try_send(Item { g, due_ns: due, bytes }).is_err() {
                 refused.push(g);
             }
             job.live.sent.fetch_add(1, Ordering::Relaxed);
@@ -237,11 +303,14 @@ fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Ve
     (lag, refused, g)
 }
 
-async fn io_run(
-    job: IoJob,
-    ready: std::sync::mpsc::Sender<Result<Vec<Queue>, String>>,
-) -> anyhow::Result<(Vec<Status>, BTreeMap<String, u64>)> {
-    let state = Rc::new(RefCell::new(State { status: vec![Status::Unsent; job.total], errors: BTreeMap::new() }));
+async fn io_run(job: IoJob, ready: std::sync::mpsc::Sender<Result<Vec<Queue>, String>>) -> anyhow::Result<IoOutcome> {
+    let state = Rc::new(RefCell::new(State {
+        status: vec![Status::Unsent; job.total],
+        errors: BTreeMap::new(),
+        rtt: stats::histogram(),
+        first_measured: job.plan.first_measured,
+        lag: job.inflight.map(|_| stats::histogram()),
+    }));
     let tasks = match connect(&job, &state).await {
         Ok((queues, tasks)) => {
             let _ = ready.send(Ok(queues));
@@ -262,8 +331,13 @@ async fn io_run(
     while clock::now_ns() < deadline && state.borrow().status.contains(&Status::Sent) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let st = state.borrow();
-    Ok((st.status.clone(), st.errors.clone()))
+    let mut st = state.borrow_mut();
+    Ok(IoOutcome {
+        status: std::mem::take(&mut st.status),
+        errors: std::mem::take(&mut st.errors),
+        rtt: st.rtt.clone(),
+        write_lag: st.lag.take(),
+    })
 }
 
 async fn connect(job: &IoJob, state: &Rc<RefCell<State>>) -> anyhow::Result<(Vec<Queue>, Vec<tokio::task::JoinHandle<()>>)> {
@@ -281,6 +355,7 @@ async fn connect(job: &IoJob, state: &Rc<RefCell<State>>) -> anyhow::Result<(Vec
                     url.clone(),
                     job.channel_names.clone(),
                     job.plan.channels,
+                    job.limit(),
                     rx,
                     Rc::clone(state),
                 )));
@@ -289,13 +364,13 @@ async fn connect(job: &IoJob, state: &Rc<RefCell<State>>) -> anyhow::Result<(Vec
         }
         Method::Ws { url } => {
             let path = url.path_for(&job.channel_names[0]);
-            let (q, t) = ws::ws_conn(url, &path, Rc::clone(state), true).await?;
+            let (q, t) = ws::ws_conn(url, &path, Rc::clone(state), Some(job.limit())).await?;
             queues.push(q);
             tasks.push(t);
         }
         Method::WsRaw { url } => {
             for name in &job.channel_names {
-                let (q, t) = ws::ws_conn(url, &url.path_for(name), Rc::clone(state), false).await?;
+                let (q, t) = ws::ws_conn(url, &url.path_for(name), Rc::clone(state), None).await?;
                 queues.push(q);
                 tasks.push(t);
             }
@@ -305,7 +380,7 @@ async fn connect(job: &IoJob, state: &Rc<RefCell<State>>) -> anyhow::Result<(Vec
             let conn = client.get_multiplexed_async_connection().await.with_context(|| format!("cannot connect to Redis at {url}"))?;
             let (tx, rx) = mpsc::channel(BACKLOG);
             let names: Vec<String> = job.channel_names.iter().map(|n| channel.replace("{channel}", n)).collect();
-            tasks.push(tokio::task::spawn_local(redis::redis_conn(conn, names, job.plan.channels, rx, Rc::clone(state))));
+            tasks.push(tokio::task::spawn_local(redis::redis_conn(conn, names, job.plan.channels, job.inflight, rx, Rc::clone(state))));
             queues.push(tx);
         }
     }
