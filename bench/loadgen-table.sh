@@ -6,6 +6,7 @@
 #   bash bench/loadgen-table.sh ladder     # 1k subscribers, rising rates
 #   bash bench/loadgen-table.sh idle       # RSS per idle connection at 10k
 #   bash bench/loadgen-table.sh redis      # one node local, one and two nodes through Redis
+#   bash bench/loadgen-table.sh channels   # 1,000 channels x 2 subscribers: local against Redis
 #
 # Herald and loadgen share the machine; each run's JSON is kept in
 # target/loadgen-table/.
@@ -79,12 +80,32 @@ redis)
     run "redis-2nodes-$round" --url "$n1" --url "$n2" --server-pid "$r1" --server-pid "$r2" --server-pid "$rpid" "${common[@]}"
   done
   ;;
+channels)
+  # Many channels, few subscribers each: the shape of per-user and
+  # per-document channels. Herald's CPU only (--server-pid of Herald
+  # alone), so "server us/d" compares the brokers' cost in Herald.
+  rport=${REDIS_PORT:-16379}
+  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
+  rpid=$!
+  target/release/herald --listen "127.0.0.1:$((port + 1))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r1.log" 2>&1 &
+  r1=$!
+  trap 'kill $pid $r1 $rpid 2>/dev/null; wait 2>/dev/null || true' EXIT
+  sleep 1
+  n1="ws://127.0.0.1:$((port + 1))/ws?channel={channel}"
+  for rate in ${RATES:-1000 20000}; do
+    for conns in ${PUBLISH_CONNECTIONS:-4 16}; do
+      common=(--channels 1000 --subscribers 2000 --rate "$rate" --duration 10 --warmup 2 --publish-connections "$conns")
+      run "local-$rate-c$conns" --url "$ws" "${common[@]}"
+      run "redis-$rate-c$conns" --url "$n1" --server-pid "$r1" "${common[@]}"
+    done
+  done
+  ;;
 idle)
   target/release/loadgen connect --quiet --url "ws://127.0.0.1:$port/ws?channel=idle" \
     --connections "${CONNECTIONS:-10000}" --rate 2000 --hold 3 --server-pid "$pid" --json "$out/idle.json"
   ;;
 *)
-  echo "usage: $0 [table|ladder|idle]" >&2
+  echo "usage: $0 [table|ladder|idle|redis|channels]" >&2
   exit 2
   ;;
 esac
