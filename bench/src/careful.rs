@@ -22,7 +22,11 @@
 //!   the SSE stream ends) and counted ([`Careful::lagged_closes`]), as
 //!   Herald's `disconnect` policy does — never a silent gap. Per
 //!   connection, tungstenite reads into [`READ_BUFFER`] bytes and writes
-//!   through at most [`MAX_WRITE_BUFFER`] bytes.
+//!   through at most [`MAX_WRITE_BUFFER`] bytes. A subscriber whose
+//!   socket stays full waits in its write with that bounded buffer (the
+//!   ring moves on without it) and is closed as lagging once it reads
+//!   again; there is no write timeout, so a peer that never reads is only
+//!   dropped when TCP gives up on it.
 //! - TCP_NODELAY on every connection; channel state sharded over
 //!   [`SHARDS`] mutexes so publishers to different channels rarely meet.
 //!
