@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Herald against its peers, side by side on this machine, with loadgen:
 #
-#   bash bench/peers.sh            # every scenario (about 10 minutes)
+#   bash bench/peers.sh            # every scenario (about 2 minutes per server)
 #   bash bench/peers.sh ws-1k      # one of: ws-1k ws-5k sse-1k ladder idle
 #
 # Servers, all on loopback and started by this script:
 #   herald  - release build, 2 shards
-#   naive   - the hand-written axum + tungstenite + tokio broadcast server
-#             (bench/src/naive.rs), 2 runtime threads
+#   careful - the careful hand-written axum + tungstenite + tokio broadcast
+#             server (bench/src/careful.rs): envelope encoded once per
+#             message, batched writes; 2 runtime threads. The baseline.
+#   naive   - naive (per-subscriber JSON): the same stack encoding the
+#             envelope in every subscriber's task (bench/src/naive.rs),
+#             2 runtime threads; kept for reference
 #   nchan   - nginx + nchan, 2 workers (Debian packages nginx and
 #             libnginx-mod-nchan, installed when missing)
 #   node-ws - Node.js with the `ws` package (bench/peers/node-ws, npm install
@@ -38,7 +42,7 @@ if [ ! -d bench/peers/node-ws/node_modules/ws ]; then
   (cd bench/peers/node-ws && npm install --silent --no-audit --no-fund)
 fi
 
-H=18400 N=18401 X=18402 J=18403 F=18404
+H=18400 N=18401 X=18402 J=18403 F=18404 C=18405
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -50,6 +54,9 @@ trap cleanup EXIT
 target/release/herald --listen "127.0.0.1:$H" --shards 2 >"$out/herald.log" 2>&1 &
 hpid=$!
 pids+=($hpid)
+target/release/careful --listen "127.0.0.1:$C" --threads 2 >"$out/careful.log" 2>&1 &
+cpid=$!
+pids+=($cpid)
 target/release/naive --listen "127.0.0.1:$N" --threads 2 >"$out/naive.log" 2>&1 &
 npid=$!
 pids+=($npid)
@@ -71,6 +78,7 @@ xpids=$(pgrep -P "$xmaster" | tr '\n' ' ')
 # its workers'.
 servers=(
   "herald|ws://127.0.0.1:$H/ws?channel={channel}|http://127.0.0.1:$H/sse?channel={channel}|-|herald|$hpid"
+  "careful|ws://127.0.0.1:$C/ws?channel={channel}|http://127.0.0.1:$C/sse?channel={channel}|http://127.0.0.1:$C/publish/{channel}|herald|$cpid"
   "naive|ws://127.0.0.1:$N/ws?channel={channel}|http://127.0.0.1:$N/sse?channel={channel}|http://127.0.0.1:$N/publish/{channel}|herald|$npid"
   "nchan|ws://127.0.0.1:$X/sub?channel={channel}|http://127.0.0.1:$X/sub?channel={channel}|http://127.0.0.1:$X/publish/{channel}|raw|$xpids"
   "node-ws|ws://127.0.0.1:$J/ws?channel={channel}|-|http://127.0.0.1:$J/publish/{channel}|raw|$jpid"
@@ -92,10 +100,20 @@ targets() { # transport
 mapfile -t ws_targets < <(targets ws)
 mapfile -t sse_targets < <(targets sse)
 
+# How a server is named in this script's own lines (loadgen's tables take
+# names without spaces, so its rows say plain `naive`).
+label() {
+  case $1 in
+  naive) echo "naive (per-subscriber JSON)" ;;
+  *) echo "$1" ;;
+  esac
+}
+
 compare() {
   local name=$1
   shift
   echo "== $name"
+  echo "   (naive: $(label naive), kept for reference; careful: the hand-written baseline)"
   target/release/loadgen compare --quiet --rounds "${ROUNDS:-2}" --json "$out/$name.json" "$@" | tee "$out/$name.txt"
 }
 
@@ -112,12 +130,12 @@ ladder() {
       local j="$out/ladder-$name-$rate.json"
       target/release/loadgen fanout --quiet "${args[@]}" --subscribers 1000 --rate "$rate" --duration 5 --warmup 1 --drain 2 \
         --channel-prefix "ladder-$name-$rate-" --json "$j" >/dev/null || break
-      verdict=$(python3 - "$j" "$name" "$rate" <<'PY'
+      verdict=$(python3 - "$j" "$(label "$name")" "$rate" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 p99 = r["delivery_latency_us"]["p99"]
 ok = r["lost"] == 0 and p99 < 100_000 and r["sent"] > 0
-print(f"  {sys.argv[2]:<8} {sys.argv[3]:>6} msg/s  lost {r['lost']:<8} p99 {p99 / 1000:8.1f} ms  "
+print(f"  {sys.argv[2]:<27} {sys.argv[3]:>6} msg/s  lost {r['lost']:<8} p99 {p99 / 1000:8.1f} ms  "
       f"{r['deliveries_per_s']:10.0f} deliveries/s  server {r.get('server_cpu_us_per_delivery') or 0:.2f} us/d", file=sys.stderr)
 print(f"{'ok' if ok else 'stop'} {r['deliveries_per_s']:.0f}")
 PY
@@ -126,7 +144,7 @@ PY
       best=$rate
       best_d=${verdict#* }
     done
-    printf '%-8s highest clean rate %s msg/s (%s deliveries/s)\n' "$name" "$best" "$best_d" | tee -a "$out/ladder.txt"
+    printf '%-27s highest clean rate %s msg/s (%s deliveries/s)\n' "$(label "$name")" "$best" "$best_d" | tee -a "$out/ladder.txt"
   done
 }
 
@@ -139,10 +157,10 @@ idle() {
     for p in $pidlist; do args+=(--server-pid "$p"); done
     target/release/loadgen connect --quiet --url "${ws//\{channel\}/idle-$name}" --connections 5000 --rate 2000 --hold 2 \
       "${args[@]}" --json "$out/idle-$name.json" >/dev/null
-    python3 - "$out/idle-$name.json" "$name" <<'PY' | tee -a "$out/idle.txt"
+    python3 - "$out/idle-$name.json" "$(label "$name")" <<'PY' | tee -a "$out/idle.txt"
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]:<8} opened {r['opened']:>5}  RSS per connection {r['server_rss_per_connection_kib']:.2f} KiB")
+print(f"{sys.argv[2]:<27} opened {r['opened']:>5}  RSS per connection {r['server_rss_per_connection_kib']:.2f} KiB")
 PY
   done
 }

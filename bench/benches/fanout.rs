@@ -1,10 +1,13 @@
 //! One message published to N WebSocket subscribers over loopback, timed
-//! until all N have it, for three servers with the same client side
+//! until all N have it, for four servers with the same client side
 //! (`herald_bench::client`):
 //!
 //! - `herald`: Herald, 2 shards, its in-process `publish`;
-//! - `naive`: axum + tungstenite + `tokio::sync::broadcast`, encoding per
-//!   subscriber on a 2-worker multi-thread runtime (`herald_bench::naive`);
+//! - `careful`: axum + tungstenite + `tokio::sync::broadcast`, encoding
+//!   once per message, batched writes, on a 2-worker multi-thread runtime
+//!   (`herald_bench::careful`): the baseline to compare with;
+//! - `naive`: the same stack encoding per subscriber (per-subscriber
+//!   JSON), kept for reference (`herald_bench::naive`);
 //! - `floor`: pre-encoded bytes written to every socket from 2 threads
 //!   (`herald_bench::floor`).
 //!
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput};
+use herald_bench::careful::{Careful, Data};
 use herald_bench::client::Subscribers;
 use herald_bench::floor::Floor;
 use herald_bench::naive::Naive;
@@ -78,7 +82,22 @@ fn fanout(c: &mut Criterion) {
         drop(subs);
         rt.block_on(herald.shutdown(Duration::from_secs(1)));
 
-        // The naive baseline, on its own runtime.
+        // The careful baseline, on its own runtime.
+        let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let careful = Careful::default();
+        let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        server_rt.spawn(careful.clone().serve(listener));
+        let subs = rt.block_on(Subscribers::connect(addr, "/ws?channel=bench", n)).expect("connect to careful");
+        std::thread::sleep(Duration::from_millis(200));
+        // The payload is escaped per publish, as Herald's is built per publish.
+        bench(&mut group, &rt, "careful", n, &subs, || async {
+            careful.publish("bench", &Data::text(PAYLOAD)).expect("publish");
+        });
+        drop(subs);
+        server_rt.shutdown_timeout(Duration::from_secs(1));
+
+        // The naive baseline (per-subscriber JSON), on its own runtime.
         let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let naive = Naive::default();
         let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");

@@ -1,4 +1,6 @@
-//! The naive baseline: what a Rust user would write by hand for fan-out.
+//! The naive baseline (per-subscriber JSON), kept for reference: what a
+//! hurried Rust user writes by hand for fan-out. It flatters whatever is
+//! compared with it; [`crate::careful`] is the baseline to compare with.
 //!
 //! axum + its WebSocket support (tungstenite) + one
 //! `tokio::sync::broadcast` channel per channel name. Every subscriber

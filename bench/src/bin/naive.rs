@@ -1,5 +1,6 @@
-//! `naive`: the hand-written baseline server (see `herald_bench::naive`),
-//! for `loadgen` and the peer comparison.
+//! `naive`: the naive hand-written baseline server, per-subscriber JSON
+//! encoding (see `herald_bench::naive`), kept for reference; `careful` is
+//! the baseline to compare with.
 //!
 //! ```text
 //! naive --listen 127.0.0.1:18090
@@ -10,7 +11,7 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The naive fan-out baseline: axum + tungstenite + tokio broadcast.
+/// The naive fan-out baseline (per-subscriber JSON), kept for reference.
 #[derive(Debug, Parser)]
 struct Args {
     /// Address to listen on.
