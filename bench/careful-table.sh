@@ -9,8 +9,8 @@
 #
 # Scenarios: 1,000 WebSocket subscribers on one channel at 50, 300 and
 # 1,200 msg/s (pipelined HTTP publisher); the same with a closed-loop
-# publisher (one request in flight, as a backend publishes) at 400 and
-# 800 msg/s; 10,000 subscribers at 50 msg/s. Reports in target/careful-table/.
+# publisher (one request in flight, as a backend publishes) at 400, 800
+# and 1,600 msg/s; 10,000 subscribers at 50 msg/s. Reports in target/careful-table/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p herald -p herald-loadgen -p herald-bench --bins
@@ -50,7 +50,7 @@ all | open)
   done
   ;;&
 all | closed)
-  for rate in 400 800; do
+  for rate in ${CLOSED_RATES:-400 800 1600}; do
     compare "closed-1k-x$rate" --subscribers 1000 --rate "$rate" --publish-inflight 1 --publish-connections 1
   done
   ;;&

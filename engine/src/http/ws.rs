@@ -86,7 +86,7 @@ async fn attach(shard: Rc<Shard>, conn: Rc<Conn>, upgraded: hyper::upgrade::Upgr
                     }
                 }
             }
-            ws::run(shard, conn, tcp, parts.read_buf).await;
+            ws::run_tcp(shard, conn, tcp, parts.read_buf).await;
         }
         Err(upgraded) => ws::run(shard, conn, TokioIo::new(upgraded), Bytes::new()).await,
     }

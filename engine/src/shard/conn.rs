@@ -7,11 +7,13 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
 
 use bytes::Bytes;
+use tokio::net::TcpStream;
 
 use super::Permit;
 use crate::config::SlowConsumerPolicy;
@@ -47,6 +49,9 @@ impl Format {
         }
     }
 }
+
+/// Frames written per `writev` at most.
+pub(crate) const MAX_IOV: usize = 64;
 
 #[derive(Debug)]
 struct Queued {
@@ -114,7 +119,7 @@ impl Outbound {
         }
     }
 
-    fn wake(&mut self) {
+    pub(crate) fn wake(&mut self) {
         if let Some(w) = self.waker.take() {
             w.wake();
         }
@@ -122,11 +127,17 @@ impl Outbound {
 
     fn push(&mut self, bytes: Bytes, published_at: Option<Instant>) {
         let was_empty = self.frames.is_empty();
-        self.queued_bytes += bytes.len();
-        self.frames.push_back(Queued { bytes, published_at });
+        self.push_quiet(bytes, published_at);
         if was_empty {
             self.wake();
         }
+    }
+
+    /// Queues without waking the writer (the shard writes it, see
+    /// [`Conn::write_now`]).
+    fn push_quiet(&mut self, bytes: Bytes, published_at: Option<Instant>) {
+        self.queued_bytes += bytes.len();
+        self.frames.push_back(Queued { bytes, published_at });
     }
 
     /// Fills `slices` with the unwritten bytes at the front of the queue and
@@ -195,6 +206,12 @@ pub(crate) struct Conn {
     pub subs: RefCell<Vec<Arc<str>>>,
     /// Publish commands waiting for the broker's answer.
     pub in_flight: Cell<u32>,
+    /// The connection's socket, when it is a plain TCP stream the shard can
+    /// write to itself: fan-out then writes message frames from its own
+    /// loop instead of waking the connection's task for each.
+    direct: RefCell<Option<Rc<TcpStream>>>,
+    /// Message frames were queued quietly for the shard to write.
+    flush_due: Cell<bool>,
     _permit: Permit,
 }
 
@@ -208,6 +225,8 @@ impl Conn {
             out: RefCell::new(Outbound::default()),
             subs: RefCell::new(Vec::new()),
             in_flight: Cell::new(0),
+            direct: RefCell::new(None),
+            flush_due: Cell::new(false),
             _permit: permit,
         }
     }
@@ -221,12 +240,13 @@ impl Conn {
             return Offer::Closed;
         }
         let fits = out.queued_bytes + frame.len() <= limit;
-        if fits && out.lagged.is_empty() {
-            out.push(frame.clone(), Some(msg.published_at));
-            return Offer::Queued;
-        }
-        if fits && self.push_lagged(&mut out, limit - frame.len(), metrics) {
-            out.push(frame.clone(), Some(msg.published_at));
+        if fits && (out.lagged.is_empty() || self.push_lagged(&mut out, limit - frame.len(), metrics)) {
+            if self.direct.borrow().is_some() {
+                out.push_quiet(frame.clone(), Some(msg.published_at));
+                self.flush_due.set(true);
+            } else {
+                out.push(frame.clone(), Some(msg.published_at));
+            }
             return Offer::Queued;
         }
         match policy {
@@ -244,6 +264,42 @@ impl Conn {
                 Offer::Overflow
             }
         }
+    }
+
+    /// Lets the shard write this connection's frames to `tcp` itself.
+    pub(crate) fn set_direct(&self, tcp: Option<Rc<TcpStream>>) {
+        *self.direct.borrow_mut() = tcp;
+    }
+
+    /// Whether message frames were queued for the shard to write; clears it.
+    pub(crate) fn take_flush_due(&self) -> bool {
+        self.flush_due.replace(false)
+    }
+
+    /// Writes what is queued straight to the socket, without the
+    /// connection's task, as far as the socket takes it. Whatever is left
+    /// (a full socket, an error, a closing connection, `lagged` notices
+    /// due) wakes the task, which deals with it.
+    pub(crate) fn write_now(&self, metrics: &ShardMetrics) {
+        let direct = self.direct.borrow();
+        let mut out = self.out.borrow_mut();
+        if let (Some(tcp), None) = (direct.as_ref(), out.closing) {
+            while !out.is_empty() {
+                let written = {
+                    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                    let n = out.slices(&mut slices);
+                    tcp.try_write_vectored(&slices[..n])
+                };
+                match written {
+                    Ok(n) if n > 0 => out.advance(n, metrics, self.transport),
+                    _ => break,
+                }
+            }
+            if out.is_empty() && out.lagged.is_empty() {
+                return;
+            }
+        }
+        out.wake();
     }
 
     /// Queues the `lagged` notices of a subscriber that dropped frames,

@@ -60,8 +60,11 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn publish(&self, channel: &str, payload: Payload) -> PublishFuture;
 }
 
-/// Messages fanned out per turn before the shard lets its writers run.
+/// Messages fanned out per turn before the shard writes and lets other
+/// tasks run.
 const FANOUT_BATCH: usize = 64;
+/// Connections the fan-out writes to between two yields.
+const WRITE_CHUNK: usize = 64;
 /// Size of the per-shard read buffer shared by all its connections.
 pub(crate) const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -283,8 +286,9 @@ impl Shard {
         conn.send_control(frame, cfg.outbound_queue_bytes, cfg.slow_consumer, self.metrics())
     }
 
-    /// Appends one message to every local subscriber's queue.
-    fn fan_out(&self, msg: &Message) {
+    /// Appends one message to every local subscriber's queue; connections
+    /// the shard is to write itself go into `dirty` (once each).
+    fn fan_out(&self, msg: &Message, dirty: &mut Vec<Rc<Conn>>) {
         let index = self.index.borrow();
         let Some(subs) = index.get(&*msg.channel) else { return };
         let conns = self.conns.borrow();
@@ -294,8 +298,10 @@ impl Shard {
         for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
-            if conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Overflow {
-                self.overflowed.borrow_mut().push(key);
+            match conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
+                Offer::Overflow => self.overflowed.borrow_mut().push(key),
+                Offer::Queued if conn.take_flush_due() => dirty.push(Rc::clone(conn)),
+                _ => {}
             }
         }
     }
@@ -316,27 +322,51 @@ impl Shard {
 
     async fn run_inbox(self: Rc<Self>) {
         let inbox = self.up.inbox(self.id);
+        let mut dirty = Vec::new();
         loop {
             inbox.wait().await;
             let mut n = 0;
             while let Some(msg) = inbox.pop() {
-                self.fan_out(&msg);
+                self.fan_out(&msg, &mut dirty);
                 n += 1;
                 if n == FANOUT_BATCH {
                     self.unindex_overflowed();
+                    self.write_dirty(&mut dirty).await;
                     n = 0;
-                    tokio::task::yield_now().await;
                 }
             }
             self.unindex_overflowed();
+            self.write_dirty(&mut dirty).await;
         }
     }
 
-    /// Fans out whatever is queued now (used before draining).
+    /// Writes the frames a batch of messages queued, connection by
+    /// connection, with one `writev` each (several frames when several
+    /// messages came). Every [`WRITE_CHUNK`] connections it yields, so a
+    /// request that arrived meanwhile (a publish waiting for its reply) is
+    /// served between chunks rather than after the whole fan-out.
+    async fn write_dirty(&self, dirty: &mut Vec<Rc<Conn>>) {
+        let metrics = self.metrics();
+        let mut written = 0;
+        for conn in dirty.drain(..) {
+            conn.write_now(metrics);
+            written += 1;
+            if written % WRITE_CHUNK == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Fans out whatever is queued now (used before draining): the
+    /// connections' tasks write it.
     fn flush_inbox(&self) {
         let inbox = self.up.inbox(self.id);
+        let mut dirty = Vec::new();
         while let Some(msg) = inbox.pop() {
-            self.fan_out(&msg);
+            self.fan_out(&msg, &mut dirty);
+        }
+        for conn in dirty {
+            conn.out.borrow_mut().wake();
         }
         self.unindex_overflowed();
     }

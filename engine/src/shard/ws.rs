@@ -17,9 +17,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::conn::{Conn, Format, Pending};
+use super::conn::{Conn, Format, Pending, MAX_IOV};
 use super::Shard;
 use crate::config::{Config, COMMAND_OVERHEAD_BYTES};
 use crate::message::{PublishError, Published};
@@ -30,8 +31,6 @@ use crate::proto::json::{self, Payload};
 use crate::proto::session::{CloseCause, Event, Session, SessionConfig, Timer};
 use crate::proto::ErrorCode;
 
-/// Frames written per `writev` at most.
-const MAX_IOV: usize = 64;
 /// Reads per poll before the task yields to others.
 const READS_PER_POLL: usize = 16;
 /// Publishes waiting for the broker at once on one connection, at most;
@@ -60,6 +59,71 @@ struct WsTask<S> {
     /// What `timer` is set to.
     armed: Instant,
     write: Write,
+}
+
+/// Serves a WebSocket over a plain TCP socket, which the shard's fan-out
+/// may also write message frames to directly (see [`Conn::write_now`]).
+pub(crate) async fn run_tcp(shard: Rc<Shard>, conn: Rc<Conn>, tcp: TcpStream, leftover: Bytes) {
+    let tcp = Rc::new(tcp);
+    conn.set_direct(Some(Rc::clone(&tcp)));
+    // The task ends by removing the connection; the socket must not outlive
+    // it in the connection (a fan-out could still hold the connection).
+    struct Undirect(Rc<Conn>);
+    impl Drop for Undirect {
+        fn drop(&mut self) {
+            self.0.set_direct(None);
+        }
+    }
+    let _undirect = Undirect(Rc::clone(&conn));
+    run(shard, conn, SharedTcp(tcp), leftover).await;
+}
+
+/// A TCP socket shared between a connection's task and its shard's
+/// fan-out, driven through readiness and `try_*` calls (which take `&self`).
+struct SharedTcp(Rc<TcpStream>);
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        loop {
+            std::task::ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
+    }
 }
 
 /// Serves a WebSocket connection whose handshake is done until it ends.
