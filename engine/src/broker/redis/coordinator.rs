@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::script::{self, Publisher, SlotMap};
+use super::script::{self, SlotMap};
 use super::subscriber::{self, NodeCmd};
-use super::{Backoff, Shared};
+use super::Shared;
 use crate::proto::resp;
 
 /// Subscribe/unsubscribe commands waiting for one Redis connection.
@@ -75,26 +75,9 @@ impl Node {
 /// Runs until the broker stops.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut stop = shared.stop.subscribe();
-    let mut backoff = Backoff::default();
-    loop {
-        let connected = tokio::select! {
-            r = Publisher::connect(shared.cluster, &shared.seeds, shared.timeout) => r,
-            _ = stop.changed() => return,
-        };
-        match connected {
-            Ok(p) => {
-                let _ = shared.publisher.set(p);
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(broker = shared.mode(), error = %e, "cannot connect to Redis; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next()) => {}
-                    _ = stop.changed() => return,
-                }
-            }
-        }
-    }
+    let failed = |e: &redis::RedisError| tracing::warn!(broker = shared.mode(), error = %e, "cannot connect to Redis; retrying");
+    let Some(publisher) = shared.connect_publisher(failed).await else { return };
+    let _ = shared.publisher.set(publisher);
     let mut c = Coordinator { shared: Arc::clone(&shared), nodes: Vec::new(), slots: Vec::new(), assigned: HashMap::new() };
     if !shared.cluster {
         if let redis::ConnectionAddr::Tcp(host, port) = shared.seeds[0].addr() {

@@ -122,6 +122,29 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// Connects a publisher, retrying with backoff (`failed` hears of each
+    /// failure) until it is up; `None` once the broker stops.
+    async fn connect_publisher(&self, failed: impl Fn(&redis::RedisError)) -> Option<Publisher> {
+        let mut stop = self.stop.subscribe();
+        let mut backoff = Backoff::default();
+        loop {
+            let connected = tokio::select! {
+                r = Publisher::connect(self.cluster, &self.seeds, self.timeout) => r,
+                _ = stop.changed() => return None,
+            };
+            match connected {
+                Ok(p) => return Some(p),
+                Err(e) => {
+                    failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                        _ = stop.changed() => return None,
+                    }
+                }
+            }
+        }
+    }
+
     /// Redis dropped `channel`'s subscription: route it again.
     fn lost(&self, channel: &Arc<str>) {
         if self.lost.push(Arc::clone(channel)).is_err() {
@@ -235,26 +258,10 @@ impl RedisBroker {
     pub(crate) fn connect_shard_publisher(&self, shard: usize) -> impl std::future::Future<Output = ()> + 'static {
         let shared = Arc::clone(&self.shared);
         async move {
-            let mut stop = shared.stop.subscribe();
-            let mut backoff = Backoff::default();
-            loop {
-                let connected = tokio::select! {
-                    r = Publisher::connect(shared.cluster, &shared.seeds, shared.timeout) => r,
-                    _ = stop.changed() => return,
-                };
-                match connected {
-                    Ok(p) => {
-                        let _ = shared.shard_publishers[shard].set(p);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(shard, error = %e, "cannot connect a shard's publisher to Redis; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff.next()) => {}
-                            _ = stop.changed() => return,
-                        }
-                    }
-                }
+            let failed =
+                |e: &redis::RedisError| tracing::debug!(shard, error = %e, "cannot connect a shard's publisher to Redis; retrying");
+            if let Some(p) = shared.connect_publisher(failed).await {
+                let _ = shared.shard_publishers[shard].set(p);
             }
         }
     }
