@@ -377,18 +377,21 @@ fn channel_of(query: Option<&str>) -> Result<String, &'static str> {
     found.ok_or("missing channel")
 }
 
+/// Subscribes to the query's channel, or the error answer.
+#[allow(clippy::result_large_err)]
+fn open_sub(s: Careful, query: Option<&str>) -> Result<Sub, Response> {
+    let channel = channel_of(query).map_err(|why| error(StatusCode::BAD_REQUEST, "bad_request", why))?;
+    let rx = s.subscribe(&channel).map_err(|e| refused(&e))?;
+    Ok(Sub { rx, unsub: Unsub { s, channel } })
+}
+
 async fn ws(State(s): State<Careful>, RawQuery(q): RawQuery, up: WebSocketUpgrade) -> Response {
-    let channel = match channel_of(q.as_deref()) {
-        Ok(c) => c,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "bad_request", why),
-    };
     // Subscribed before the 101 goes out: a client that sees it gets every
     // later message.
-    let rx = match s.subscribe(&channel) {
-        Ok(rx) => rx,
-        Err(e) => return refused(&e),
+    let sub = match open_sub(s, q.as_deref()) {
+        Ok(sub) => sub,
+        Err(r) => return r,
     };
-    let sub = Sub { rx, unsub: Unsub { s, channel } };
     up.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
@@ -458,17 +461,12 @@ async fn forward(socket: &mut WebSocket, rx: &mut broadcast::Receiver<Arc<Frame>
 }
 
 async fn sse(State(s): State<Careful>, RawQuery(q): RawQuery) -> Response {
-    let channel = match channel_of(q.as_deref()) {
-        Ok(c) => c,
-        Err(why) => return error(StatusCode::BAD_REQUEST, "bad_request", why),
-    };
-    let rx = match s.subscribe(&channel) {
-        Ok(rx) => rx,
-        Err(e) => return refused(&e),
+    let sub = match open_sub(s, q.as_deref()) {
+        Ok(sub) => sub,
+        Err(r) => return r,
     };
     // hyper polls the body until it is pending before it writes, so
     // messages that are already queued go out in one write.
-    let sub = Sub { rx, unsub: Unsub { s, channel } };
     let stream = futures_util::stream::unfold(sub, |mut sub| async move {
         match sub.rx.recv().await {
             Ok(f) => Some((Ok::<_, Infallible>(f.sse()), sub)),
