@@ -49,6 +49,21 @@ print(f"{sys.argv[2]:<14} subs {r['subscribers']:>5} {r['transport']:<3} rate {r
 EOF
 }
 
+# Starts a redis-server of its own (pid in $rpid) and N Herald nodes using
+# it on ports port+1… (pids in rnodes); everything is stopped at exit.
+redis_nodes() {
+  local rport=${REDIS_PORT:-16379}
+  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
+  rpid=$!
+  rnodes=()
+  for i in $(seq "$1"); do
+    target/release/herald --listen "127.0.0.1:$((port + i))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r$i.log" 2>&1 &
+    rnodes+=($!)
+  done
+  trap 'kill $pid ${rnodes[*]} $rpid 2>/dev/null; wait 2>/dev/null || true' EXIT
+  sleep 1
+}
+
 case "${1:-table}" in
 table)
   run ws-1k --url "$ws" --subscribers 1000 --rate 100 --duration 10 --warmup 2
@@ -62,15 +77,8 @@ ladder)
   ;;
 redis)
   # A redis-server of its own, and two more Herald nodes using it.
-  rport=${REDIS_PORT:-16379}
-  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
-  rpid=$!
-  target/release/herald --listen "127.0.0.1:$((port + 1))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r1.log" 2>&1 &
-  r1=$!
-  target/release/herald --listen "127.0.0.1:$((port + 2))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r2.log" 2>&1 &
-  r2=$!
-  trap 'kill $pid $r1 $r2 $rpid 2>/dev/null; wait 2>/dev/null || true' EXIT
-  sleep 1
+  redis_nodes 2
+  r1=${rnodes[0]} r2=${rnodes[1]}
   n1="ws://127.0.0.1:$((port + 1))/ws?channel={channel}"
   n2="ws://127.0.0.1:$((port + 2))/ws?channel={channel}"
   common=(--subscribers 1000 --rate "${RATE:-200}" --duration 10 --warmup 2)
@@ -84,13 +92,8 @@ channels)
   # Many channels, few subscribers each: the shape of per-user and
   # per-document channels. Herald's CPU only (--server-pid of Herald
   # alone), so "server us/d" compares the brokers' cost in Herald.
-  rport=${REDIS_PORT:-16379}
-  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
-  rpid=$!
-  target/release/herald --listen "127.0.0.1:$((port + 1))" --redis "redis://127.0.0.1:$rport" >"$out/herald-r1.log" 2>&1 &
-  r1=$!
-  trap 'kill $pid $r1 $rpid 2>/dev/null; wait 2>/dev/null || true' EXIT
-  sleep 1
+  redis_nodes 1
+  r1=${rnodes[0]}
   n1="ws://127.0.0.1:$((port + 1))/ws?channel={channel}"
   for rate in ${RATES:-1000 20000}; do
     for conns in ${PUBLISH_CONNECTIONS:-4 16}; do
