@@ -7,6 +7,8 @@
 #   bash bench/loadgen-table.sh idle       # RSS per idle connection at 10k
 #   bash bench/loadgen-table.sh redis      # one node local, one and two nodes through Redis
 #   bash bench/loadgen-table.sh channels   # 1,000 channels x 2 subscribers: local against Redis
+#   bash bench/loadgen-table.sh cluster    # the same through a Redis Cluster of 3 masters
+#   bash bench/loadgen-table.sh ceiling    # rising rates until loss or p99 > 20 ms: local, Redis, cluster
 #
 # Herald and loadgen share the machine; each run's JSON is kept in
 # target/loadgen-table/.
@@ -64,6 +66,32 @@ redis_nodes() {
   sleep 1
 }
 
+# Starts a Redis Cluster of three masters of its own (pids in $cpids) and
+# one Herald node using it on port+3 (pid in $cnode).
+cluster_node() {
+  local base=${CLUSTER_PORT:-16381} seeds=() addrs=()
+  cpids=()
+  for i in 0 1 2; do
+    local p=$((base + i)) d="$out/cluster-$((base + i))"
+    rm -rf "$d" && mkdir -p "$d"
+    (cd "$d" && exec redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no \
+      --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000) >"$d/log" 2>&1 &
+    cpids+=($!)
+    seeds+=("redis://127.0.0.1:$p")
+    addrs+=("127.0.0.1:$p")
+  done
+  for _ in $(seq 50); do redis-cli -p "$((base + 2))" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli --cluster create "${addrs[@]}" --cluster-yes >"$out/cluster-create.log" 2>&1
+  for _ in $(seq 100); do
+    redis-cli -p "$base" cluster info 2>/dev/null | grep -q cluster_state:ok && break
+    sleep 0.1
+  done
+  target/release/herald --listen "127.0.0.1:$((port + 3))" --redis-cluster "$(IFS=,; echo "${seeds[*]}")" >"$out/herald-c.log" 2>&1 &
+  cnode=$!
+  trap 'kill $pid ${rnodes[*]:-} ${rpid:-} ${cpids[*]} $cnode 2>/dev/null; wait 2>/dev/null || true' EXIT
+  sleep 1
+}
+
 case "${1:-table}" in
 table)
   run ws-1k --url "$ws" --subscribers 1000 --rate 100 --duration 10 --warmup 2
@@ -103,12 +131,37 @@ channels)
     done
   done
   ;;
+cluster)
+  cluster_node
+  c1="ws://127.0.0.1:$((port + 3))/ws?channel={channel}"
+  for rate in ${RATES:-1000 20000}; do
+    common=(--channels 1000 --subscribers 2000 --rate "$rate" --duration 10 --warmup 2 --publish-connections "${PUBLISH_CONNECTIONS:-16}")
+    run "local-$rate" --url "$ws" "${common[@]}"
+    run "cluster-$rate" --url "$c1" --server-pid "$cnode" "${common[@]}"
+  done
+  ;;
+ceiling)
+  # Rising rates over 1,000 channels x 2 subscribers, each broker in turn
+  # at each rate; HTTP publishes on 16 connections, or Herald's WebSocket
+  # publish command (PUBLISH=ws, one pipelined connection).
+  redis_nodes 1
+  r1=${rnodes[0]}
+  cluster_node
+  publish=(--publish-connections 16)
+  [ "${PUBLISH:-http}" = ws ] && publish=(--publish ws)
+  for rate in ${RATES:-20000 30000 40000 50000 60000}; do
+    common=(--channels 1000 --subscribers 2000 --rate "$rate" --duration 5 --warmup 1 "${publish[@]}")
+    run "local-$rate" --url "$ws" "${common[@]}"
+    run "redis-$rate" --url "ws://127.0.0.1:$((port + 1))/ws?channel={channel}" --server-pid "$r1" "${common[@]}"
+    run "cluster-$rate" --url "ws://127.0.0.1:$((port + 3))/ws?channel={channel}" --server-pid "$cnode" "${common[@]}"
+  done
+  ;;
 idle)
   target/release/loadgen connect --quiet --url "ws://127.0.0.1:$port/ws?channel=idle" \
     --connections "${CONNECTIONS:-10000}" --rate 2000 --hold 3 --server-pid "$pid" --json "$out/idle.json"
   ;;
 *)
-  echo "usage: $0 [table|ladder|idle|redis|channels]" >&2
+  echo "usage: $0 [table|ladder|idle|redis|channels|cluster|ceiling]" >&2
   exit 2
   ;;
 esac

@@ -108,6 +108,24 @@ pub(crate) struct ScenarioArgs {
     /// Default: unlimited (pipelined). Not for `ws-raw` (no replies).
     #[arg(long)]
     pub(crate) publish_inflight: Option<usize>,
+    /// Body of each `http` publish, `{channel}` and `{payload}` replaced
+    /// (default: the payload alone), for servers that take an envelope,
+    /// e.g. Pusher's `{"name":"lg","channel":"{channel}","data":"{payload}"}`.
+    #[arg(long)]
+    pub(crate) publish_body: Option<String>,
+    /// Content-Type of each `http` publish.
+    #[arg(long, default_value = "text/plain")]
+    pub(crate) publish_content_type: String,
+    /// Sign each `http` publish: `pusher:KEY:SECRET` adds the Pusher HTTP
+    /// API's `auth_key`, `auth_timestamp`, `auth_version`, `body_md5` and
+    /// `auth_signature` (HMAC-SHA256) to the query.
+    #[arg(long)]
+    pub(crate) publish_sign: Option<String>,
+    /// A text frame every WebSocket subscriber sends after its handshake
+    /// (`{channel}` replaced), for servers that subscribe by message, e.g.
+    /// Pusher's `{"event":"pusher:subscribe","data":{"channel":"{channel}"}}`.
+    #[arg(long)]
+    pub(crate) subscribe_message: Option<String>,
     /// Redis channel name template of the `redis` publisher.
     #[arg(long, default_value = "{channel}")]
     pub(crate) redis_channel: String,
@@ -167,6 +185,10 @@ pub(crate) struct ConnectArgs {
     pub(crate) threads: Option<usize>,
     #[arg(long)]
     pub(crate) source_ips: Option<String>,
+    /// A text frame each WebSocket connection sends after its handshake
+    /// (`{channel}` replaced), as for `fanout`.
+    #[arg(long)]
+    pub(crate) subscribe_message: Option<String>,
     #[arg(long)]
     pub(crate) server_pid: Vec<u32>,
     #[arg(long)]
@@ -180,7 +202,9 @@ pub(crate) struct ConnectArgs {
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
     /// A target: space-separated `key=value` pairs; keys `name`, `url`
-    /// (repeatable), `publish`, `publish-url`, `format`, `pid`. A target
+    /// (repeatable), `publish`, `publish-url`, `publish-body`,
+    /// `publish-content-type`, `publish-sign`, `subscribe-message`, `format`,
+    /// `pid` (values without spaces). A target
     /// with no `url` is an embedded Herald.
     #[arg(long, required = true)]
     pub(crate) target: Vec<String>,
@@ -221,7 +245,14 @@ impl ScenarioArgs {
                     None if herald_path => format!("http://{authority}/publish/{{channel}}"),
                     None => bail!("--publish http needs --publish-url for a target that is not Herald"),
                 };
-                Method::Http { url: Url::parse(&u)?, connections: self.publish_connections.max(1) }
+                let sign = self.publish_sign.as_deref().map(publish::Sign::parse).transpose()?;
+                Method::Http {
+                    url: Url::parse(&u)?,
+                    connections: self.publish_connections.max(1),
+                    body: self.publish_body.clone(),
+                    content_type: self.publish_content_type.clone(),
+                    sign,
+                }
             }
             PublishArg::Ws => {
                 let u = match &self.publish_url {
@@ -240,6 +271,12 @@ impl ScenarioArgs {
                 channel: self.redis_channel.clone(),
             },
         };
+        if !matches!(method, Method::Http { .. }) && (self.publish_body.is_some() || self.publish_sign.is_some()) {
+            bail!("--publish-body and --publish-sign are for --publish http");
+        }
+        if self.subscribe_message.is_some() && self.transport != TransportArg::Ws {
+            bail!("--subscribe-message is for WebSocket subscribers (--transport ws)");
+        }
         if let Some(n) = self.publish_inflight {
             if matches!(method, Method::WsRaw { .. }) {
                 bail!("--publish-inflight needs replies to wait for; --publish ws-raw has none (use http, ws or redis)");
@@ -270,6 +307,7 @@ impl ScenarioArgs {
                 TransportArg::Sse => Transport::Sse,
             },
             subscribers: self.subscribers,
+            subscribe_message: self.subscribe_message.clone(),
             channels: self.channels,
             channel_prefix: self.channel_prefix.clone(),
             connect_rate: self.connect_rate,

@@ -57,6 +57,7 @@ pub async fn connect_all(sc: &Connections, plan: Plan, progress: &Progress) -> a
             channel,
             source: (!sc.source_ips.is_empty()).then(|| sc.source_ips[(j as usize) % sc.source_ips.len()]),
             connect_timeout: sc.connect_timeout,
+            subscribe: sc.subscribe_message.as_ref().map(|m| m.replace("{channel}", &names[channel as usize])),
         };
         workers[(j as usize) % workers.len()].subscribe(spec);
         if j % 64 == 0 {
@@ -103,6 +104,7 @@ pub async fn run(a: ConnectArgs) -> anyhow::Result<()> {
         urls,
         transport: if a.transport == TransportArg::Ws { Transport::Ws } else { Transport::Sse },
         subscribers: a.connections,
+        subscribe_message: a.subscribe_message.clone(),
         channels: a.channels.max(1),
         channel_prefix: "lg-".into(),
         connect_rate: a.rate,

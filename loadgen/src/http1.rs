@@ -77,9 +77,18 @@ pub async fn sse_open(stream: &mut TcpStream, url: &Url, path: &str) -> Result<(
     Ok((head.chunked, rest))
 }
 
-/// Parses one HTTP response at the start of `buf`: its status and length
-/// (head and body), or `None` if incomplete.
-pub fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, &'static str> {
+/// One response parsed by [`parse_response`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// Bytes of head and body.
+    pub len: usize,
+    /// The server closes the connection after it (`Connection: close`).
+    pub close: bool,
+}
+
+/// Parses one HTTP response at the start of `buf`, or `None` if incomplete.
+pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, &'static str> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head = match resp.parse(buf) {
@@ -91,8 +100,11 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, &'static str> 
     let status = resp.code.unwrap_or(0);
     let mut length = 0usize;
     let mut chunked = false;
+    let mut close = false;
     for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
+        if h.name.eq_ignore_ascii_case("connection") {
+            close = h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
             length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).ok_or("bad_content_length")?;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = h.value.eq_ignore_ascii_case(b"chunked");
@@ -109,7 +121,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, &'static str> 
             let done = d.feed(&body[at..end], &mut sink).map_err(|_| "bad_chunked_body")?;
             sink.clear();
             if done {
-                return Ok(Some((status, head + d.consumed_total())));
+                return Ok(Some(Response { status, len: head + d.consumed_total(), close }));
             }
             at = end;
         }
@@ -118,7 +130,7 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<(u16, usize)>, &'static str> 
     if buf.len() < head + length {
         return Ok(None);
     }
-    Ok(Some((status, head + length)))
+    Ok(Some(Response { status, len: head + length, close }))
 }
 /// Decodes an HTTP/1.1 chunked body as it streams in.
 #[derive(Debug, Default)]
@@ -250,11 +262,11 @@ mod tests {
 
     #[test]
     fn pipelined_responses_are_split_by_length() {
-        let two = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1 503 X\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n";
-        let (status, n) = parse_response(two).unwrap().unwrap();
-        assert_eq!((status, &two[n..n + 8]), (200, &b"HTTP/1.1"[..]));
+        let two = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1 503 X\r\ntransfer-encoding: chunked\r\nConnection: Close\r\n\r\n2\r\nab\r\n0\r\n\r\n";
+        let Response { status, len: n, close } = parse_response(two).unwrap().unwrap();
+        assert_eq!((status, &two[n..n + 8], close), (200, &b"HTTP/1.1"[..], false));
         let rest = &two[n..];
-        assert_eq!(parse_response(rest).unwrap(), Some((503, rest.len())));
+        assert_eq!(parse_response(rest).unwrap(), Some(Response { status: 503, len: rest.len(), close: true }));
         assert_eq!(parse_response(&rest[..rest.len() - 1]).unwrap(), None);
         assert_eq!(parse_response(&two[..n - 1]).unwrap(), None);
         assert!(parse_response(b"garbage\r\n\r\n").is_err());

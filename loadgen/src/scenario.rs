@@ -26,6 +26,9 @@ pub struct Connections {
     pub target: String,
     pub transport: Transport,
     pub subscribers: u64,
+    /// A text frame each WebSocket subscriber sends after its handshake,
+    /// `{channel}` replaced.
+    pub subscribe_message: Option<String>,
     pub channels: u64,
     pub channel_prefix: String,
     pub connect_rate: f64,

@@ -40,6 +40,8 @@ pub struct SubSpec {
     pub channel: u64,
     pub source: Option<IpAddr>,
     pub connect_timeout: Duration,
+    /// Sent as a text frame right after the WebSocket handshake.
+    pub subscribe: Option<String>,
 }
 
 enum Job {
@@ -147,7 +149,7 @@ async fn subscriber(ctx: Rc<Ctx>, spec: SubSpec) {
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let end = match spec.transport {
-        Transport::Ws => read_ws(&ctx, stream, rest, spec.channel).await,
+        Transport::Ws => read_ws(&ctx, stream, rest, spec.channel, spec.subscribe.as_deref()).await,
         Transport::Sse => read_sse(&ctx, stream, rest, chunked, spec.channel).await,
     };
     *ctx.stats.borrow_mut().disconnects.entry(end).or_default() += 1;
@@ -190,10 +192,13 @@ fn ws_frames(ctx: &Ctx, seq: &mut Seq, channel: u64, data: &[u8], reply: &mut Ve
     }
 }
 
-async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64) -> String {
+async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64, subscribe: Option<&str>) -> String {
     let mut seq = Seq::default();
     let mut masker = ws::Masker::new(clock::now_ns() ^ channel);
     let mut reply: Vec<u8> = Vec::new();
+    if let Some(m) = subscribe {
+        ws::client_frame(&mut reply, OpCode::Text, m.as_bytes(), masker.next());
+    }
     // Bytes of a frame not yet complete.
     let mut pending: Vec<u8> = Vec::new();
     let (used, mut ended) = ws_frames(ctx, &mut seq, channel, &first, &mut reply, &mut masker);

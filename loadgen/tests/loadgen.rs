@@ -371,3 +371,148 @@ fn a_high_rate_keeps_its_schedule_with_pipelined_http() {
     assert_eq!(u(&r, "deliveries"), 2000 * 10);
     assert_eq!(u(&r, "out_of_order"), 0, "one channel's messages stay in order on its connection");
 }
+
+/// Subscribers that subscribe by a message after the handshake, as
+/// Pusher's clients do; Herald's own `subscribe` command stands in for
+/// such a protocol. Without the message they would receive nothing.
+#[test]
+fn subscribers_can_subscribe_by_message() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let herald = herald::Herald::start_on(listener, herald::Config::default()).unwrap();
+    let addr = herald.local_addr().unwrap();
+    let url = format!("ws://{addr}/ws");
+    let publish = format!("http://{addr}/publish/{{channel}}");
+    let (r, _) = loadgen(&[
+        "fanout",
+        "--url",
+        &url,
+        "--publish-url",
+        &publish,
+        "--subscribe-message",
+        r#"{"op":"subscribe","channel":"{channel}"}"#,
+        "--subscribers",
+        "20",
+        "--channels",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+    ]);
+    assert_eq!(u(&r, "sent"), 100);
+    assert_eq!(u(&r, "expected"), 100 * 10, "each message reaches its channel's 10 subscribers");
+    assert_eq!(u(&r, "deliveries"), 100 * 10);
+    assert_eq!((u(&r, "lost"), u(&r, "misrouted")), (0, 0));
+}
+
+/// `--publish-body` wraps the payload: Herald's publish endpoint takes the
+/// JSON body as the message's data, and the subscribers find the payload
+/// inside it.
+#[test]
+fn an_http_publish_body_template_wraps_the_payload() {
+    let (r, _) = loadgen(&[
+        "fanout",
+        "--publish-body",
+        r#"{"wrapped":"{payload}","on":"{channel}"}"#,
+        "--publish-content-type",
+        "application/json",
+        "--subscribers",
+        "10",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert_eq!(u(&r, "deliveries"), 100 * 10);
+    assert_eq!(u(&r, "lost"), 0);
+}
+
+/// A server whose publish endpoint answers each `POST` with
+/// `Connection: close` and closes (as some servers' HTTP APIs do), and
+/// whose WebSocket subscribers receive each body as a text frame. Returns
+/// (WebSocket address, HTTP address).
+async fn closing_http_server() -> (std::net::SocketAddr, std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ws, http) = (TcpListener::bind("127.0.0.1:0").await.unwrap(), TcpListener::bind("127.0.0.1:0").await.unwrap());
+    let addrs = (ws.local_addr().unwrap(), http.local_addr().unwrap());
+    let (tx, _) = broadcast::channel::<String>(100_000);
+    let sub_tx = tx.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = ws.accept().await {
+            let mut rx = sub_tx.subscribe();
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                let (mut sink, _source) = ws.split();
+                while let Ok(t) = rx.recv().await {
+                    if sink.send(Message::text(t)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = http.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head_text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+                    let len: usize =
+                        head_text.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+                    if buf.len() < head + 4 + len {
+                        continue;
+                    }
+                    let _ = tx.send(String::from_utf8_lossy(&buf[head + 4..head + 4 + len]).into_owned());
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                    return;
+                }
+            });
+        }
+    });
+    addrs
+}
+
+/// A closed-loop publisher against a server that closes after each answer
+/// takes a new connection per publish and loses nothing.
+#[test]
+fn a_server_that_closes_after_each_answer_loses_nothing_in_a_closed_loop() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (ws, http) = rt.block_on(closing_http_server());
+    let url = format!("ws://{ws}/sub");
+    let publish = format!("http://{http}/pub");
+    let (r, _) = loadgen(&[
+        "fanout",
+        "--url",
+        &url,
+        "--format",
+        "raw",
+        "--publish-url",
+        &publish,
+        "--publish-inflight",
+        "1",
+        "--subscribers",
+        "10",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    drop(rt);
+    assert_eq!(u(&r, "sent"), 100);
+    assert_eq!(r["publish_errors"], serde_json::json!({}), "no publish failed: {}", r["publish_errors"]);
+    assert_eq!(u(&r, "deliveries"), 100 * 10);
+    assert_eq!(u(&r, "lost"), 0);
+}

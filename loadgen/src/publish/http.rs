@@ -10,14 +10,26 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::{Item, State};
+use super::{Item, Sign, State};
 use crate::clock;
-use crate::http1::parse_response;
+use crate::http1::{parse_response, Response};
 use crate::net::{self, Url};
 
 /// Requests in flight on one HTTP connection at most; past it the
 /// connection stops writing and its queue fills up.
 const MAX_IN_FLIGHT: usize = super::MAX_INFLIGHT;
+
+/// Where a connection's requests go and what they carry besides their
+/// body.
+pub(super) struct Target {
+    pub url: Url,
+    /// Channel names; message `g` goes to `names[g % names.len()]`.
+    pub names: Vec<String>,
+    pub content_type: String,
+    pub sign: Option<Sign>,
+    /// Requests awaiting their answer at most.
+    pub limit: usize,
+}
 
 /// One HTTP/1.1 connection: requests are written as they come, without
 /// waiting for answers while fewer than `limit` await theirs (pipelined
@@ -25,30 +37,29 @@ const MAX_IN_FLIGHT: usize = super::MAX_INFLIGHT;
 /// With `limit` 1 each request waits for the previous response: a closed
 /// loop. Each channel always uses the same connection, so the target
 /// receives a channel's messages in order.
-pub(super) async fn http_conn(
-    addr: SocketAddr,
-    url: Url,
-    names: Vec<String>,
-    channels: u64,
-    limit: usize,
-    mut rx: mpsc::Receiver<Item>,
-    state: Rc<RefCell<State>>,
-) {
-    let limit = limit.clamp(1, MAX_IN_FLIGHT);
+pub(super) async fn http_conn(addr: SocketAddr, mut target: Target, mut rx: mpsc::Receiver<Item>, state: Rc<RefCell<State>>) {
+    target.limit = target.limit.clamp(1, MAX_IN_FLIGHT);
+    // A message taken from the queue but not sent: the connection had closed.
+    let mut carry = None;
     // A server may close a keep-alive connection (a request limit, an
-    // error): reconnect and go on; what was in flight is counted failed.
+    // error, `Connection: close` after every answer): reconnect and go on;
+    // what was in flight is counted failed.
     loop {
         let stream = match net::connect(addr, None, Duration::from_secs(10)).await {
             Ok(s) => s,
             Err(e) => {
                 // Nothing to talk to: refuse one message, then try again.
-                let Some(Item { g, .. }) = rx.recv().await else { return };
+                let next = match carry.take() {
+                    Some(item) => Some(item),
+                    None => rx.recv().await,
+                };
+                let Some(Item { g, .. }) = next else { return };
                 state.borrow_mut().done(g, Err(format!("connect_{}", e.kind)));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        if http_session(stream, &url, &names, channels, limit, &mut rx, &state).await {
+        if http_session(stream, &target, &mut rx, &mut carry, &state).await {
             return;
         }
     }
@@ -58,19 +69,22 @@ pub(super) async fn http_conn(
 /// over), false when the connection failed.
 async fn http_session(
     stream: tokio::net::TcpStream,
-    url: &Url,
-    names: &[String],
-    channels: u64,
-    limit: usize,
+    target: &Target,
     rx: &mut mpsc::Receiver<Item>,
+    carry: &mut Option<Item>,
     state: &Rc<RefCell<State>>,
 ) -> bool {
+    let Target { url, names, limit, .. } = target;
+    let limit = *limit;
     let host = url.authority();
     let (mut read, mut write) = stream.into_split();
     // `(message, when its request was written)`, oldest first.
     let in_flight: Rc<RefCell<VecDeque<(u64, u64)>>> = Rc::default();
     let room = Rc::new(tokio::sync::Notify::new());
+    // Set when the reader stops: the connection takes no more requests.
+    let closing = Rc::new(std::cell::Cell::new(false));
     let reader = {
+        let closing = Rc::clone(&closing);
         let in_flight = Rc::clone(&in_flight);
         let state = Rc::clone(state);
         let room = Rc::clone(&room);
@@ -84,8 +98,8 @@ async fn http_session(
                 // Settle every complete response in `buf`.
                 loop {
                     match parse_response(&buf) {
-                        Ok(Some((status, used))) => {
-                            buf.drain(..used);
+                        Ok(Some(Response { status, len, close })) => {
+                            buf.drain(..len);
                             let Some((g, written_ns)) = in_flight.borrow_mut().pop_front() else {
                                 ended = "unexpected_response";
                                 break 'read;
@@ -94,6 +108,14 @@ async fn http_session(
                             let mut st = state.borrow_mut();
                             st.round_trip(g, written_ns, read_ns);
                             st.done(g, r);
+                            drop(st);
+                            if close {
+                                // The server closes after this answer: what
+                                // was sent behind it is lost, and the next
+                                // request goes on a new connection.
+                                ended = "closed_by_server";
+                                break 'read;
+                            }
                             room.notify_one();
                         }
                         Ok(None) => break,
@@ -112,24 +134,42 @@ async fn http_session(
             for (g, _) in in_flight.borrow_mut().drain(..) {
                 state.borrow_mut().done(g, Err(ended.to_string()));
             }
+            closing.set(true);
             room.notify_one();
         })
     };
     let mut out = Vec::with_capacity(64 * 1024);
     let mut itoa = itoa::Buffer::new();
     let closed = loop {
-        let Some(first) = rx.recv().await else { break true };
+        let first = match carry.take() {
+            Some(item) => item,
+            None => match rx.recv().await {
+                Some(item) => item,
+                None => break true,
+            },
+        };
+        if closing.get() {
+            *carry = Some(first);
+            break false;
+        }
         // The batch is written right after it is built (microseconds).
         let now = clock::now_ns();
         let mut next = Some(first);
         // Coalesce what is queued into one write.
         while let Some(Item { g, due_ns, bytes: body }) = next.take() {
-            let path = url.path_for(&names[(g % channels) as usize]);
+            let path = url.path_for(&names[(g % names.len() as u64) as usize]);
             out.extend_from_slice(b"POST ");
             out.extend_from_slice(path.as_bytes());
+            if let Some(sign) = &target.sign {
+                let unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                out.push(if path.contains('?') { b'&' } else { b'?' });
+                out.extend_from_slice(sign.query(&path, &body, unix_s).as_bytes());
+            }
             out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
             out.extend_from_slice(host.as_bytes());
-            out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
+            out.extend_from_slice(b"\r\nContent-Type: ");
+            out.extend_from_slice(target.content_type.as_bytes());
+            out.extend_from_slice(b"\r\nContent-Length: ");
             out.extend_from_slice(itoa.format(body.len()).as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
             out.extend_from_slice(&body);
