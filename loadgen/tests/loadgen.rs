@@ -516,3 +516,69 @@ fn a_server_that_closes_after_each_answer_loses_nothing_in_a_closed_loop() {
     assert_eq!(u(&r, "deliveries"), 100 * 10);
     assert_eq!(u(&r, "lost"), 0);
 }
+
+/// A server that refuses every `publish` command with an error reply sent
+/// `delay` after the command, and forgets the replies still due when the
+/// client half-closes; its `/sub` subscribers receive nothing.
+async fn refusing_server(delay: Duration) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                let (sink, mut source) = ws.split();
+                let sink = Arc::new(tokio::sync::Mutex::new(sink));
+                let mut replies = Vec::new();
+                while let Some(Ok(m)) = source.next().await {
+                    let Message::Text(t) = m else { continue };
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    let reply = serde_json::json!({"op": "error", "code": "overloaded", "message": "no", "id": v["id"]}).to_string();
+                    let sink = Arc::clone(&sink);
+                    replies.push(tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = sink.lock().await.send(Message::text(reply)).await;
+                    }));
+                }
+                // The client half-closed (or left): what is due is dropped.
+                for r in replies {
+                    r.abort();
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The `ws` publisher keeps its connection open until the last replies are
+/// in: every refusal is counted, none is taken for a publish.
+#[test]
+fn the_ws_publisher_waits_for_its_last_replies() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let addr = rt.block_on(refusing_server(Duration::from_millis(300)));
+    let (url, publish) = (format!("ws://{addr}/sub"), format!("ws://{addr}/pub"));
+    let (r, _) = loadgen(&[
+        "fanout",
+        "--url",
+        &url,
+        "--format",
+        "raw",
+        "--publish",
+        "ws",
+        "--publish-url",
+        &publish,
+        "--subscribers",
+        "2",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--drain",
+        "0.5",
+    ]);
+    drop(rt);
+    assert_eq!(r["publish_errors"]["error_overloaded"].as_u64(), Some(100), "{}", r["publish_errors"]);
+    assert_eq!((u(&r, "sent"), u(&r, "expected"), u(&r, "lost")), (0, 0, 0));
+}

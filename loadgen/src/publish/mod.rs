@@ -175,6 +175,11 @@ impl State {
         self.status.get(g as usize) == Some(&Status::Sent)
     }
 
+    /// Whether any message awaits its answer.
+    fn any_awaiting(&self) -> bool {
+        self.status.contains(&Status::Sent)
+    }
+
     fn done(&mut self, g: u64, result: Result<(), String>) {
         let s = &mut self.status[g as usize];
         match result {
@@ -381,7 +386,7 @@ async fn io_run(job: IoJob, ready: std::sync::mpsc::Sender<Result<Vec<Queue>, St
     }
     // Answers still on their way (ws replies, Redis): wait a little.
     let deadline = clock::now_ns() + 5_000_000_000;
-    while clock::now_ns() < deadline && state.borrow().status.contains(&Status::Sent) {
+    while clock::now_ns() < deadline && state.borrow().any_awaiting() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut st = state.borrow_mut();

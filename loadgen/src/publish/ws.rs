@@ -156,7 +156,21 @@ async fn ws_writer(
         let notified = pending.as_ref().map(|(p, _)| p.room.notified());
         tokio::select! {
             m = rx.recv(), if room => {
-                let Some(Item { g, due_ns, bytes }) = m else { return };
+                let Some(Item { g, due_ns, bytes }) = m else {
+                    // Keep the connection open until the last replies are
+                    // in: a server may drop the replies to a client that
+                    // half-closed, and a missing reply counts as published.
+                    let deadline = clock::now_ns() + timeout_ns;
+                    while pending.is_some() && state.borrow().any_awaiting() && clock::now_ns() < deadline {
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                            Some(p) = pongs.recv() => {
+                                let _ = write.write_all(&p).await;
+                            }
+                        }
+                    }
+                    return;
+                };
                 let now = clock::now_ns();
                 state.borrow_mut().sent(g, due_ns, now);
                 if let Some((p, limit)) = &pending {
