@@ -18,6 +18,13 @@
 #             when missing); one process, as Node runs
 #   floor   - no engine: pre-encoded bytes written to every socket from 2
 #             threads (bench/src/floor.rs); what the kernel costs
+#   sockudo - Sockudo (Rust, Pusher protocol), local adapter, 2 runtime
+#             threads, rate limits off: subscribers send pusher:subscribe,
+#             the publisher signs Pusher HTTP API calls, one request per
+#             connection (Sockudo closes each). Not built here when missing
+#             (about an hour on 2 cores): `cargo install sockudo --locked
+#             --root target/peers/sockudo` (needs protobuf-compiler), or set
+#             SOCKUDO to its binary. Skipped when absent.
 #
 # Each scenario runs `loadgen compare` (targets interleaved, 2 rounds,
 # medians, ratios to Herald); the ladder raises the rate with 1,000
@@ -42,7 +49,7 @@ if [ ! -d bench/peers/node-ws/node_modules/ws ]; then
   (cd bench/peers/node-ws && npm install --silent --no-audit --no-fund)
 fi
 
-H=18400 N=18401 X=18402 J=18403 F=18404 C=18405
+H=18400 N=18401 X=18402 J=18403 F=18404 C=18405 S=18406
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -66,16 +73,33 @@ pids+=($jpid)
 target/release/floor --listen "127.0.0.1:$F" --threads 2 >"$out/floor.log" 2>&1 &
 fpid=$!
 pids+=($fpid)
+sockudo=${SOCKUDO:-$root/target/peers/sockudo/bin/sockudo}
+[ -x "$sockudo" ] || sockudo=$(command -v sockudo || true)
+spid=
+if [ -n "$sockudo" ]; then
+  sed -e "s|PORT|$S|g" bench/peers/sockudo.toml >"$out/sockudo.toml"
+  # Sockudo keeps its defaults (0.0.0.0, rate limits) when its config does
+  # not load, silently: check that it listens on loopback alone below.
+  RUST_LOG=warn TOKIO_WORKER_THREADS=2 "$sockudo" --config "$out/sockudo.toml" >"$out/sockudo.log" 2>&1 &
+  spid=$!
+  pids+=($spid)
+else
+  echo "sockudo not found: skipped (see the header of $0)" >&2
+fi
 mkdir -p "$out/nginx"
 sed -e "s|PORT|$X|g" -e "s|PREFIX|$out/nginx|g" bench/peers/nchan.conf >"$out/nginx/nginx.conf"
 nginx -c "$out/nginx/nginx.conf" -p "$out/nginx"
 sleep 1
+if [ -n "$spid" ] && ! ss -ltnH "sport = :$S" | grep -q "127.0.0.1:$S"; then
+  echo "sockudo is not listening on 127.0.0.1:$S (its config did not load?): stopping" >&2
+  exit 1
+fi
 xmaster=$(cat "$out/nginx/nginx.pid")
 xpids=$(pgrep -P "$xmaster" | tr '\n' ' ')
 
 # One entry per server: name, WebSocket URL, SSE URL (or -), publish URL
-# (or - for Herald's own), format, server pids. nchan's CPU and RSS are
-# its workers'.
+# (or - for Herald's own), format, server pids, and loadgen target keys of
+# its own (or -). nchan's CPU and RSS are its workers'.
 servers=(
   "herald|ws://127.0.0.1:$H/ws?channel={channel}|http://127.0.0.1:$H/sse?channel={channel}|-|herald|$hpid"
   "careful|ws://127.0.0.1:$C/ws?channel={channel}|http://127.0.0.1:$C/sse?channel={channel}|http://127.0.0.1:$C/publish/{channel}|herald|$cpid"
@@ -84,15 +108,22 @@ servers=(
   "node-ws|ws://127.0.0.1:$J/ws?channel={channel}|-|http://127.0.0.1:$J/publish/{channel}|raw|$jpid"
   "floor|ws://127.0.0.1:$F/ws|-|http://127.0.0.1:$F/publish/{channel}|raw|$fpid"
 )
+if [ -n "$spid" ]; then
+  pusher='subscribe-message={"event":"pusher:subscribe","data":{"channel":"{channel}"}}'
+  pusher+=' publish-sign=pusher:app-key:app-secret publish-content-type=application/json'
+  pusher+=' publish-body={"name":"lg","channel":"{channel}","data":"{payload}"} publish-inflight=1 publish-connections=8'
+  servers+=("sockudo|ws://127.0.0.1:$S/app/app-key?protocol=7|-|http://127.0.0.1:$S/apps/app-id/events|raw|$spid|$pusher")
+fi
 targets() { # transport
-  local line name ws sse pub fmt pidlist url spec
+  local line name ws sse pub fmt pidlist extra url spec
   for line in "${servers[@]}"; do
-    IFS='|' read -r name ws sse pub fmt pidlist <<<"$line"
+    IFS='|' read -r name ws sse pub fmt pidlist extra <<<"$line"
     url=$ws
     [ "$1" = sse ] && url=$sse
     [ "$url" = - ] && continue
     spec="name=$name url=$url format=$fmt"
     [ "$pub" != - ] && spec="$spec publish-url=$pub"
+    [ -n "$extra" ] && [ "$extra" != - ] && spec="$spec $extra"
     for p in $pidlist; do spec="$spec pid=$p"; done
     printf '%s\n' --target "$spec"
   done
@@ -119,11 +150,13 @@ compare() {
 
 ladder() {
   echo "== ladder: 1,000 WebSocket subscribers, highest rate with 0 lost and delivery p99 < 100 ms"
-  local line name ws sse pub fmt pidlist
+  local line name ws sse pub fmt pidlist extra kv
   for line in "${servers[@]}"; do
-    IFS='|' read -r name ws sse pub fmt pidlist <<<"$line"
+    IFS='|' read -r name ws sse pub fmt pidlist extra <<<"$line"
     local args=(--url "$ws" --format "$fmt")
     [ "$pub" != - ] && args+=(--publish-url "$pub")
+    # The server's own target keys, as flags.
+    for kv in ${extra:-}; do args+=("--${kv%%=*}" "${kv#*=}"); done
     for p in $pidlist; do args+=(--server-pid "$p"); done
     local best=0 best_d=0 verdict
     for rate in ${RATES:-100 200 400 800 1600 3200 6400}; do
@@ -150,11 +183,14 @@ PY
 
 idle() {
   echo "== idle: 5,000 WebSocket connections held, server RSS per connection"
-  local line name ws sse pub fmt pidlist
+  local line name ws sse pub fmt pidlist extra kv
   for line in "${servers[@]}"; do
-    IFS='|' read -r name ws sse pub fmt pidlist <<<"$line"
+    IFS='|' read -r name ws sse pub fmt pidlist extra <<<"$line"
     local args=()
     for p in $pidlist; do args+=(--server-pid "$p"); done
+    for kv in ${extra:-}; do
+      [ "${kv%%=*}" = subscribe-message ] && args+=(--subscribe-message "${kv#*=}")
+    done
     target/release/loadgen connect --quiet --url "${ws//\{channel\}/idle-$name}" --connections 5000 --rate 2000 --hold 2 \
       "${args[@]}" --json "$out/idle-$name.json" >/dev/null
     python3 - "$out/idle-$name.json" "$(label "$name")" <<'PY' | tee -a "$out/idle.txt"

@@ -203,8 +203,9 @@ pub(crate) struct ConnectArgs {
 pub(crate) struct CompareArgs {
     /// A target: space-separated `key=value` pairs; keys `name`, `url`
     /// (repeatable), `publish`, `publish-url`, `publish-body`,
-    /// `publish-content-type`, `publish-sign`, `subscribe-message`, `format`,
-    /// `pid` (values without spaces). A target
+    /// `publish-content-type`, `publish-sign`, `publish-inflight`,
+    /// `publish-connections`, `subscribe-message`, `format`, `pid` (values
+    /// without spaces). A target
     /// with no `url` is an embedded Herald.
     #[arg(long, required = true)]
     pub(crate) target: Vec<String>,

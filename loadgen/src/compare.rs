@@ -43,6 +43,12 @@ fn parse_target(spec: &str, base: &ScenarioArgs) -> anyhow::Result<Target> {
             "publish-content-type" => args.publish_content_type = v.to_string(),
             "publish-sign" => args.publish_sign = Some(v.to_string()),
             "subscribe-message" => args.subscribe_message = Some(v.to_string()),
+            "publish-inflight" => {
+                args.publish_inflight = Some(v.parse().with_context(|| format!("target {spec:?}: bad publish-inflight {v:?}"))?)
+            }
+            "publish-connections" => {
+                args.publish_connections = v.parse().with_context(|| format!("target {spec:?}: bad publish-connections {v:?}"))?
+            }
             "format" => {
                 args.format = match v {
                     "herald" => FormatArg::Herald,
@@ -51,7 +57,7 @@ fn parse_target(spec: &str, base: &ScenarioArgs) -> anyhow::Result<Target> {
                 }
             }
             "pid" => args.server_pid.push(v.parse().with_context(|| format!("target {spec:?}: bad pid {v:?}"))?),
-            _ => bail!("target {spec:?}: unknown key {k:?} (name, url, publish, publish-url, publish-body, publish-content-type, publish-sign, subscribe-message, format, pid)"),
+            _ => bail!("target {spec:?}: unknown key {k:?} (name, url, publish, publish-url, publish-body, publish-content-type, publish-sign, publish-inflight, publish-connections, subscribe-message, format, pid)"),
         }
     }
     let name = name.unwrap_or_else(|| args.url.first().cloned().unwrap_or_else(|| "embedded".into()));

@@ -335,7 +335,7 @@ fn compare_interleaves_targets_and_prints_ratios() {
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("cmp.json");
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args(["compare", "--target", "name=http", "--target", "name=ws publish=ws", "--rounds", "2"])
+        .args(["compare", "--target", "name=http", "--target", "name=ws publish=ws publish-inflight=1", "--rounds", "2"])
         .args(["--subscribers", "20", "--rate", "100", "--duration", "1", "--warmup", "0", "--drain", "1", "--quiet"])
         .args(["--json", json.to_str().unwrap()])
         .output()
@@ -355,6 +355,8 @@ fn compare_interleaves_targets_and_prints_ratios() {
     }
     let per_target: Vec<&str> = runs.iter().map(|x| x["publish"].as_str().unwrap()).collect();
     assert_eq!(per_target, ["http", "http", "ws", "ws"], "runs are listed per target");
+    let inflight: Vec<Option<u64>> = runs.iter().map(|x| x["publish_inflight"].as_u64()).collect();
+    assert_eq!(inflight, [None, None, Some(1), Some(1)], "a target's own keys apply to it alone");
     assert_eq!(r["sequence"], serde_json::json!(["http#1", "ws#1", "http#2", "ws#2"]), "interleaved: A B A B");
     let _ = std::fs::remove_dir_all(&dir);
 }
