@@ -87,6 +87,19 @@ pub struct Config {
     /// every channel has subscribers, new channels are refused (`limit`).
     /// Default 1,000,000 (about 150 bytes each plus the name).
     pub max_channels: usize,
+    /// Messages each channel keeps for recovery and `history`; 0 turns
+    /// history and recovery off. Default 100; at most 100,000.
+    pub history_size: usize,
+    /// Seconds a message stays in history. Default 300.
+    pub history_ttl_s: u64,
+    /// Bytes all channels' histories hold together (local broker), split
+    /// evenly over 64 groups of channels; in a full group the oldest entries
+    /// go first. An entry counts twice its payload plus 256 bytes (the
+    /// message and one encoded form). Default 256 MiB.
+    pub history_max_bytes: usize,
+    /// Messages one recovery replays at most (more: `recovered: false`), and
+    /// the largest `history` page. Default 1,000.
+    pub recovery_max: usize,
     /// Bytes of frames queued for one connection before the slow-consumer
     /// policy applies. Default 1 MiB.
     pub outbound_queue_bytes: usize,
@@ -142,6 +155,10 @@ impl Default for Config {
             max_connections: 100_000,
             max_subscriptions: 1024,
             max_channels: 1_000_000,
+            history_size: 100,
+            history_ttl_s: 300,
+            history_max_bytes: 256 << 20,
+            recovery_max: 1000,
             outbound_queue_bytes: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             shard_queue_capacity: 65_536,
@@ -231,6 +248,14 @@ impl Config {
         max_subscriptions: usize);
     setter!(/// Sets [`Config::max_channels`].
         max_channels: usize);
+    setter!(/// Sets [`Config::history_size`].
+        history_size: usize);
+    setter!(/// Sets [`Config::history_ttl_s`].
+        history_ttl_s: u64);
+    setter!(/// Sets [`Config::history_max_bytes`].
+        history_max_bytes: usize);
+    setter!(/// Sets [`Config::recovery_max`].
+        recovery_max: usize);
     setter!(/// Sets [`Config::outbound_queue_bytes`].
         outbound_queue_bytes: usize);
     setter!(/// Sets [`Config::slow_consumer`].
@@ -289,6 +314,9 @@ impl Config {
         check(c.max_connections >= 1, "max_connections must be at least 1")?;
         check(c.max_subscriptions >= 1, "max_subscriptions must be at least 1")?;
         check(c.max_channels >= 1, "max_channels must be at least 1")?;
+        check(c.history_size <= 100_000, "history_size must be at most 100000")?;
+        check(c.history_ttl_s >= 1, "history_ttl_s must be at least 1")?;
+        check(c.recovery_max >= 1 && c.recovery_max <= 100_000, "recovery_max must be between 1 and 100000")?;
         check(c.outbound_queue_bytes >= 1024, "outbound_queue_bytes must be at least 1024")?;
         // The JSON escaping of a text payload can make its frame up to six
         // times its size: the queue must hold the largest frame whole, or a

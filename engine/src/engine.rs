@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, HistoryError, Page, Start};
 use crate::config::Config;
-use crate::message::{Epoch, PublishError, PublishFuture, Published};
+use crate::message::{Epoch, Position, PublishError, PublishFuture, Published};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::router::Router;
@@ -197,5 +197,13 @@ impl Upstream for Engine {
 
     fn publish(&self, channel: &str, payload: Payload) -> PublishFuture {
         self.start_publish(channel, payload)
+    }
+
+    fn starting_point(&self, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError> {
+        self.broker.starting_point(&self.router, channel, since)
+    }
+
+    fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Result<Page, HistoryError> {
+        self.broker.history(&self.router, channel, since, limit)
     }
 }

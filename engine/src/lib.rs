@@ -72,7 +72,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use broker::BrokerError;
 pub use config::{Config, ConfigError, SlowConsumerPolicy};
 pub use http::{Body, BodyError};
-pub use message::{BrokerDown, Epoch, PublishError, Published, Uncertain};
+pub use message::{BrokerDown, Epoch, Position, PublishError, Published, Uncertain};
 pub use proto::json::{InvalidJson, Payload};
 pub use proto::ErrorCode;
 #[doc(hidden)]

@@ -49,6 +49,34 @@ impl fmt::Debug for Epoch {
     }
 }
 
+/// A place in a channel: its epoch and an offset, written
+/// `<epoch>:<offset>` (`k3x9a0qz:17`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The channel's epoch.
+    pub epoch: Epoch,
+    /// An offset in that epoch (0: before the first message).
+    pub offset: u64,
+}
+
+impl Position {
+    /// Parses `<epoch>:<offset>`: 8 characters of `[0-9a-z]`, a colon, and
+    /// 1 to 20 decimal digits.
+    pub fn parse(s: &str) -> Option<Position> {
+        let (epoch, offset) = s.split_once(':')?;
+        if offset.is_empty() || offset.len() > 20 || !offset.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Position { epoch: Epoch::parse(epoch.as_bytes())?, offset: offset.parse().ok()? })
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.epoch, self.offset)
+    }
+}
+
 /// A publish accepted by the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -218,6 +246,28 @@ mod tests {
         assert_eq!(a.as_str().len(), 8);
         assert!(a.as_str().bytes().all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn positions_round_trip_and_reject_what_is_not_one() {
+        let p = Position::parse("k3x9a0qz:17").unwrap();
+        assert_eq!((p.epoch.as_str(), p.offset), ("k3x9a0qz", 17));
+        assert_eq!(p.to_string(), "k3x9a0qz:17");
+        assert_eq!(Position::parse("k3x9a0qz:0").unwrap().offset, 0);
+        for bad in [
+            "",
+            "k3x9a0qz",
+            "k3x9a0qz:",
+            "k3x9a0qz:+1",
+            "k3x9a0qz:-1",
+            "k3x9a0qz: 1",
+            "K3X9A0QZ:1",
+            "short:1",
+            "k3x9a0qz:1:2",
+            "k3x9a0qz:99999999999999999999",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

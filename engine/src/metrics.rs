@@ -115,6 +115,9 @@ pub(crate) struct ShardMetrics {
     pub bytes_delivered: Counter,
     pub dropped_slow_consumer: Counter,
     pub lagged_notices: Counter,
+    /// Recoveries by outcome: recovered, then each [`crate::broker::Miss`].
+    pub recoveries: [Counter; 5],
+    pub replayed: Counter,
     pub disconnects: [Counter; 8],
     pub errors: [Counter; ErrorCode::ALL.len()],
     pub publish_overloaded: Counter,
@@ -214,6 +217,13 @@ impl Metrics {
             let _ = writeln!(out, "herald_errors_total{{code=\"{}\"}} {}", c.as_str(), self.sum(|s| &s.errors[c.index()]));
         }
 
+        head(&mut out, "herald_recoveries_total", "counter", "Subscribes with a position, by outcome.");
+        let outcomes = std::iter::once("recovered").chain(crate::broker::Miss::LABELS);
+        for (i, outcome) in outcomes.enumerate() {
+            let _ = writeln!(out, "herald_recoveries_total{{outcome=\"{outcome}\"}} {}", self.sum(|s| &s.recoveries[i]));
+        }
+        head(&mut out, "herald_messages_replayed_total", "counter", "Messages queued to subscribers by recovery.");
+        let _ = writeln!(out, "herald_messages_replayed_total {}", self.sum(|s| &s.replayed));
         head(&mut out, "herald_publish_overloaded_total", "counter", "Publishes refused because a shard queue was full.");
         let _ = writeln!(out, "herald_publish_overloaded_total {}", self.sum(|s| &s.publish_overloaded));
 

@@ -147,13 +147,13 @@ impl Router {
     /// on none. `build` makes the message and runs only when it will be
     /// queued somewhere, under the stripe's lock; a broker spends the
     /// message's offset inside it, so a full queue spends none.
-    pub(crate) fn dispatch(&self, channel: &str, build: impl FnOnce() -> Message) -> Routed {
+    pub(crate) fn dispatch(&self, channel: &str, build: impl FnOnce() -> Arc<Message>) -> Routed {
         let map = self.stripe(channel);
         let Some(&shards) = map.get(channel) else { return Routed::NoInterest };
         if self.dispatch.reserve(shards).is_err() {
             return Routed::Full;
         }
-        self.dispatch.push(shards, &Arc::new(build()));
+        self.dispatch.push(shards, &build());
         drop(map);
         self.dispatch.wake(shards);
         Routed::Queued
@@ -165,8 +165,8 @@ mod tests {
     use super::*;
     use crate::proto::json::Payload;
 
-    fn msg(offset: u64) -> Message {
-        Message::new("news".into(), offset, Payload::text("x"))
+    fn msg(offset: u64) -> Arc<Message> {
+        Arc::new(Message::new("news".into(), offset, Payload::text("x")))
     }
 
     #[test]

@@ -69,6 +69,18 @@ struct Args {
     /// Channels whose counters are remembered.
     #[arg(long, env = "HERALD_MAX_CHANNELS")]
     max_channels: Option<usize>,
+    /// Messages each channel keeps for recovery and `history` (0: off).
+    #[arg(long, env = "HERALD_HISTORY_SIZE")]
+    history_size: Option<usize>,
+    /// Seconds a message stays in history.
+    #[arg(long, env = "HERALD_HISTORY_TTL_S")]
+    history_ttl_s: Option<u64>,
+    /// Bytes all channels' histories hold together (local broker).
+    #[arg(long, env = "HERALD_HISTORY_MAX_BYTES")]
+    history_max_bytes: Option<usize>,
+    /// Messages one recovery replays at most, and the largest history page.
+    #[arg(long, env = "HERALD_RECOVERY_MAX")]
+    recovery_max: Option<usize>,
     /// Messages waiting for one shard before publishes are refused as `overloaded`.
     #[arg(long, env = "HERALD_SHARD_QUEUE_CAPACITY")]
     shard_queue_capacity: Option<usize>,
@@ -130,6 +142,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         max_channels,
         shard_queue_capacity
     );
+    set!(history_size, history_ttl_s, history_max_bytes, recovery_max);
     if let Some(p) = &args.slow_consumer {
         c.slow_consumer = p.parse::<SlowConsumerPolicy>()?;
     }

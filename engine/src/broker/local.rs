@@ -10,57 +10,229 @@
 //! channel that has no subscriber on this node is forgotten (its next
 //! publish starts a new epoch); when every channel has subscribers, a
 //! publish to a new channel is refused with `limit`.
+//!
+//! Each channel also keeps its last messages (its history), sharing the
+//! published [`Message`] with the shards. A stripe's histories hold at most
+//! 1/64 of `history_max_bytes`; the stripe remembers the order its entries
+//! came in, so that when it is full the oldest entry of any of its
+//! channels goes first. Entries that went otherwise (the channel's
+//! `history_size`, its TTL) stay in that order list until it is compacted,
+//! which happens when they make up half of it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::message::{Epoch, Message, PublishError, Published};
+use super::{Miss, Page, Recovery, Start};
+use crate::config::Config;
+use crate::message::{Epoch, Message, Position, PublishError, Published};
 use crate::proto::json::Payload;
 use crate::router::{lock, stripe_of, Routed, Router};
 
 const STRIPES: usize = 64;
+
+/// What a history entry counts against `history_max_bytes` besides twice
+/// its payload (the message and one encoded form): the message, its slot
+/// in the channel's ring and in its stripe's order list.
+const ENTRY_OVERHEAD: usize = 256;
+
+fn cost(m: &Message) -> usize {
+    m.payload.len() * 2 + ENTRY_OVERHEAD
+}
+
+/// How much history the broker keeps and replays.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HistoryLimits {
+    /// Entries per channel; 0: no history.
+    pub size: usize,
+    pub ttl: Duration,
+    /// Bytes per stripe.
+    pub stripe_bytes: usize,
+    /// Messages one recovery replays at most.
+    pub recovery_max: usize,
+}
+
+impl HistoryLimits {
+    pub(crate) fn from_config(c: &Config) -> HistoryLimits {
+        HistoryLimits {
+            size: c.history_size,
+            ttl: Duration::from_secs(c.history_ttl_s),
+            stripe_bytes: c.history_max_bytes / STRIPES,
+            recovery_max: c.recovery_max,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Counter {
     name: Arc<str>,
     epoch: Epoch,
     next_offset: u64,
+    /// The channel's last messages, oldest first, offsets contiguous.
+    history: VecDeque<Arc<Message>>,
 }
 
-type Stripe = Mutex<HashMap<Arc<str>, Counter>>;
+impl Counter {
+    fn top(&self) -> u64 {
+        self.next_offset - 1
+    }
+}
+
+/// Why history entries went.
+#[derive(Debug, Clone, Copy)]
+enum Evicted {
+    Size = 0,
+    Ttl = 1,
+    Bytes = 2,
+}
+
+/// History counters of the whole broker.
+#[derive(Debug, Default)]
+struct HistoryStats {
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    evicted: [AtomicU64; 3],
+}
+
+impl HistoryStats {
+    fn evicted(&self, why: Evicted, n: usize) {
+        if n > 0 {
+            self.evicted[why as usize].fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stripe {
+    map: HashMap<Arc<str>, Counter>,
+    /// Every history entry of this stripe's channels, oldest first, as
+    /// (channel, epoch, offset); some may be gone already.
+    order: VecDeque<(Arc<str>, Epoch, u64)>,
+    bytes: usize,
+    entries: usize,
+}
+
+impl Stripe {
+    /// Takes `n` entries worth `bytes` off the stripe's (and the broker's) count.
+    fn forget(&mut self, stats: &HistoryStats, n: usize, bytes: usize) {
+        self.entries -= n;
+        self.bytes -= bytes;
+        stats.entries.fetch_sub(n, Ordering::Relaxed);
+        stats.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Drops the channel's entries older than the TTL.
+    fn expire(&mut self, name: &str, limits: &HistoryLimits, stats: &HistoryStats, now: Instant) {
+        let Some(c) = self.map.get_mut(name) else { return };
+        let (mut n, mut bytes) = (0, 0);
+        while c.history.front().is_some_and(|m| now.saturating_duration_since(m.published_at) > limits.ttl) {
+            if let Some(m) = c.history.pop_front() {
+                n += 1;
+                bytes += cost(&m);
+            }
+        }
+        stats.evicted(Evicted::Ttl, n);
+        self.forget(stats, n, bytes);
+    }
+
+    /// Adds `msg` to its channel's history and enforces every bound.
+    fn push(&mut self, msg: Arc<Message>, limits: &HistoryLimits, stats: &HistoryStats, now: Instant) {
+        let Some(c) = self.map.get_mut(&*msg.channel) else { return };
+        let key = (Arc::clone(&c.name), c.epoch, msg.offset);
+        let added = cost(&msg);
+        c.history.push_back(msg);
+        let (mut n, mut bytes) = (0, 0);
+        while c.history.len() > limits.size {
+            if let Some(m) = c.history.pop_front() {
+                n += 1;
+                bytes += cost(&m);
+            }
+        }
+        let name = Arc::clone(&c.name);
+        self.order.push_back(key);
+        self.entries += 1;
+        self.bytes += added;
+        stats.entries.fetch_add(1, Ordering::Relaxed);
+        stats.bytes.fetch_add(added, Ordering::Relaxed);
+        stats.evicted(Evicted::Size, n);
+        self.forget(stats, n, bytes);
+        self.expire(&name, limits, stats, now);
+        while self.bytes > limits.stripe_bytes && self.pop_oldest(stats) {}
+        if self.order.len() > 2 * self.entries + 64 {
+            let Stripe { map, order, .. } = self;
+            order.retain(|(name, epoch, offset)| {
+                map.get(name).is_some_and(|c| c.epoch == *epoch && c.history.front().is_some_and(|m| m.offset <= *offset))
+            });
+        }
+    }
+
+    /// Drops the stripe's oldest history entry; false when it has none.
+    fn pop_oldest(&mut self, stats: &HistoryStats) -> bool {
+        while let Some((name, epoch, offset)) = self.order.pop_front() {
+            let Some(c) = self.map.get_mut(&name) else { continue };
+            if c.epoch != epoch || c.history.front().is_none_or(|m| m.offset != offset) {
+                continue; // gone already
+            }
+            if let Some(m) = c.history.pop_front() {
+                let bytes = cost(&m);
+                stats.evicted(Evicted::Bytes, 1);
+                self.forget(stats, 1, bytes);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Forgets a whole channel, history included.
+    fn remove(&mut self, name: &str, stats: &HistoryStats) -> bool {
+        let Some(c) = self.map.remove(name) else { return false };
+        let bytes = c.history.iter().map(|m| cost(m)).sum();
+        self.forget(stats, c.history.len(), bytes);
+        true
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct LocalBroker {
-    stripes: Box<[Stripe]>,
+    stripes: Box<[Mutex<Stripe>]>,
     len: AtomicUsize,
     max: usize,
+    limits: HistoryLimits,
+    stats: HistoryStats,
 }
 
 impl LocalBroker {
-    pub(crate) fn new(max_channels: usize) -> LocalBroker {
-        LocalBroker { stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(), len: AtomicUsize::new(0), max: max_channels }
+    pub(crate) fn new(max_channels: usize, limits: HistoryLimits) -> LocalBroker {
+        LocalBroker {
+            stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::default())).collect(),
+            len: AtomicUsize::new(0),
+            max: max_channels,
+            limits,
+            stats: HistoryStats::default(),
+        }
     }
 
-    /// The counter of `name`, created (with a new epoch) if needed.
-    fn counter<'a>(&self, router: &Router, map: &'a mut HashMap<Arc<str>, Counter>, stripe: usize, name: &str) -> Option<&'a mut Counter> {
-        if !map.contains_key(name) {
-            if self.len.load(Ordering::Relaxed) >= self.max && !self.evict_idle(router, map, stripe) {
-                return None;
+    /// Makes sure the stripe has a counter for `name` (with a new epoch);
+    /// false when the table is full of channels with subscribers.
+    fn ensure(&self, router: &Router, st: &mut Stripe, stripe: usize, name: &str) -> bool {
+        if !st.map.contains_key(name) {
+            if self.len.load(Ordering::Relaxed) >= self.max && !self.evict_idle(router, st, stripe) {
+                return false;
             }
             self.len.fetch_add(1, Ordering::Relaxed);
             let name: Arc<str> = name.into();
-            map.insert(Arc::clone(&name), Counter { name, epoch: Epoch::random(), next_offset: 1 });
+            st.map.insert(Arc::clone(&name), Counter { name, epoch: Epoch::random(), next_offset: 1, history: VecDeque::new() });
         }
-        map.get_mut(name)
+        true
     }
 
     /// Forgets one channel without subscribers, from the locked stripe or
     /// another one that is free right now.
-    fn evict_idle(&self, router: &Router, locked: &mut HashMap<Arc<str>, Counter>, stripe: usize) -> bool {
-        let remove_idle = |map: &mut HashMap<Arc<str>, Counter>| {
-            let idle = map.keys().find(|k| !router.has_interest(k)).cloned();
-            let removed = idle.is_some_and(|k| map.remove(&k).is_some());
+    fn evict_idle(&self, router: &Router, locked: &mut Stripe, stripe: usize) -> bool {
+        let remove_idle = |st: &mut Stripe| {
+            let idle = st.map.keys().find(|k| !router.has_interest(k)).cloned();
+            let removed = idle.is_some_and(|k| st.remove(&k, &self.stats));
             if removed {
                 self.len.fetch_sub(1, Ordering::Relaxed);
             }
@@ -73,46 +245,266 @@ impl LocalBroker {
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != stripe)
-            .any(|(_, other)| other.try_lock().is_ok_and(|mut m| remove_idle(&mut m)))
+            .any(|(_, other)| other.try_lock().is_ok_and(|mut st| remove_idle(&mut st)))
     }
 
-    /// Spends the next offset of `channel` and queues the message on every
-    /// shard with subscribers.
+    /// Spends the next offset of `channel`, queues the message on every
+    /// shard with subscribers and keeps it in the channel's history.
     pub(crate) fn publish(&self, router: &Router, channel: &str, payload: Payload) -> Result<Published, PublishError> {
         let stripe = stripe_of(channel, STRIPES);
-        let mut map = lock(&self.stripes[stripe]);
-        let c = self.counter(router, &mut map, stripe, channel).ok_or(PublishError::ChannelLimit)?;
+        let mut st = lock(&self.stripes[stripe]);
+        if !self.ensure(router, &mut st, stripe, channel) {
+            return Err(PublishError::ChannelLimit);
+        }
+        let Some(c) = st.map.get_mut(channel) else { return Err(PublishError::ChannelLimit) };
         let offset = c.next_offset;
-        let routed = router.dispatch(channel, || Message::new(Arc::clone(&c.name), offset, payload));
-        if routed == Routed::Full {
+        let msg = Arc::new(Message::new(Arc::clone(&c.name), offset, payload));
+        if router.dispatch(channel, || Arc::clone(&msg)) == Routed::Full {
             return Err(PublishError::Overloaded);
         }
         c.next_offset += 1;
-        Ok(Published { channel: Arc::clone(&c.name), offset, epoch: c.epoch })
+        let published = Published { channel: Arc::clone(&c.name), offset, epoch: c.epoch };
+        if self.limits.size > 0 {
+            let now = msg.published_at;
+            st.push(msg, &self.limits, &self.stats, now);
+        }
+        Ok(published)
     }
 
     /// The channel's epoch (a new channel gets one now). `None` when the
     /// table is full of channels with subscribers.
     pub(crate) fn epoch(&self, router: &Router, channel: &str) -> Option<Epoch> {
+        self.with_counter(router, channel, Instant::now(), |c| c.epoch)
+    }
+
+    /// Runs `f` on the channel's counter (created if needed), its expired
+    /// history dropped first, under its stripe's lock.
+    fn with_counter<T>(&self, router: &Router, channel: &str, now: Instant, f: impl FnOnce(&Counter) -> T) -> Option<T> {
         let stripe = stripe_of(channel, STRIPES);
-        let mut map = lock(&self.stripes[stripe]);
-        self.counter(router, &mut map, stripe, channel).map(|c| c.epoch)
+        let mut st = lock(&self.stripes[stripe]);
+        if !self.ensure(router, &mut st, stripe, channel) {
+            return None;
+        }
+        st.expire(channel, &self.limits, &self.stats, now);
+        st.map.get(channel).map(f)
+    }
+
+    /// Where a subscription that the router already counts starts: the
+    /// channel's epoch and top, and, given a position, what it missed since
+    /// then. Read under the lock that publishes take, so every later
+    /// message has a higher offset and reaches the subscriber live.
+    pub(crate) fn start(&self, router: &Router, channel: &str, since: Option<Position>, now: Instant) -> Option<Start> {
+        let limits = self.limits;
+        self.with_counter(router, channel, now, |c| Start {
+            epoch: c.epoch,
+            top: Some(c.top()),
+            recovery: since.map(|p| recover(c, p, &limits)),
+        })
+    }
+
+    /// A page of the channel's history: after `since`, or the latest.
+    pub(crate) fn history(&self, router: &Router, channel: &str, since: Option<Position>, limit: usize, now: Instant) -> Option<Page> {
+        self.with_counter(router, channel, now, |c| page(c, since, limit))
     }
 
     /// Channels whose counters are remembered.
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
+
+    /// The history lines of the Prometheus exposition.
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let s = &self.stats;
+        let _ = writeln!(out, "# HELP herald_history_entries Messages held in channel histories.");
+        let _ = writeln!(out, "# TYPE herald_history_entries gauge");
+        let _ = writeln!(out, "herald_history_entries {}", s.entries.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP herald_history_bytes Bytes channel histories count against history_max_bytes.");
+        let _ = writeln!(out, "# TYPE herald_history_bytes gauge");
+        let _ = writeln!(out, "herald_history_bytes {}", s.bytes.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP herald_history_evicted_total History entries dropped, by reason.");
+        let _ = writeln!(out, "# TYPE herald_history_evicted_total counter");
+        for (i, reason) in ["size", "ttl", "bytes"].iter().enumerate() {
+            let _ = writeln!(out, "herald_history_evicted_total{{reason=\"{reason}\"}} {}", s.evicted[i].load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// What a subscriber at `p` missed, if history can give all of it.
+fn recover(c: &Counter, p: Position, limits: &HistoryLimits) -> Recovery {
+    let top = c.top();
+    if limits.size == 0 {
+        return Recovery::Missed(Miss::Off);
+    }
+    // A position ahead of the top cannot come from this epoch.
+    if p.epoch != c.epoch || p.offset > top {
+        return Recovery::Missed(Miss::Epoch);
+    }
+    let missed = top - p.offset;
+    if missed == 0 {
+        return Recovery::Recovered(Vec::new());
+    }
+    if missed > limits.recovery_max as u64 {
+        return Recovery::Missed(Miss::TooMany);
+    }
+    if c.history.front().is_none_or(|m| m.offset > p.offset + 1) {
+        return Recovery::Missed(Miss::TooOld);
+    }
+    Recovery::Recovered(c.history.iter().filter(|m| m.offset > p.offset).cloned().collect())
+}
+
+fn page(c: &Counter, since: Option<Position>, limit: usize) -> Page {
+    let top = c.top();
+    let (messages, complete) = match since {
+        None => {
+            let skip = c.history.len().saturating_sub(limit);
+            let messages: Vec<_> = c.history.iter().skip(skip).cloned().collect();
+            // The page holds the whole epoch.
+            let complete = messages.first().map_or(top == 0, |m| m.offset == 1);
+            (messages, complete)
+        }
+        Some(p) if p.epoch != c.epoch || p.offset > top => (Vec::new(), false),
+        Some(p) => {
+            let held = c.history.front().is_some_and(|m| m.offset <= p.offset + 1) || p.offset == top;
+            let after = c.history.iter().filter(|m| m.offset > p.offset);
+            let messages: Vec<_> = after.clone().take(limit).cloned().collect();
+            (messages, held && after.count() <= limit)
+        }
+    };
+    Page { epoch: c.epoch, top, messages, complete }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn limits(size: usize, stripe_bytes: usize, recovery_max: usize) -> HistoryLimits {
+        HistoryLimits { size, ttl: Duration::from_secs(300), stripe_bytes, recovery_max }
+    }
+
+    fn off() -> HistoryLimits {
+        limits(0, 0, 1)
+    }
+
+    fn offsets(msgs: &[Arc<Message>]) -> Vec<u64> {
+        msgs.iter().map(|m| m.offset).collect()
+    }
+
+    fn recovered(b: &LocalBroker, r: &Router, ch: &str, since: Position) -> Result<Vec<u64>, Miss> {
+        match b.start(r, ch, Some(since), Instant::now()).unwrap().recovery.unwrap() {
+            Recovery::Recovered(m) => Ok(offsets(&m)),
+            Recovery::Missed(why) => Err(why),
+        }
+    }
+
+    #[test]
+    fn history_keeps_the_last_messages_and_recovers_all_or_nothing() {
+        let r = Router::new(1, 64, 100);
+        let b = LocalBroker::new(100, limits(3, 1 << 20, 2));
+        let epoch = b.epoch(&r, "n").unwrap();
+        for _ in 0..5 {
+            b.publish(&r, "n", Payload::text("x")).unwrap();
+        }
+        let start = b.start(&r, "n", None, Instant::now()).unwrap();
+        assert_eq!((start.epoch, start.top, start.recovery.is_none()), (epoch, Some(5), true));
+        let at = |offset| Position { epoch, offset };
+        assert_eq!(recovered(&b, &r, "n", at(3)), Ok(vec![4, 5]));
+        assert_eq!(recovered(&b, &r, "n", at(5)), Ok(vec![]), "at the top: nothing to replay");
+        assert_eq!(recovered(&b, &r, "n", at(2)), Err(Miss::TooMany), "3 missed, recovery_max 2");
+        let b2 = LocalBroker::new(100, limits(3, 1 << 20, 10));
+        let e2 = b2.epoch(&r, "n").unwrap();
+        for _ in 0..5 {
+            b2.publish(&r, "n", Payload::text("x")).unwrap();
+        }
+        assert_eq!(recovered(&b2, &r, "n", Position { epoch: e2, offset: 2 }), Ok(vec![3, 4, 5]));
+        assert_eq!(recovered(&b2, &r, "n", Position { epoch: e2, offset: 1 }), Err(Miss::TooOld), "2 is gone");
+        assert_eq!(recovered(&b2, &r, "n", Position { epoch: e2, offset: 6 }), Err(Miss::Epoch), "ahead of the top");
+        assert_eq!(recovered(&b2, &r, "n", Position { epoch: Epoch::random(), offset: 4 }), Err(Miss::Epoch));
+        assert_eq!(b2.stats.evicted[Evicted::Size as usize].load(Ordering::Relaxed), 2);
+        assert_eq!(b2.stats.entries.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn history_pages() {
+        let r = Router::new(1, 64, 100);
+        let b = LocalBroker::new(100, limits(10, 1 << 20, 100));
+        let epoch = b.epoch(&r, "n").unwrap();
+        let empty = b.history(&r, "n", None, 5, Instant::now()).unwrap();
+        assert_eq!((empty.top, empty.messages.len(), empty.complete), (0, 0, true));
+        for _ in 0..4 {
+            b.publish(&r, "n", Payload::text("x")).unwrap();
+        }
+        let now = Instant::now();
+        let latest = b.history(&r, "n", None, 2, now).unwrap();
+        assert_eq!((offsets(&latest.messages), latest.top, latest.complete), (vec![3, 4], 4, false));
+        let all = b.history(&r, "n", None, 10, now).unwrap();
+        assert_eq!((offsets(&all.messages), all.complete), (vec![1, 2, 3, 4], true));
+        let after = b.history(&r, "n", Some(Position { epoch, offset: 1 }), 2, now).unwrap();
+        assert_eq!((offsets(&after.messages), after.complete), (vec![2, 3], false), "more than the limit follow");
+        let rest = b.history(&r, "n", Some(Position { epoch, offset: 2 }), 2, now).unwrap();
+        assert_eq!((offsets(&rest.messages), rest.complete), (vec![3, 4], true));
+        let other = b.history(&r, "n", Some(Position { epoch: Epoch::random(), offset: 2 }), 2, now).unwrap();
+        assert_eq!((other.messages.len(), other.complete), (0, false));
+    }
+
+    #[test]
+    fn history_older_than_its_ttl_is_not_served() {
+        let r = Router::new(1, 64, 100);
+        let b = LocalBroker::new(100, limits(10, 1 << 20, 100));
+        let epoch = b.epoch(&r, "n").unwrap();
+        b.publish(&r, "n", Payload::text("x")).unwrap();
+        b.publish(&r, "n", Payload::text("x")).unwrap();
+        let later = Instant::now() + Duration::from_secs(301);
+        let start = b.start(&r, "n", Some(Position { epoch, offset: 0 }), later).unwrap();
+        assert!(matches!(start.recovery, Some(Recovery::Missed(Miss::TooOld))));
+        assert_eq!(b.stats.evicted[Evicted::Ttl as usize].load(Ordering::Relaxed), 2);
+        assert_eq!((b.stats.entries.load(Ordering::Relaxed), b.stats.bytes.load(Ordering::Relaxed)), (0, 0));
+    }
+
+    #[test]
+    fn a_full_stripe_drops_its_oldest_entries_first() {
+        // Two channels of the same stripe.
+        let a = "a0".to_string();
+        let b_name = (1..).map(|i| format!("b{i}")).find(|n| stripe_of(n, STRIPES) == stripe_of(&a, STRIPES)).unwrap();
+        let r = Router::new(1, 64, 100);
+        let entry = 2 + ENTRY_OVERHEAD; // a one-byte payload
+        let b = LocalBroker::new(100, limits(100, 3 * entry, 100));
+        b.publish(&r, &a, Payload::text("1")).unwrap();
+        b.publish(&r, &b_name, Payload::text("1")).unwrap();
+        b.publish(&r, &a, Payload::text("2")).unwrap();
+        b.publish(&r, &b_name, Payload::text("2")).unwrap();
+        let now = Instant::now();
+        assert_eq!(offsets(&b.history(&r, &a, None, 10, now).unwrap().messages), vec![2], "a's first entry was the oldest");
+        assert_eq!(offsets(&b.history(&r, &b_name, None, 10, now).unwrap().messages), vec![1, 2]);
+        assert_eq!(b.stats.evicted[Evicted::Bytes as usize].load(Ordering::Relaxed), 1);
+        assert_eq!(b.stats.bytes.load(Ordering::Relaxed), 3 * entry);
+    }
+
+    #[test]
+    fn the_order_list_stays_bounded() {
+        let r = Router::new(1, 64, 100);
+        let b = LocalBroker::new(100, limits(3, 1 << 20, 100));
+        for _ in 0..10_000 {
+            b.publish(&r, "n", Payload::text("x")).unwrap();
+        }
+        let st = lock(&b.stripes[stripe_of("n", STRIPES)]);
+        assert_eq!(st.entries, 3);
+        assert!(st.order.len() <= 2 * st.entries + 64, "{} order entries for 3 live ones", st.order.len());
+    }
+
+    #[test]
+    fn a_forgotten_channel_takes_its_history_with_it() {
+        let r = Router::new(1, 64, 100);
+        let b = LocalBroker::new(1, limits(10, 1 << 20, 100));
+        b.publish(&r, "a", Payload::text("x")).unwrap();
+        b.publish(&r, "b", Payload::text("x")).unwrap();
+        assert_eq!(b.stats.entries.load(Ordering::Relaxed), 1, "a was forgotten, with its entry");
+    }
+
     #[test]
     fn offsets_are_contiguous_and_outlive_subscribers() {
         let r = Router::new(2, 16, 100);
-        let b = LocalBroker::new(100);
+        let b = LocalBroker::new(100, off());
         r.subscribe("news", 1).unwrap();
         let epoch = b.epoch(&r, "news").unwrap();
         for want in 1..=3 {
@@ -129,7 +521,7 @@ mod tests {
     #[test]
     fn a_full_table_forgets_idle_channels_then_refuses() {
         let r = Router::new(1, 16, 100);
-        let b = LocalBroker::new(2);
+        let b = LocalBroker::new(2, off());
         r.subscribe("a", 0).unwrap();
         b.epoch(&r, "a").unwrap();
         let b1 = b.publish(&r, "b", Payload::text("x")).unwrap();
@@ -147,7 +539,7 @@ mod tests {
     #[test]
     fn a_full_shard_queue_spends_no_offset() {
         let r = Router::new(1, 1, 10);
-        let b = LocalBroker::new(10);
+        let b = LocalBroker::new(10, off());
         r.subscribe("a", 0).unwrap();
         assert_eq!(b.publish(&r, "a", Payload::text("1")).unwrap().offset, 1);
         assert_eq!(b.publish(&r, "a", Payload::text("2")), Err(PublishError::Overloaded));

@@ -15,13 +15,78 @@ pub(crate) mod redis;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::message::{Epoch, PublishFuture};
+use crate::message::{Epoch, Message, Position, PublishFuture};
 use crate::proto::json::Payload;
 use crate::router::Router;
 use crate::shard::BoxFuture;
 use local::LocalBroker;
 pub use redis::BrokerError;
 use redis::RedisBroker;
+
+/// Where a new subscription starts.
+#[derive(Debug)]
+pub(crate) struct Start {
+    pub epoch: Epoch,
+    /// The channel's top offset, when the broker knows it.
+    pub top: Option<u64>,
+    /// Given a position: what the subscriber missed since, or why it cannot
+    /// have it.
+    pub recovery: Option<Recovery>,
+}
+
+/// The outcome of a recovery.
+#[derive(Debug)]
+pub(crate) enum Recovery {
+    /// Every message after the position, in order (none: it was the top).
+    Recovered(Vec<Arc<Message>>),
+    Missed(Miss),
+}
+
+/// Why a recovery answers `recovered: false`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Miss {
+    /// History is off, or the broker keeps none (Redis, for now).
+    Off = 0,
+    /// The position is of another epoch (or ahead of the top).
+    Epoch = 1,
+    /// History no longer holds the messages right after the position.
+    TooOld = 2,
+    /// More than `recovery_max` messages were missed.
+    TooMany = 3,
+}
+
+impl Miss {
+    pub(crate) const LABELS: [&'static str; 4] = ["off", "epoch_changed", "too_old", "too_many"];
+}
+
+/// Why a channel's history or starting position cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HistoryError {
+    /// The channel table is full of channels with subscribers.
+    #[error("channel limit reached")]
+    ChannelLimit,
+    /// The broker keeps no history (the Redis brokers, for now).
+    #[error("history is not kept with a Redis broker yet")]
+    NotKept,
+}
+
+impl HistoryError {
+    pub(crate) fn code(self) -> crate::proto::ErrorCode {
+        match self {
+            HistoryError::ChannelLimit => crate::proto::ErrorCode::Limit,
+            HistoryError::NotKept => crate::proto::ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// A page of a channel's history.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub epoch: Epoch,
+    pub top: u64,
+    pub messages: Vec<Arc<Message>>,
+    pub complete: bool,
+}
 
 /// The node's broker.
 #[derive(Debug)]
@@ -35,7 +100,7 @@ impl Broker {
     pub(crate) fn from_config(config: &Config, router: &Arc<Router>) -> Result<Broker, BrokerError> {
         Ok(match RedisBroker::from_config(config, router)? {
             Some(r) => Broker::Redis(r),
-            None => Broker::Local(LocalBroker::new(config.max_channels)),
+            None => Broker::Local(LocalBroker::new(config.max_channels, local::HistoryLimits::from_config(config))),
         })
     }
 
@@ -96,6 +161,27 @@ impl Broker {
         }
     }
 
+    /// Where a subscription the router already counts starts, with what
+    /// it missed since `since`: `Some` from the local broker, read in one
+    /// step with the channel's history (`None` when the channel table is
+    /// full is `Err`); `Ok(None)` from the Redis brokers, whose epoch comes
+    /// with the confirmation of their subscription ([`Broker::subscribed`])
+    /// and which keep no history yet.
+    pub(crate) fn starting_point(&self, router: &Router, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError> {
+        match self {
+            Broker::Local(b) => b.start(router, channel, since, std::time::Instant::now()).map(Some).ok_or(HistoryError::ChannelLimit),
+            Broker::Redis(_) => Ok(None),
+        }
+    }
+
+    /// A page of the channel's history.
+    pub(crate) fn history(&self, router: &Router, channel: &str, since: Option<Position>, limit: usize) -> Result<Page, HistoryError> {
+        match self {
+            Broker::Local(b) => b.history(router, channel, since, limit, std::time::Instant::now()).ok_or(HistoryError::ChannelLimit),
+            Broker::Redis(_) => Err(HistoryError::NotKept),
+        }
+    }
+
     /// Waits (at most the broker's timeout) for [`Broker::subscribed`].
     pub(crate) fn await_subscribed(&self, router: &Router, channel: &str) -> BoxFuture<Option<Epoch>> {
         match self {
@@ -123,8 +209,9 @@ impl Broker {
 
     /// The broker's own lines of the Prometheus exposition.
     pub(crate) fn render(&self, out: &mut String) {
-        if let Broker::Redis(r) = self {
-            r.render(out);
+        match self {
+            Broker::Local(b) => b.render(out),
+            Broker::Redis(r) => r.render(out),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The HTTP side: hyper's per-connection service ([`serve`]) and the
 //! endpoints of protocol v1, one file each: `/ws` and `/echo` ([`ws`]),
-//! `/sse` ([`sse`]), `/publish/{channel}` ([`publish`]), `/healthz` and
-//! `/metrics` (here).
+//! `/sse` ([`sse`]), `/publish/{channel}` ([`publish`]),
+//! `/history/{channel}` ([`history`]), `/healthz` and `/metrics` (here).
 //!
 //! A WebSocket or SSE connection is registered (and subscribed to the
 //! channels of its query) on a shard *before* the handshake response goes
@@ -9,6 +9,7 @@
 //! subscribed. The upgraded socket is then moved onto that shard.
 
 pub(crate) mod body;
+mod history;
 mod publish;
 mod query;
 mod serve;
@@ -64,10 +65,12 @@ where
         (&Method::GET, "/echo") if engine.config.echo => ws::upgrade(engine, req, true).await,
         (&Method::GET, "/sse") => sse::open(engine, req).await,
         (&Method::POST, p) if p.starts_with("/publish/") => publish::publish(engine, req).await,
+        (&Method::GET, p) if p.starts_with("/history/") => history::history(engine, req),
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
         (_, "/ws" | "/sse" | "/healthz" | "/metrics") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
         (_, p) if p.starts_with("/publish/") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST"),
+        (_, p) if p.starts_with("/history/") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! {"op":"subscribe","channel":"news","id":1}
+//! {"op":"subscribe","channel":"news","since":"k3x9a0qz:17"}
 //! {"op":"unsubscribe","channel":"news"}
 //! {"op":"publish","channel":"news","data":<any JSON>}
+//! {"op":"history","channel":"news","since":"k3x9a0qz:17","limit":100}
 //! ```
 
 use std::borrow::Cow;
@@ -21,6 +23,8 @@ pub enum Command<'a> {
     Subscribe {
         /// Channel name, checked against the rules.
         channel: Cow<'a, str>,
+        /// The position to recover from (`<epoch>:<offset>`, not checked here).
+        since: Option<Cow<'a, str>>,
     },
     /// Unsubscribe from a channel.
     Unsubscribe {
@@ -33,6 +37,15 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         /// The JSON value as it appeared in the command.
         data: &'a str,
+    },
+    /// Read a channel's history.
+    History {
+        /// Channel name, checked against the rules.
+        channel: Cow<'a, str>,
+        /// After this position (not checked here); none: the latest.
+        since: Option<Cow<'a, str>>,
+        /// At most this many messages (at least 1).
+        limit: Option<u64>,
     },
 }
 
@@ -72,6 +85,9 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<Cow<'a, str>>,
+    limit: Option<u64>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -102,15 +118,19 @@ pub fn parse(input: &str, max_payload: usize) -> Parsed<'_> {
 
 fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandError> {
     let op = wire.op.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"op\""))?;
-    let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish");
+    let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish" | "history");
     if !known {
         return Err(CommandError::new(ErrorCode::UnknownOp, format!("unknown op {:?}", super::truncate_str(&op, 64))));
     }
     let channel = wire.channel.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"channel\""))?;
     channel::validate(&channel).map_err(|e| CommandError::new(ErrorCode::BadChannel, e.to_string()))?;
     match op.as_ref() {
-        "subscribe" => Ok(Command::Subscribe { channel }),
+        "subscribe" => Ok(Command::Subscribe { channel, since: wire.since }),
         "unsubscribe" => Ok(Command::Unsubscribe { channel }),
+        "history" => match wire.limit {
+            Some(0) => Err(CommandError::new(ErrorCode::BadRequest, "\"limit\" must be at least 1")),
+            limit => Ok(Command::History { channel, since: wire.since, limit }),
+        },
         _ => {
             let data = wire.data.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"data\""))?.get();
             // Skipping a raw value has no depth limit; check it like any JSON
@@ -142,8 +162,8 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_three_commands() {
-        assert_eq!(ok(r#"{"op":"subscribe","channel":"news"}"#), (None, Command::Subscribe { channel: "news".into() }));
+    fn parses_the_commands() {
+        assert_eq!(ok(r#"{"op":"subscribe","channel":"news"}"#), (None, Command::Subscribe { channel: "news".into(), since: None }));
         assert_eq!(ok(r#"{"id":7,"op":"unsubscribe","channel":"news"}"#), (Some("7"), Command::Unsubscribe { channel: "news".into() }));
         assert_eq!(
             ok(r#"{"op":"publish","channel":"n","data":{"x":[1, 2]},"id":-1.5}"#),
@@ -152,7 +172,28 @@ mod tests {
         // `null` is a payload like any other.
         assert_eq!(ok(r#"{"op":"publish","channel":"n","data":null}"#).1, Command::Publish { channel: "n".into(), data: "null" });
         // Escaped channel names are decoded before the rules apply.
-        assert_eq!(ok(r#"{"op":"subscribe","channel":"\u0061b"}"#).1, Command::Subscribe { channel: "ab".into() });
+        assert_eq!(ok(r#"{"op":"subscribe","channel":"\u0061b"}"#).1, Command::Subscribe { channel: "ab".into(), since: None });
+    }
+
+    #[test]
+    fn parses_since_and_history() {
+        assert_eq!(
+            ok(r#"{"op":"subscribe","channel":"n","since":"k3x9a0qz:17"}"#).1,
+            Command::Subscribe { channel: "n".into(), since: Some("k3x9a0qz:17".into()) }
+        );
+        assert_eq!(
+            ok(r#"{"op":"history","channel":"n","since":"k3x9a0qz:17","limit":5,"id":2}"#),
+            (Some("2"), Command::History { channel: "n".into(), since: Some("k3x9a0qz:17".into()), limit: Some(5) })
+        );
+        assert_eq!(ok(r#"{"op":"history","channel":"n"}"#).1, Command::History { channel: "n".into(), since: None, limit: None });
+        for bad in [
+            r#"{"op":"history","channel":"n","limit":0}"#,
+            r#"{"op":"history","channel":"n","limit":-1}"#,
+            r#"{"op":"history","channel":"n","limit":1.5}"#,
+            r#"{"op":"subscribe","channel":"n","since":17}"#,
+        ] {
+            assert_eq!(err(bad), ErrorCode::BadRequest, "{bad}");
+        }
     }
 
     #[test]

@@ -17,7 +17,10 @@ pub fn command(data: &[u8]) {
     if let Ok(cmd) = parsed.command {
         use super::command::Command;
         let channel = match &cmd {
-            Command::Subscribe { channel } | Command::Unsubscribe { channel } | Command::Publish { channel, .. } => channel,
+            Command::Subscribe { channel, .. }
+            | Command::Unsubscribe { channel }
+            | Command::Publish { channel, .. }
+            | Command::History { channel, .. } => channel,
         };
         assert!(super::channel::validate(channel).is_ok(), "accepted a bad channel {channel:?}");
     }

@@ -278,9 +278,59 @@ impl Reply {
     }
 }
 
-/// `{"op":"subscribed","channel":…,"epoch":…}`, plus `id` when given.
-pub fn reply_subscribed(channel: &str, epoch: &str, id: Option<&str>) -> Bytes {
-    Reply::new("subscribed").str_field("channel", channel).str_field("epoch", epoch).id(id).frame()
+/// `{"op":"subscribed","channel":…,"epoch":…,"offset":…,"recovered":…}`,
+/// `offset` and `recovered` when known, plus `id` when given.
+pub fn reply_subscribed(channel: &str, epoch: &str, offset: Option<u64>, recovered: Option<bool>, id: Option<&str>) -> Bytes {
+    let mut r = Reply::new("subscribed").str_field("channel", channel).str_field("epoch", epoch);
+    if let Some(o) = offset {
+        r = r.raw_field("offset", itoa::Buffer::new().format(o));
+    }
+    if let Some(rec) = recovered {
+        r = r.raw_field("recovered", if rec { "true" } else { "false" });
+    }
+    r.id(id).frame()
+}
+
+/// A page of history: `{"channel":…,"epoch":…,"offset":<top>,"publications":[{"offset":…,"data":…},…],"complete":…}`,
+/// as the `history` reply (with `op` and `id`) or the HTTP body (without).
+pub fn history_body<'a>(
+    op: bool,
+    channel: &str,
+    epoch: &str,
+    top: u64,
+    publications: impl Iterator<Item = (u64, &'a Payload)>,
+    complete: bool,
+    id: Option<&str>,
+) -> Vec<u8> {
+    let mut out = BytesMut::with_capacity(256);
+    if op {
+        out.put_slice(b"{\"op\":\"history\",\"channel\":");
+    } else {
+        out.put_slice(b"{\"channel\":");
+    }
+    write_escaped(&mut out, channel.as_bytes());
+    out.put_slice(b",\"epoch\":");
+    write_escaped(&mut out, epoch.as_bytes());
+    out.put_slice(b",\"offset\":");
+    out.put_slice(itoa::Buffer::new().format(top).as_bytes());
+    out.put_slice(b",\"publications\":[");
+    for (i, (offset, payload)) in publications.enumerate() {
+        if i > 0 {
+            out.put_u8(b',');
+        }
+        out.put_slice(b"{\"offset\":");
+        out.put_slice(itoa::Buffer::new().format(offset).as_bytes());
+        out.put_slice(b",\"data\":");
+        payload.write_json(&mut out);
+        out.put_u8(b'}');
+    }
+    out.put_slice(if complete { b"],\"complete\":true" } else { b"],\"complete\":false" });
+    if let Some(id) = id {
+        out.put_slice(b",\"id\":");
+        out.put_slice(id.as_bytes());
+    }
+    out.put_u8(b'}');
+    out.to_vec()
 }
 
 /// `{"op":"unsubscribed","channel":…}`, plus `id` when given.
@@ -419,7 +469,22 @@ mod tests {
 
     #[test]
     fn replies() {
-        assert_eq!(text_of_frame(&reply_subscribed("news", "k3x9", None)), r#"{"op":"subscribed","channel":"news","epoch":"k3x9"}"#);
+        assert_eq!(
+            text_of_frame(&reply_subscribed("news", "k3x9", None, None, None)),
+            r#"{"op":"subscribed","channel":"news","epoch":"k3x9"}"#
+        );
+        assert_eq!(
+            text_of_frame(&reply_subscribed("news", "k3x9", Some(25), Some(true), Some("1"))),
+            r#"{"op":"subscribed","channel":"news","epoch":"k3x9","offset":25,"recovered":true,"id":1}"#
+        );
+        let (a, b) = (Payload::text("a\"b"), Payload::json(&b"{\"x\":1}"[..]).unwrap());
+        let page = history_body(true, "n", "k3x9", 9, [(8, &a), (9, &b)].into_iter(), false, Some("2"));
+        assert_eq!(
+            std::str::from_utf8(&page).unwrap(),
+            r#"{"op":"history","channel":"n","epoch":"k3x9","offset":9,"publications":[{"offset":8,"data":"a\"b"},{"offset":9,"data":{"x":1}}],"complete":false,"id":2}"#
+        );
+        let empty = history_body(false, "n", "k3x9", 0, std::iter::empty(), true, None);
+        assert_eq!(std::str::from_utf8(&empty).unwrap(), r#"{"channel":"n","epoch":"k3x9","offset":0,"publications":[],"complete":true}"#);
         assert_eq!(text_of_frame(&reply_unsubscribed("news", Some("7"))), r#"{"op":"unsubscribed","channel":"news","id":7}"#);
         assert_eq!(
             text_of_frame(&reply_published("news", 17, "k3x9", Some("2"))),

@@ -212,6 +212,9 @@ pub(crate) struct Conn {
     direct: RefCell<Option<Rc<TcpStream>>>,
     /// Message frames were queued quietly for the shard to write.
     flush_due: Cell<bool>,
+    /// Subscriptions whose start was read at a channel's top: live
+    /// messages up to it (already dispatched, or replayed) are skipped.
+    seams: RefCell<Vec<(Arc<str>, u64)>>,
     _permit: Permit,
 }
 
@@ -227,14 +230,70 @@ impl Conn {
             in_flight: Cell::new(0),
             direct: RefCell::new(None),
             flush_due: Cell::new(false),
+            seams: RefCell::new(Vec::new()),
             _permit: permit,
         }
+    }
+
+    /// From now on, `channel`'s messages up to offset `top` are not for
+    /// this connection (it was told `top`, and got what it missed).
+    pub(crate) fn set_seam(&self, channel: &Arc<str>, top: u64) {
+        let mut seams = self.seams.borrow_mut();
+        seams.retain(|(c, _)| **c != **channel);
+        seams.push((Arc::clone(channel), top));
+    }
+
+    /// Forgets the seam of `channel` (unsubscribed).
+    pub(crate) fn clear_seam(&self, channel: &str) {
+        let mut seams = self.seams.borrow_mut();
+        if !seams.is_empty() {
+            seams.retain(|(c, _)| **c != *channel);
+        }
+    }
+
+    /// Whether `msg` is at or before its channel's seam; the first message
+    /// past the seam removes it.
+    #[inline]
+    pub(crate) fn before_seam(&self, msg: &Message) -> bool {
+        let mut seams = self.seams.borrow_mut();
+        if seams.is_empty() {
+            return false;
+        }
+        let Some(i) = seams.iter().position(|(c, _)| **c == *msg.channel) else { return false };
+        if msg.offset <= seams[i].1 {
+            return true;
+        }
+        seams.swap_remove(i);
+        false
+    }
+
+    /// Queues a replayed message and makes sure it is written.
+    pub(crate) fn replay(&self, msg: &Message, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> Offer {
+        // Not timed: its publish-to-write delay is not the fan-out's.
+        let offer = self.offer_at(msg, frame, None, limit, policy, metrics);
+        if self.take_flush_due() {
+            self.out.borrow_mut().wake();
+        }
+        offer
     }
 
     /// Offers `frame`, the wire form of `msg` for this connection
     /// (fan-out's per-subscriber step).
     #[inline]
     pub(crate) fn offer(&self, msg: &Message, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> Offer {
+        self.offer_at(msg, frame, Some(msg.published_at), limit, policy, metrics)
+    }
+
+    #[inline]
+    fn offer_at(
+        &self,
+        msg: &Message,
+        frame: &Bytes,
+        published_at: Option<std::time::Instant>,
+        limit: usize,
+        policy: SlowConsumerPolicy,
+        metrics: &ShardMetrics,
+    ) -> Offer {
         let mut out = self.out.borrow_mut();
         if out.closing.is_some() {
             return Offer::Closed;
@@ -242,10 +301,10 @@ impl Conn {
         let fits = out.queued_bytes + frame.len() <= limit;
         if fits && (out.lagged.is_empty() || self.push_lagged(&mut out, limit - frame.len(), metrics)) {
             if self.direct.borrow().is_some() {
-                out.push_quiet(frame.clone(), Some(msg.published_at));
+                out.push_quiet(frame.clone(), published_at);
                 self.flush_due.set(true);
             } else {
-                out.push(frame.clone(), Some(msg.published_at));
+                out.push(frame.clone(), published_at);
             }
             return Offer::Queued;
         }

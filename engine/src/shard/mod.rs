@@ -29,8 +29,9 @@ use indexmap::IndexSet;
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::broker::{HistoryError, Page, Start};
 use crate::config::Config;
-use crate::message::{Epoch, Message, PublishFuture};
+use crate::message::{Epoch, Message, Position, PublishFuture};
 use crate::metrics::{Disconnect, Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::proto::ErrorCode;
@@ -58,6 +59,11 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn await_subscribed(&self, channel: &str) -> BoxFuture<Option<Epoch>>;
     /// Publishes from a client of this shard (checked like every publish).
     fn publish(&self, channel: &str, payload: Payload) -> PublishFuture;
+    /// Where a subscription this shard just added starts, and what it
+    /// missed since `since` (see [`crate::broker::Broker::starting_point`]).
+    fn starting_point(&self, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError>;
+    /// A page of the channel's history.
+    fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Result<Page, HistoryError>;
 }
 
 /// Messages fanned out per turn before the shard writes and lets other
@@ -262,6 +268,7 @@ impl Shard {
         let Some(pos) = subs.iter().position(|c| &**c == channel) else { return false };
         let name = subs.swap_remove(pos);
         drop(subs);
+        conn.clear_seam(&name);
         self.unindex(conn.key, &name);
         true
     }
@@ -297,6 +304,9 @@ impl Shard {
         let mut forms: [Option<&bytes::Bytes>; 4] = [None; 4];
         for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
+            if conn.before_seam(msg) {
+                continue;
+            }
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
             match conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
                 Offer::Overflow => self.overflowed.borrow_mut().push(key),

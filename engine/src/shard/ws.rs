@@ -20,10 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::conn::{Conn, Format, Pending, MAX_IOV};
+use super::conn::{Conn, Format, Offer, Pending, MAX_IOV};
 use super::Shard;
+use crate::broker::{Miss, Recovery, Start};
 use crate::config::{Config, COMMAND_OVERHEAD_BYTES};
-use crate::message::{PublishError, Published};
+use crate::message::{Position, PublishError, Published};
 use crate::metrics::Disconnect;
 use crate::proto::command::{self, Command};
 use crate::proto::frame::{self, OpCode, ProtocolError};
@@ -356,17 +357,72 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     let id = parsed.id;
     let reply = match parsed.command {
         Err(e) => return error(shard, conn, e.code, &e.message, id),
-        Ok(Command::Subscribe { channel }) => {
+        Ok(Command::Subscribe { channel, since }) => {
+            let since = match since.as_deref().map(|s| Position::parse(s).ok_or(s)) {
+                None => None,
+                Some(Ok(p)) => Some(p),
+                Some(Err(s)) => {
+                    let msg = format!("\"since\" is not a position <epoch>:<offset>: {:?}", crate::proto::truncate_str(s, 64));
+                    return error(shard, conn, ErrorCode::BadRequest, &msg, id);
+                }
+            };
             let created = match shard.subscribe(conn, &channel) {
                 Ok(created) => created,
                 Err(e) => return error(shard, conn, ErrorCode::Limit, &e.to_string(), id),
             };
-            match shard.up.subscribed(&channel) {
-                Some(epoch) => json::reply_subscribed(&channel, epoch.as_str(), id),
-                // The broker's subscription is not in place yet (Redis): the
-                // reply waits for it, so that everything published after it
-                // arrives.
-                None => return reply_when_subscribed(shard, conn, channel.into_owned(), id.map(str::to_owned), created),
+            // A repeated subscribe answers as a plain one.
+            let since = since.filter(|_| created);
+            match shard.up.starting_point(&channel, since) {
+                Ok(Some(start)) => return start_subscription(shard, conn, &channel, start, created, id),
+                Err(e) => {
+                    if created {
+                        shard.unsubscribe(conn, &channel);
+                    }
+                    return error(shard, conn, e.code(), &format!("cannot subscribe to {channel:?}: {e}"), id);
+                }
+                // The Redis brokers: no history yet, so nothing to recover.
+                Ok(None) => {
+                    if since.is_some() {
+                        shard.metrics().recoveries[1 + Miss::Off as usize].inc();
+                    }
+                    let recovered = since.map(|_| false);
+                    match shard.up.subscribed(&channel) {
+                        Some(epoch) => json::reply_subscribed(&channel, epoch.as_str(), None, recovered, id),
+                        // The broker's subscription is not in place yet: the
+                        // reply waits for it, so that everything published
+                        // after it arrives.
+                        None => return reply_when_subscribed(shard, conn, channel.into_owned(), id.map(str::to_owned), created, recovered),
+                    }
+                }
+            }
+        }
+        Ok(Command::History { channel, since, limit }) => {
+            let since = match since.as_deref().map(|s| Position::parse(s).ok_or(s)) {
+                None => None,
+                Some(Ok(p)) => Some(p),
+                Some(Err(s)) => {
+                    let msg = format!("\"since\" is not a position <epoch>:<offset>: {:?}", crate::proto::truncate_str(s, 64));
+                    return error(shard, conn, ErrorCode::BadRequest, &msg, id);
+                }
+            };
+            let max = cfg.recovery_max;
+            let Some(limit) = limit.map_or(Some(max), |l| usize::try_from(l).ok().filter(|l| *l <= max)) else {
+                return error(shard, conn, ErrorCode::BadRequest, &format!("\"limit\" must be from 1 to {max}"), id);
+            };
+            match shard.up.history(&channel, since, limit) {
+                Ok(page) => {
+                    let body = json::history_body(
+                        true,
+                        &channel,
+                        page.epoch.as_str(),
+                        page.top,
+                        page.messages.iter().map(|m| (m.offset, &m.payload)),
+                        page.complete,
+                        id,
+                    );
+                    frame::encode_frame(OpCode::Text, &body)
+                }
+                Err(e) => return error(shard, conn, e.code(), &format!("no history for {channel:?}: {e}"), id),
             }
         }
         Ok(Command::Unsubscribe { channel }) => {
@@ -413,11 +469,43 @@ fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id:
     }
 }
 
+/// Answers a subscribe the local broker placed: from the channel's top,
+/// with what the client missed when it gave a position. Live messages up
+/// to the top are skipped for this connection (a new subscription's, that
+/// is: they were published before it started, or are replayed now).
+fn start_subscription(shard: &Shard, conn: &Conn, channel: &str, start: Start, created: bool, id: Option<&str>) {
+    let top = start.top.unwrap_or(0);
+    if created {
+        let name = conn.subs.borrow().iter().find(|c| ***c == *channel).cloned();
+        if let Some(name) = name {
+            conn.set_seam(&name, top);
+        }
+    }
+    let recovered = start.recovery.as_ref().map(|r| matches!(r, Recovery::Recovered(_)));
+    shard.send_to(conn, json::reply_subscribed(channel, start.epoch.as_str(), Some(top), recovered, id));
+    let metrics = shard.metrics();
+    match start.recovery {
+        None => {}
+        Some(Recovery::Missed(why)) => metrics.recoveries[1 + why as usize].inc(),
+        Some(Recovery::Recovered(messages)) => {
+            metrics.recoveries[0].inc();
+            metrics.replayed.add(messages.len() as u64);
+            let cfg = shard.config();
+            for m in &messages {
+                let frame = m.frame(conn.form, metrics);
+                if conn.replay(m, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Closed {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// Sends the `subscribed` reply once the broker's subscription is in place.
 /// If it is not in time, the client gets error `unavailable`, and the
 /// subscription is undone if this command created it (a repeated subscribe
 /// leaves the existing one alone).
-fn reply_when_subscribed(shard: &Rc<Shard>, conn: &Rc<Conn>, channel: String, id: Option<String>, created: bool) {
+fn reply_when_subscribed(shard: &Rc<Shard>, conn: &Rc<Conn>, channel: String, id: Option<String>, created: bool, recovered: Option<bool>) {
     let (shard, conn) = (Rc::clone(shard), Rc::clone(conn));
     let waiting = shard.up.await_subscribed(&channel);
     tokio::task::spawn_local(async move {
@@ -428,7 +516,7 @@ fn reply_when_subscribed(shard: &Rc<Shard>, conn: &Rc<Conn>, channel: String, id
         let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
         match epoch {
             Some(e) if subscribed => {
-                shard.send_to(&conn, json::reply_subscribed(&channel, e.as_str(), id.as_deref()));
+                shard.send_to(&conn, json::reply_subscribed(&channel, e.as_str(), None, recovered, id.as_deref()));
             }
             _ => {
                 if created && subscribed {

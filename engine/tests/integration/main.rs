@@ -10,6 +10,7 @@ mod embed_shutdown;
 mod errors;
 mod fanout;
 mod fuzz_corpus;
+mod history;
 mod hostile;
 mod interop;
 mod limits;

@@ -1,0 +1,193 @@
+//! History and recovery (protocol v2) on the local broker, over real
+//! WebSockets and HTTP.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// Publishes `n` JSON numbers `from..from+n` over HTTP; returns the last reply.
+async fn publish_range(addr: std::net::SocketAddr, channel: &str, from: u64, n: u64) -> Value {
+    let mut last = Value::Null;
+    for i in from..from + n {
+        let (status, reply) = publish(addr, channel, &i.to_string(), true).await;
+        assert_eq!(status, 200, "{reply}");
+        last = reply;
+    }
+    last
+}
+
+/// The `data` of the next `n` messages.
+async fn data_of_next(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = next_json(ws).await;
+        assert!(m.get("op").is_none(), "a message, not {m}");
+        out.push(m["data"].clone());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_client_that_was_away_recovers_what_it_missed_then_live() {
+    let h = start(2, |_| {});
+    let a = addr(&h);
+    let mut ws1 = ws(a, "/ws").await;
+    let sub = command(&mut ws1, json!({"op":"subscribe","channel":"doc","id":1})).await;
+    assert_eq!((sub["op"].as_str(), sub["offset"].as_u64(), sub.get("recovered")), (Some("subscribed"), Some(0), None));
+    let epoch = sub["epoch"].as_str().unwrap().to_string();
+    publish_range(a, "doc", 1, 5).await;
+    let got = data_of_next(&mut ws1, 5).await;
+    assert_eq!(got, (1..=5).map(|i| json!(i)).collect::<Vec<_>>());
+    drop(ws1);
+
+    publish_range(a, "doc", 6, 5).await;
+    let mut ws2 = ws(a, "/ws").await;
+    let sub = command(&mut ws2, json!({"op":"subscribe","channel":"doc","since":format!("{epoch}:5"),"id":2})).await;
+    assert_eq!(sub, json!({"op":"subscribed","channel":"doc","epoch":epoch,"offset":10,"recovered":true,"id":2}));
+    let offsets: Vec<u64> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(next_json(&mut ws2).await["offset"].as_u64().unwrap());
+        }
+        v
+    };
+    assert_eq!(offsets, vec![6, 7, 8, 9, 10]);
+    publish_range(a, "doc", 11, 1).await;
+    let live = next_json(&mut ws2).await;
+    assert_eq!((live["offset"].as_u64(), live["data"].clone()), (Some(11), json!(11)));
+
+    let m = reqwest_like_metrics(a).await;
+    assert_eq!(metric(&m, "herald_recoveries_total{outcome=\"recovered\"}"), 1);
+    assert_eq!(metric(&m, "herald_messages_replayed_total"), 5);
+    assert_eq!(metric(&m, "herald_history_entries"), 11);
+}
+
+async fn reqwest_like_metrics(a: std::net::SocketAddr) -> String {
+    http(a, "GET", "/metrics", &[], b"").await.2
+}
+
+#[tokio::test]
+async fn what_cannot_be_recovered_whole_is_not_recovered_at_all() {
+    let h = start(1, |c| {
+        c.history_size(5).recovery_max(7);
+    });
+    let a = addr(&h);
+    let epoch = publish_range(a, "c", 1, 10).await["epoch"].as_str().unwrap().to_string();
+    let cases = [
+        (format!("{epoch}:3"), "too_old"),           // 4..10: history holds only 6..10
+        (format!("{epoch}:1"), "too_many"),          // 2..10: 9 > recovery_max 7
+        ("00000000:9".to_string(), "epoch_changed"), // another epoch
+        (format!("{epoch}:99"), "epoch_changed"),    // ahead of the top
+    ];
+    for (i, (since, outcome)) in cases.iter().enumerate() {
+        let mut c = ws(a, "/ws").await;
+        let sub = command(&mut c, json!({"op":"subscribe","channel":"c","since":since})).await;
+        assert_eq!((sub["recovered"].as_bool(), sub["offset"].as_u64()), (Some(false), Some(10 + i as u64)), "{since}: {sub}");
+        // Nothing is replayed: the next frame is the next live message.
+        publish_range(a, "c", 11 + i as u64, 1).await;
+        assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(11 + i as u64), "{since}");
+        let m = reqwest_like_metrics(a).await;
+        assert!(metric(&m, &format!("herald_recoveries_total{{outcome=\"{outcome}\"}}")) >= 1, "{since}");
+    }
+    let mut c = ws(a, "/ws").await;
+    let bad = command(&mut c, json!({"op":"subscribe","channel":"c","since":"nonsense","id":5})).await;
+    assert_eq!((bad["op"].as_str(), bad["code"].as_str(), bad["id"].as_u64()), (Some("error"), Some("bad_request"), Some(5)));
+}
+
+/// Publishes race the replay: each offset reaches the client exactly
+/// once, in order, across the seam between history and live messages.
+#[tokio::test]
+async fn publishes_racing_a_recovery_arrive_once_in_order() {
+    let h = start(2, |c| {
+        c.history_size(1000).recovery_max(1000);
+    });
+    let a = addr(&h);
+    let epoch = publish_range(a, "race", 1, 50).await["epoch"].as_str().unwrap().to_string();
+    // A publisher on its own task keeps going while clients recover.
+    let publisher = tokio::spawn(async move {
+        let mut p = ws(a, "/ws").await;
+        for i in 51..=400u64 {
+            send(&mut p, json!({"op":"publish","channel":"race","data":i})).await;
+        }
+        for _ in 51..=400 {
+            let r = next_json(&mut p).await;
+            assert_eq!(r["op"], "published", "{r}");
+        }
+    });
+    let mut clients = Vec::new();
+    for since in [0u64, 10, 25, 40] {
+        let epoch = epoch.clone();
+        clients.push(tokio::spawn(async move {
+            let mut c = ws(a, "/ws").await;
+            let sub = command(&mut c, json!({"op":"subscribe","channel":"race","since":format!("{epoch}:{since}")})).await;
+            assert_eq!(sub["recovered"], true, "{sub}");
+            let mut next = since + 1;
+            while next <= 400 {
+                let m = next_json(&mut c).await;
+                assert_eq!(m["offset"].as_u64(), Some(next), "since {since}: expected offset {next}, got {m}");
+                next += 1;
+            }
+        }));
+        tokio::task::yield_now().await;
+    }
+    publisher.await.unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn history_over_websocket_and_http() {
+    let h = start(1, |c| {
+        c.history_size(10).recovery_max(50);
+    });
+    let a = addr(&h);
+    let epoch = publish_range(a, "h", 1, 3).await["epoch"].as_str().unwrap().to_string();
+    let (status, _, _) = http(a, "POST", "/publish/h", &[("content-type", "text/plain")], b"four").await;
+    assert_eq!(status, 200);
+    let mut c = ws(a, "/ws").await;
+    let page = command(&mut c, json!({"op":"history","channel":"h","since":format!("{epoch}:1"),"limit":2,"id":3})).await;
+    assert_eq!(
+        page,
+        json!({"op":"history","channel":"h","epoch":epoch,"offset":4,"publications":[{"offset":2,"data":2},{"offset":3,"data":3}],"complete":false,"id":3})
+    );
+    let (status, head, body) = http(a, "GET", &format!("/history/h?since={epoch}:2"), &[], b"").await;
+    assert_eq!(status, 200);
+    assert!(head.contains("application/json"), "{head}");
+    let v: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(
+        v,
+        json!({"channel":"h","epoch":epoch,"offset":4,"publications":[{"offset":3,"data":3},{"offset":4,"data":"four"}],"complete":true})
+    );
+    let latest: Value = serde_json::from_str(http(a, "GET", "/history/h?limit=1", &[], b"").await.2.trim()).unwrap();
+    assert_eq!(latest["publications"], json!([{"offset":4,"data":"four"}]));
+    for (path, code) in [
+        ("/history/h?since=xyz", "bad_request"),
+        ("/history/h?limit=0", "bad_request"),
+        ("/history/h?limit=51", "bad_request"),
+        ("/history/bad%20name", "bad_channel"),
+    ] {
+        let (status, _, body) = http(a, "GET", path, &[], b"").await;
+        assert_eq!(status, 400, "{path}");
+        assert!(body.contains(code), "{path}: {body}");
+    }
+    assert_eq!(http(a, "POST", "/history/h", &[], b"").await.0, 405);
+    let err = command(&mut c, json!({"op":"history","channel":"h","limit":51})).await;
+    assert_eq!(err["code"], "bad_request");
+}
+
+/// The plain subscribe's `offset` is where the subscription starts: a
+/// message at or before it is not delivered, every later one is.
+#[tokio::test]
+async fn subscribed_offset_is_where_delivery_starts() {
+    let h = start(2, |_| {});
+    let a = addr(&h);
+    publish_range(a, "s", 1, 3).await;
+    let mut c = ws(a, "/ws").await;
+    let sub = command(&mut c, json!({"op":"subscribe","channel":"s"})).await;
+    let top = sub["offset"].as_u64().unwrap();
+    assert_eq!(top, 3);
+    publish_range(a, "s", 4, 2).await;
+    assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(4));
+    assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(5));
+}
