@@ -54,11 +54,9 @@ impl Floor {
                 for cmd in rx {
                     match cmd {
                         Cmd::Adopt(s) => socks.push(s),
-                        Cmd::Write(frame) => {
-                            for s in &mut socks {
-                                let _ = s.write(&frame);
-                            }
-                        }
+                        // A socket whose peer left fails its write and is
+                        // dropped: dead sockets must not cost later runs.
+                        Cmd::Write(frame) => socks.retain_mut(|s| s.write(&frame).is_ok()),
                     }
                 }
             }));
