@@ -9,6 +9,7 @@
 #   bash bench/loadgen-table.sh channels   # 1,000 channels x 2 subscribers: local against Redis
 #   bash bench/loadgen-table.sh cluster    # the same through a Redis Cluster of 3 masters
 #   bash bench/loadgen-table.sh ceiling    # rising rates until loss or p99 > 20 ms: local, Redis, cluster
+#   bash bench/loadgen-table.sh history    # the cost of history: history_size 100 (default) against 0
 #
 # Herald and loadgen share the machine; each run's JSON is kept in
 # target/loadgen-table/.
@@ -156,12 +157,25 @@ ceiling)
     run "cluster-$rate" --url "ws://127.0.0.1:$((port + 3))/ws?channel={channel}" --server-pid "$cnode" "${common[@]}"
   done
   ;;
+history)
+  # The default Herald (history_size 100) against one without history,
+  # 1,000 channels x 2 subscribers at 20,000/s, interleaved.
+  target/release/herald --listen "127.0.0.1:$((port + 4))" --history-size 0 >"$out/herald-h0.log" 2>&1 &
+  h0=$!
+  trap 'kill $pid $h0 2>/dev/null; wait 2>/dev/null || true' EXIT
+  sleep 0.5
+  common=(--channels 1000 --subscribers 2000 --rate "${RATE:-20000}" --duration 8 --warmup 2 --publish-connections 16)
+  for round in 1 2 3; do
+    run "history-0-$round" --url "ws://127.0.0.1:$((port + 4))/ws?channel={channel}" --server-pid "$h0" "${common[@]}"
+    run "history-100-$round" --url "$ws" "${common[@]}"
+  done
+  ;;
 idle)
   target/release/loadgen connect --quiet --url "ws://127.0.0.1:$port/ws?channel=idle" \
     --connections "${CONNECTIONS:-10000}" --rate 2000 --hold 3 --server-pid "$pid" --json "$out/idle.json"
   ;;
 *)
-  echo "usage: $0 [table|ladder|idle|redis|channels|cluster|ceiling]" >&2
+  echo "usage: $0 [table|ladder|idle|redis|channels|cluster|ceiling|history]" >&2
   exit 2
   ;;
 esac

@@ -35,7 +35,7 @@ const STRIPES: usize = 64;
 /// What a history entry counts against `history_max_bytes` besides twice
 /// its payload (the message and one encoded form): the message, its slot
 /// in the channel's ring and in its stripe's order list.
-const ENTRY_OVERHEAD: usize = 256;
+const ENTRY_OVERHEAD: usize = 448;
 
 fn cost(m: &Message) -> usize {
     m.payload.len() * 2 + ENTRY_OVERHEAD

@@ -34,7 +34,9 @@ where
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
     let body = match http_body_util::Limited::new(req.into_body(), max).collect().await {
-        Ok(c) => c.to_bytes(),
+        // Copied out: hyper's body bytes share its read buffer, and a
+        // message kept in history would keep that whole buffer alive.
+        Ok(c) => bytes::Bytes::copy_from_slice(&c.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return refuse(&engine, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &too_large());
         }
