@@ -489,3 +489,24 @@ async fn a_node_started_before_redis_serves_once_redis_is_up() {
     let m: Value = serde_json::from_str(&sse.next_data().await.unwrap()).unwrap();
     assert_eq!((m["offset"].as_u64(), m["data"].as_str()), (Some(1), Some("first")));
 }
+
+/// Through Redis there is no history yet: a subscribe with a position
+/// says plainly that nothing was recovered, and `history` is refused, on
+/// the wire and over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_redis_recovery_is_refused_plainly_until_redis_keeps_history() {
+    let redis = RedisServer::start(&[]);
+    let a = node(&redis.url());
+    let p = a.publish("r", Payload::text("x")).await.unwrap();
+    let mut c = ws(addr(&a), "/ws").await;
+    let since = format!("{}:0", p.epoch);
+    let r = command(&mut c, json!({"op": "subscribe", "channel": "r", "since": since, "id": 1})).await;
+    assert_eq!((r["op"].as_str(), r["recovered"].as_bool(), r["id"].as_u64()), (Some("subscribed"), Some(false), Some(1)), "{r}");
+    let h = command(&mut c, json!({"op": "history", "channel": "r", "id": 2})).await;
+    assert_eq!((h["op"].as_str(), h["code"].as_str()), (Some("error"), Some("unavailable")), "{h}");
+    let (status, _, body) = http(addr(&a), "GET", "/history/r", &[], b"").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("unavailable"), "{body}");
+    assert_eq!(metric(&a.metrics_text(), "herald_recoveries_total{outcome=\"off\"}"), 1);
+    a.shutdown(Duration::from_secs(1)).await;
+}
