@@ -94,8 +94,8 @@ pub struct Config {
     pub history_ttl_s: u64,
     /// Bytes all channels' histories hold together (local broker), split
     /// evenly over 64 groups of channels; in a full group the oldest entries
-    /// go first. An entry counts twice its payload plus 448 bytes (the
-    /// message and one encoded form). Default 256 MiB.
+    /// go first. An entry counts three times its payload plus 448 bytes
+    /// (the message and two encoded forms). Default 256 MiB.
     pub history_max_bytes: usize,
     /// Messages one recovery replays at most (more: `recovered: false`), and
     /// the largest `history` page. Default 1,000.

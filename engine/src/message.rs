@@ -208,6 +208,8 @@ impl fmt::Debug for PublishFuture {
 #[derive(Debug)]
 pub(crate) struct Message {
     pub channel: Arc<str>,
+    /// The channel's epoch when it was published.
+    pub epoch: Epoch,
     pub offset: u64,
     pub payload: Payload,
     pub published_at: Instant,
@@ -215,8 +217,8 @@ pub(crate) struct Message {
 }
 
 impl Message {
-    pub(crate) fn new(channel: Arc<str>, offset: u64, payload: Payload) -> Message {
-        Message { channel, offset, payload, published_at: Instant::now(), forms: Default::default() }
+    pub(crate) fn new(channel: Arc<str>, epoch: Epoch, offset: u64, payload: Payload) -> Message {
+        Message { channel, epoch, offset, payload, published_at: Instant::now(), forms: Default::default() }
     }
 
     /// The complete frame or event for `form`, encoded on first use by
@@ -273,7 +275,7 @@ mod tests {
     #[test]
     fn each_form_is_encoded_once() {
         let m = ShardMetrics::default();
-        let msg = Message::new("c".into(), 1, Payload::text("x"));
+        let msg = Message::new("c".into(), Epoch::random(), 1, Payload::text("x"));
         let a = msg.frame(Form::WsJson, &m).clone();
         let b = msg.frame(Form::WsJson, &m).clone();
         assert_eq!(a.as_ptr(), b.as_ptr(), "the same bytes are shared");

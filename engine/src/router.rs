@@ -166,7 +166,7 @@ mod tests {
     use crate::proto::json::Payload;
 
     fn msg(offset: u64) -> Arc<Message> {
-        Arc::new(Message::new("news".into(), offset, Payload::text("x")))
+        Arc::new(Message::new("news".into(), crate::message::Epoch::random(), offset, Payload::text("x")))
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub(crate) fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
                 page.messages.iter().map(|m| (m.offset, &m.payload)),
                 page.complete,
                 None,
+                engine.config.outbound_queue_bytes,
             );
             text_response("application/json", body)
         }

@@ -293,14 +293,18 @@ pub fn reply_subscribed(channel: &str, epoch: &str, offset: Option<u64>, recover
 
 /// A page of history: `{"channel":…,"epoch":…,"offset":<top>,"publications":[{"offset":…,"data":…},…],"complete":…}`,
 /// as the `history` reply (with `op` and `id`) or the HTTP body (without).
+/// Publications that would take the body past `max_bytes` are left out,
+/// and the page is then not `complete`.
+#[allow(clippy::too_many_arguments)]
 pub fn history_body<'a>(
     op: bool,
     channel: &str,
     epoch: &str,
     top: u64,
     publications: impl Iterator<Item = (u64, &'a Payload)>,
-    complete: bool,
+    mut complete: bool,
     id: Option<&str>,
+    max_bytes: usize,
 ) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(256);
     if op {
@@ -315,6 +319,11 @@ pub fn history_body<'a>(
     out.put_slice(itoa::Buffer::new().format(top).as_bytes());
     out.put_slice(b",\"publications\":[");
     for (i, (offset, payload)) in publications.enumerate() {
+        // 64: the rest of the object around the publications.
+        if out.len() + payload.json_len() + 48 + 64 > max_bytes {
+            complete = false;
+            break;
+        }
         if i > 0 {
             out.put_u8(b',');
         }
@@ -478,13 +487,19 @@ mod tests {
             r#"{"op":"subscribed","channel":"news","epoch":"k3x9","offset":25,"recovered":true,"id":1}"#
         );
         let (a, b) = (Payload::text("a\"b"), Payload::json(&b"{\"x\":1}"[..]).unwrap());
-        let page = history_body(true, "n", "k3x9", 9, [(8, &a), (9, &b)].into_iter(), false, Some("2"));
+        let page = history_body(true, "n", "k3x9", 9, [(8, &a), (9, &b)].into_iter(), false, Some("2"), 1 << 20);
         assert_eq!(
             std::str::from_utf8(&page).unwrap(),
             r#"{"op":"history","channel":"n","epoch":"k3x9","offset":9,"publications":[{"offset":8,"data":"a\"b"},{"offset":9,"data":{"x":1}}],"complete":false,"id":2}"#
         );
-        let empty = history_body(false, "n", "k3x9", 0, std::iter::empty(), true, None);
+        let empty = history_body(false, "n", "k3x9", 0, std::iter::empty(), true, None, 1 << 20);
         assert_eq!(std::str::from_utf8(&empty).unwrap(), r#"{"channel":"n","epoch":"k3x9","offset":0,"publications":[],"complete":true}"#);
+        // Past the byte budget the page is cut, and says so.
+        let cut = history_body(false, "n", "k3x9", 9, [(8, &a), (9, &b)].into_iter(), true, None, 200);
+        assert_eq!(
+            std::str::from_utf8(&cut).unwrap(),
+            r#"{"channel":"n","epoch":"k3x9","offset":9,"publications":[{"offset":8,"data":"a\"b"}],"complete":false}"#
+        );
         assert_eq!(text_of_frame(&reply_unsubscribed("news", Some("7"))), r#"{"op":"unsubscribed","channel":"news","id":7}"#);
         assert_eq!(
             text_of_frame(&reply_published("news", 17, "k3x9", Some("2"))),

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::Permit;
 use crate::config::SlowConsumerPolicy;
-use crate::message::Message;
+use crate::message::{Epoch, Message};
 use crate::metrics::{Disconnect, ShardMetrics};
 use crate::proto::form::Form;
 
@@ -212,9 +212,10 @@ pub(crate) struct Conn {
     direct: RefCell<Option<Rc<TcpStream>>>,
     /// Message frames were queued quietly for the shard to write.
     flush_due: Cell<bool>,
-    /// Subscriptions whose start was read at a channel's top: live
-    /// messages up to it (already dispatched, or replayed) are skipped.
-    seams: RefCell<Vec<(Arc<str>, u64)>>,
+    /// Subscriptions whose start was read at a channel's (epoch, top): live
+    /// messages up to it (already dispatched, or replayed), and any of an
+    /// older epoch still queued, are skipped.
+    seams: RefCell<Vec<(Arc<str>, Epoch, u64)>>,
     _permit: Permit,
 }
 
@@ -235,32 +236,39 @@ impl Conn {
         }
     }
 
+    /// Bytes queued for this connection.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.out.borrow().queued_bytes
+    }
+
     /// From now on, `channel`'s messages up to offset `top` are not for
     /// this connection (it was told `top`, and got what it missed).
-    pub(crate) fn set_seam(&self, channel: &Arc<str>, top: u64) {
+    pub(crate) fn set_seam(&self, channel: &Arc<str>, epoch: Epoch, top: u64) {
         let mut seams = self.seams.borrow_mut();
-        seams.retain(|(c, _)| **c != **channel);
-        seams.push((Arc::clone(channel), top));
+        seams.retain(|(c, _, _)| **c != **channel);
+        seams.push((Arc::clone(channel), epoch, top));
     }
 
     /// Forgets the seam of `channel` (unsubscribed).
     pub(crate) fn clear_seam(&self, channel: &str) {
         let mut seams = self.seams.borrow_mut();
         if !seams.is_empty() {
-            seams.retain(|(c, _)| **c != *channel);
+            seams.retain(|(c, _, _)| **c != *channel);
         }
     }
 
     /// Whether `msg` is at or before its channel's seam; the first message
-    /// past the seam removes it.
+    /// past the seam removes it. A message of another epoch is older than
+    /// the seam (a channel's epoch does not change while it has
+    /// subscribers, and what was queued before comes first).
     #[inline]
     pub(crate) fn before_seam(&self, msg: &Message) -> bool {
         let mut seams = self.seams.borrow_mut();
         if seams.is_empty() {
             return false;
         }
-        let Some(i) = seams.iter().position(|(c, _)| **c == *msg.channel) else { return false };
-        if msg.offset <= seams[i].1 {
+        let Some(i) = seams.iter().position(|(c, _, _)| **c == *msg.channel) else { return false };
+        if msg.epoch != seams[i].1 || msg.offset <= seams[i].2 {
             return true;
         }
         seams.swap_remove(i);
@@ -452,7 +460,7 @@ mod tests {
     fn partial_writes_advance_and_count_whole_frames() {
         let c = conn();
         let m = ShardMetrics::default();
-        let msg = Message::new("c".into(), 1, crate::Payload::text("x"));
+        let msg = Message::new("c".into(), crate::Epoch::random(), 1, crate::Payload::text("x"));
         for _ in 0..3 {
             assert_eq!(c.offer(&msg, &Bytes::from_static(b"abcd"), 100, SlowConsumerPolicy::Disconnect, &m), Offer::Queued);
         }
@@ -473,7 +481,7 @@ mod tests {
     fn overflow_disconnects_or_drops_by_policy() {
         let m = ShardMetrics::default();
         let f = Bytes::from(vec![0u8; 600]);
-        let msg = Message::new("c".into(), 1, crate::Payload::text("x"));
+        let msg = Message::new("c".into(), crate::Epoch::random(), 1, crate::Payload::text("x"));
         let c = conn();
         assert_eq!(c.offer(&msg, &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Queued);
         assert_eq!(c.offer(&msg, &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
@@ -493,7 +501,7 @@ mod tests {
         let m = ShardMetrics::default();
         let c = conn();
         let f = Bytes::from(vec![0u8; 600]);
-        let msg = |ch: &str, o| Message::new(ch.into(), o, crate::Payload::text("x"));
+        let msg = |ch: &str, o| Message::new(ch.into(), crate::Epoch::random(), o, crate::Payload::text("x"));
         assert_eq!(c.offer(&msg("a", 1), &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Queued);
         for o in 2..=4 {
             assert_eq!(c.offer(&msg("a", o), &f, 1024, SlowConsumerPolicy::Drop, &m), Offer::Dropped);
@@ -519,7 +527,7 @@ mod tests {
     fn discard_keeps_a_partly_written_frame() {
         let m = ShardMetrics::default();
         let c = conn();
-        let msg = Message::new("c".into(), 1, crate::Payload::text("x"));
+        let msg = Message::new("c".into(), crate::Epoch::random(), 1, crate::Payload::text("x"));
         c.offer(&msg, &Bytes::from_static(b"0123456789"), 100, SlowConsumerPolicy::Disconnect, &m);
         c.offer(&msg, &Bytes::from_static(b"abc"), 100, SlowConsumerPolicy::Disconnect, &m);
         c.out.borrow_mut().advance(4, &m, Transport::Ws);
@@ -527,5 +535,22 @@ mod tests {
         let out = c.out.borrow();
         assert_eq!(out.frames.len(), 2);
         assert_eq!(out.queued_bytes, 6 + 5);
+    }
+
+    #[test]
+    fn a_seam_skips_what_came_before_it_then_goes() {
+        let c = conn();
+        let (old, new) = (Epoch::random(), Epoch::random());
+        let msg = |epoch, offset| Message::new("c".into(), epoch, offset, crate::Payload::text("x"));
+        let name: Arc<str> = "c".into();
+        c.set_seam(&name, new, 3);
+        assert!(c.before_seam(&msg(old, 40)), "a message of the epoch before, still queued");
+        assert!(c.before_seam(&msg(new, 3)), "at the top: replayed or published before");
+        assert!(!c.before_seam(&Message::new("other".into(), new, 1, crate::Payload::text("x"))), "other channels pass");
+        assert!(!c.before_seam(&msg(new, 4)), "past the top: live");
+        assert!(!c.before_seam(&msg(old, 1)), "the seam is gone once passed");
+        c.set_seam(&name, new, 9);
+        c.clear_seam("c");
+        assert!(!c.before_seam(&msg(new, 2)), "unsubscribing clears it");
     }
 }

@@ -164,7 +164,7 @@ mod tests {
         let mut one = ShardSet::default();
         one.insert(1);
         assert_eq!(d.reserve(one), Ok(()));
-        d.push(one, &Arc::new(Message::new("c".into(), 1, Payload::text("x"))));
+        d.push(one, &Arc::new(Message::new("c".into(), crate::Epoch::random(), 1, Payload::text("x"))));
         assert_eq!(d.reserve(both), Err(Overloaded));
         // Shard 0's slot was released by the failed reservation.
         let mut zero = ShardSet::default();

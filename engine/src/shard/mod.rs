@@ -494,7 +494,7 @@ impl FanoutBench {
     /// Encodes `payload` once, queues it for every subscriber and drains
     /// the queues; returns the deliveries.
     pub fn run(&self, channel: &Arc<str>, offset: u64, payload: &crate::Payload) -> usize {
-        let msg = Message::new(Arc::clone(channel), offset, payload.clone());
+        let msg = Message::new(Arc::clone(channel), crate::message::Epoch::random(), offset, payload.clone());
         let policy = crate::SlowConsumerPolicy::Disconnect;
         for c in &self.conns {
             let frame = msg.frame(c.form, &self.metrics);

@@ -419,6 +419,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                         page.messages.iter().map(|m| (m.offset, &m.payload)),
                         page.complete,
                         id,
+                        cfg.outbound_queue_bytes / 2,
                     );
                     frame::encode_frame(OpCode::Text, &body)
                 }
@@ -478,19 +479,29 @@ fn start_subscription(shard: &Shard, conn: &Conn, channel: &str, start: Start, c
     if created {
         let name = conn.subs.borrow().iter().find(|c| ***c == *channel).cloned();
         if let Some(name) = name {
-            conn.set_seam(&name, top);
+            conn.set_seam(&name, start.epoch, top);
         }
     }
-    let recovered = start.recovery.as_ref().map(|r| matches!(r, Recovery::Recovered(_)));
-    shard.send_to(conn, json::reply_subscribed(channel, start.epoch.as_str(), Some(top), recovered, id));
     let metrics = shard.metrics();
-    match start.recovery {
+    let cfg = shard.config();
+    let mut recovery = start.recovery;
+    // The replay must fit the connection's queue whole, with room for the
+    // reply, or it would meet the slow-consumer policy half way: all or
+    // nothing, so nothing.
+    if let Some(Recovery::Recovered(messages)) = &recovery {
+        let bytes: usize = messages.iter().map(|m| m.frame(conn.form, metrics).len()).sum();
+        if bytes + conn.queued_bytes() + 256 + channel.len() > cfg.outbound_queue_bytes {
+            recovery = Some(Recovery::Missed(Miss::TooMany));
+        }
+    }
+    let recovered = recovery.as_ref().map(|r| matches!(r, Recovery::Recovered(_)));
+    shard.send_to(conn, json::reply_subscribed(channel, start.epoch.as_str(), Some(top), recovered, id));
+    match recovery {
         None => {}
         Some(Recovery::Missed(why)) => metrics.recoveries[1 + why as usize].inc(),
         Some(Recovery::Recovered(messages)) => {
             metrics.recoveries[0].inc();
             metrics.replayed.add(messages.len() as u64);
-            let cfg = shard.config();
             for m in &messages {
                 let frame = m.frame(conn.form, metrics);
                 if conn.replay(m, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Closed {

@@ -191,3 +191,31 @@ async fn subscribed_offset_is_where_delivery_starts() {
     assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(4));
     assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(5));
 }
+
+/// A replay that would not fit the connection's queue whole is not
+/// started (recovered: false), rather than cut by the slow-consumer
+/// policy half way; a history page is cut to fit and says so.
+#[tokio::test]
+async fn a_recovery_or_page_larger_than_the_queue_is_refused_or_cut() {
+    let h = start(1, |c| {
+        c.max_message_bytes(100).outbound_queue_bytes(4000).history_size(100).recovery_max(100);
+    });
+    let a = addr(&h);
+    let body = "y".repeat(90);
+    let mut epoch = String::new();
+    for _ in 0..50 {
+        let (status, reply) = publish(a, "big", &body, false).await;
+        assert_eq!(status, 200);
+        epoch = reply["epoch"].as_str().unwrap().to_string();
+    }
+    let mut c = ws(a, "/ws").await;
+    let sub = command(&mut c, json!({"op":"subscribe","channel":"big","since":format!("{epoch}:0")})).await;
+    assert_eq!((sub["recovered"].as_bool(), sub["offset"].as_u64()), (Some(false), Some(50)), "{sub}");
+    let page = command(&mut c, json!({"op":"history","channel":"big","since":format!("{epoch}:0"),"limit":100})).await;
+    let n = page["publications"].as_array().unwrap().len();
+    assert!(n > 0 && n < 50, "{n} publications in a page of at most 2,000 bytes");
+    assert_eq!(page["complete"], false);
+    // The connection is fine: it still gets live messages.
+    publish(a, "big", "live", false).await;
+    assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(51));
+}

@@ -109,7 +109,7 @@ impl Channels {
             Some(_) => (0, true),
         };
         let name = Arc::clone(name);
-        match router.dispatch(channel, || Arc::new(Message::new(name, offset, payload.clone()))) {
+        match router.dispatch(channel, || Arc::new(Message::new(name, epoch, offset, payload.clone()))) {
             Routed::NoInterest => Delivered::NoInterest,
             Routed::Full => Delivered::Full,
             Routed::Queued => {
