@@ -100,6 +100,13 @@ pub struct Config {
     /// Messages one recovery replays at most (more: `recovered: false`), and
     /// the largest `history` page. Default 1,000.
     pub recovery_max: usize,
+    /// Seconds an idempotency key is remembered: a publish that repeats a
+    /// key on the same channel within it publishes nothing and gets the
+    /// first one's reply. 0 ignores keys. Default 300 (local broker).
+    pub idempotency_window_s: u64,
+    /// Idempotency keys remembered at most (split over 64 groups of
+    /// channels; in a full group the oldest goes). Default 65,536.
+    pub idempotency_max_keys: usize,
     /// Bytes of frames queued for one connection before the slow-consumer
     /// policy applies. Default 1 MiB.
     pub outbound_queue_bytes: usize,
@@ -159,6 +166,8 @@ impl Default for Config {
             history_ttl_s: 300,
             history_max_bytes: 256 << 20,
             recovery_max: 1000,
+            idempotency_window_s: 300,
+            idempotency_max_keys: 65_536,
             outbound_queue_bytes: 1024 * 1024,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             shard_queue_capacity: 65_536,
@@ -256,6 +265,10 @@ impl Config {
         history_max_bytes: usize);
     setter!(/// Sets [`Config::recovery_max`].
         recovery_max: usize);
+    setter!(/// Sets [`Config::idempotency_window_s`].
+        idempotency_window_s: u64);
+    setter!(/// Sets [`Config::idempotency_max_keys`].
+        idempotency_max_keys: usize);
     setter!(/// Sets [`Config::outbound_queue_bytes`].
         outbound_queue_bytes: usize);
     setter!(/// Sets [`Config::slow_consumer`].
@@ -317,6 +330,7 @@ impl Config {
         check(c.history_size <= 100_000, "history_size must be at most 100000")?;
         check(c.history_ttl_s >= 1, "history_ttl_s must be at least 1")?;
         check(c.recovery_max >= 1 && c.recovery_max <= 100_000, "recovery_max must be between 1 and 100000")?;
+        check(c.idempotency_max_keys >= 64, "idempotency_max_keys must be at least 64")?;
         check(c.outbound_queue_bytes >= 1024, "outbound_queue_bytes must be at least 1024")?;
         // The JSON escaping of a text payload can make its frame up to six
         // times its size: the queue must hold the largest frame whole, or a

@@ -131,16 +131,28 @@ impl Engine {
 
     /// Starts a publish through the broker. Its result is counted by
     /// [`crate::message::count_publish`] once known.
-    pub(crate) fn start_publish(&self, channel: &str, payload: Payload) -> PublishFuture {
+    /// With `key`, a repeat of an earlier publish on the channel within
+    /// `idempotency_window_s` publishes nothing and returns the first one's
+    /// result.
+    pub(crate) fn start_publish(&self, channel: &str, payload: Payload, key: Option<&str>) -> PublishFuture {
+        if key.is_some_and(|k| !crate::message::valid_idempotency_key(k)) {
+            return PublishFuture::Ready(Some(Err(PublishError::BadIdempotencyKey)));
+        }
         match self.check_publish(channel, &payload) {
-            Ok(()) => self.broker.publish(&self.router, channel, payload, shard::current(self).map(|s| s.id)),
+            Ok(()) => self.broker.publish(&self.router, channel, payload, key, shard::current(self).map(|s| s.id)),
             Err(e) => PublishFuture::Ready(Some(Err(e))),
         }
     }
 
     /// Publishes and counts the result in `metrics`.
-    pub(crate) async fn publish(&self, channel: &str, payload: Payload, metrics: &ShardMetrics) -> Result<Published, PublishError> {
-        let r = self.start_publish(channel, payload).await;
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        payload: Payload,
+        key: Option<&str>,
+        metrics: &ShardMetrics,
+    ) -> Result<Published, PublishError> {
+        let r = self.start_publish(channel, payload, key).await;
         crate::message::count_publish(metrics, &r);
         r
     }
@@ -195,8 +207,8 @@ impl Upstream for Engine {
         self.broker.await_subscribed(&self.router, channel)
     }
 
-    fn publish(&self, channel: &str, payload: Payload) -> PublishFuture {
-        self.start_publish(channel, payload)
+    fn publish(&self, channel: &str, payload: Payload, key: Option<&str>) -> PublishFuture {
+        self.start_publish(channel, payload, key)
     }
 
     fn starting_point(&self, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError> {

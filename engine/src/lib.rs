@@ -189,7 +189,7 @@ impl Herald {
     /// (on every node, with a Redis broker). Every error but
     /// [`PublishError::OutcomeUnknown`] means nothing was published.
     pub async fn publish(&self, channel: &str, payload: Payload) -> Result<Published, PublishError> {
-        self.engine.publish(channel, payload, self.engine.metrics_here()).await
+        self.engine.publish(channel, payload, None, self.engine.metrics_here()).await
     }
 
     /// The Prometheus text exposition that `/metrics` serves.

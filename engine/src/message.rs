@@ -77,6 +77,12 @@ impl fmt::Display for Position {
     }
 }
 
+/// Whether `key` may be an idempotency key: 1 to 128 printable ASCII
+/// characters (space to `~`).
+pub(crate) fn valid_idempotency_key(key: &str) -> bool {
+    (1..=128).contains(&key.len()) && key.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
 /// A publish accepted by the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -112,6 +118,12 @@ pub enum PublishError {
     /// The server is shutting down.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The idempotency key is not 1 to 128 printable ASCII characters.
+    #[error("idempotency key must be 1 to 128 printable ASCII characters")]
+    BadIdempotencyKey,
+    /// Idempotency keys need the local broker for now.
+    #[error("idempotency keys are not supported with a Redis broker yet")]
+    IdempotencyUnsupported,
     /// The broker (Redis) could not take the publish: nothing was
     /// published, and retrying is safe.
     #[error("broker unavailable, nothing was published: {0}")]
@@ -161,6 +173,7 @@ impl PublishError {
             PublishError::TooLarge { .. } => ErrorCode::TooLarge,
             PublishError::Overloaded => ErrorCode::Overloaded,
             PublishError::ChannelLimit => ErrorCode::Limit,
+            PublishError::BadIdempotencyKey | PublishError::IdempotencyUnsupported => ErrorCode::BadRequest,
             PublishError::ShuttingDown | PublishError::NotPublished(_) | PublishError::OutcomeUnknown(_) => ErrorCode::Unavailable,
         }
     }

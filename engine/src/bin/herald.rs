@@ -81,6 +81,12 @@ struct Args {
     /// Messages one recovery replays at most, and the largest history page.
     #[arg(long, env = "HERALD_RECOVERY_MAX")]
     recovery_max: Option<usize>,
+    /// Seconds an idempotency key is remembered (0: keys are ignored).
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW_S")]
+    idempotency_window_s: Option<u64>,
+    /// Idempotency keys remembered at most.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_MAX_KEYS")]
+    idempotency_max_keys: Option<usize>,
     /// Messages waiting for one shard before publishes are refused as `overloaded`.
     #[arg(long, env = "HERALD_SHARD_QUEUE_CAPACITY")]
     shard_queue_capacity: Option<usize>,
@@ -142,7 +148,7 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         max_channels,
         shard_queue_capacity
     );
-    set!(history_size, history_ttl_s, history_max_bytes, recovery_max);
+    set!(history_size, history_ttl_s, history_max_bytes, recovery_max, idempotency_window_s, idempotency_max_keys);
     if let Some(p) = &args.slow_consumer {
         c.slow_consumer = p.parse::<SlowConsumerPolicy>()?;
     }

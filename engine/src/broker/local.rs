@@ -60,6 +60,10 @@ pub(crate) struct HistoryLimits {
     pub stripe_bytes: usize,
     /// Messages one recovery replays at most.
     pub recovery_max: usize,
+    /// How long an idempotency key is remembered; zero: keys are ignored.
+    pub idempotency_window: Duration,
+    /// Idempotency keys a stripe remembers at most.
+    pub stripe_keys: usize,
 }
 
 impl HistoryLimits {
@@ -69,6 +73,8 @@ impl HistoryLimits {
             ttl: Duration::from_secs(c.history_ttl_s),
             stripe_bytes: c.history_max_bytes / STRIPES,
             recovery_max: c.recovery_max,
+            idempotency_window: Duration::from_secs(c.idempotency_window_s),
+            stripe_keys: c.idempotency_max_keys.div_ceil(STRIPES),
         }
     }
 }
@@ -102,6 +108,9 @@ struct HistoryStats {
     entries: AtomicUsize,
     bytes: AtomicUsize,
     evicted: [AtomicU64; 3],
+    /// Publishes answered from an idempotency key.
+    repeats: AtomicU64,
+    keys: AtomicUsize,
 }
 
 impl HistoryStats {
@@ -120,9 +129,35 @@ struct Stripe {
     order: VecDeque<(Arc<str>, Epoch, u64)>,
     bytes: usize,
     entries: usize,
+    /// Idempotency keys (`channel\nkey`) and the publish each one made.
+    keys: HashMap<Box<str>, (Published, Instant)>,
+    /// The keys, oldest first.
+    key_order: VecDeque<(Box<str>, Instant)>,
 }
 
 impl Stripe {
+    /// Forgets the keys older than `window`.
+    fn expire_keys(&mut self, now: Instant, window: Duration, stats: &HistoryStats) {
+        while self.key_order.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) > window) {
+            if let Some((k, _)) = self.key_order.pop_front() {
+                self.keys.remove(&k);
+                stats.keys.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Remembers `key`'s publish; past `cap` keys the oldest goes.
+    fn remember(&mut self, key: Box<str>, p: Published, now: Instant, cap: usize, stats: &HistoryStats) {
+        self.key_order.push_back((key.clone(), now));
+        self.keys.insert(key, (p, now));
+        stats.keys.fetch_add(1, Ordering::Relaxed);
+        while self.keys.len() > cap {
+            let Some((k, _)) = self.key_order.pop_front() else { break };
+            self.keys.remove(&k);
+            stats.keys.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Takes `n` entries worth `bytes` off the stripe's (and the broker's) count.
     fn forget(&mut self, stats: &HistoryStats, n: usize, bytes: usize) {
         self.entries -= n;
@@ -266,10 +301,49 @@ impl LocalBroker {
 
     /// Spends the next offset of `channel`, queues the message on every
     /// shard with subscribers and keeps it in the channel's history.
+    #[cfg(test)]
     pub(crate) fn publish(&self, router: &Router, channel: &str, payload: Payload) -> Result<Published, PublishError> {
+        self.publish_once(router, channel, payload, None, Instant::now())
+    }
+
+    /// [`LocalBroker::publish`], unless `key` was used on this channel in
+    /// the last `idempotency_window`: then nothing is published and the
+    /// first publish's result comes back.
+    pub(crate) fn publish_once(
+        &self,
+        router: &Router,
+        channel: &str,
+        payload: Payload,
+        key: Option<&str>,
+        now: Instant,
+    ) -> Result<Published, PublishError> {
         let stripe = stripe_of(channel, STRIPES);
         let mut st = lock(&self.stripes[stripe]);
-        if !self.ensure(router, &mut st, stripe, channel, true) {
+        let window = self.limits.idempotency_window;
+        let key = key.filter(|_| !window.is_zero()).map(|k| format!("{channel}\n{k}").into_boxed_str());
+        if let Some(k) = &key {
+            st.expire_keys(now, window, &self.stats);
+            if let Some((p, _)) = st.keys.get(k) {
+                self.stats.repeats.fetch_add(1, Ordering::Relaxed);
+                return Ok(p.clone());
+            }
+        }
+        let published = self.publish_locked(router, &mut st, stripe, channel, payload)?;
+        if let Some(k) = key {
+            st.remember(k, published.clone(), now, self.limits.stripe_keys, &self.stats);
+        }
+        Ok(published)
+    }
+
+    fn publish_locked(
+        &self,
+        router: &Router,
+        st: &mut Stripe,
+        stripe: usize,
+        channel: &str,
+        payload: Payload,
+    ) -> Result<Published, PublishError> {
+        if !self.ensure(router, st, stripe, channel, true) {
             return Err(PublishError::ChannelLimit);
         }
         let Some(c) = st.map.get_mut(channel) else { return Err(PublishError::ChannelLimit) };
@@ -340,6 +414,12 @@ impl LocalBroker {
         let _ = writeln!(out, "# HELP herald_history_bytes Bytes channel histories count against history_max_bytes.");
         let _ = writeln!(out, "# TYPE herald_history_bytes gauge");
         let _ = writeln!(out, "herald_history_bytes {}", s.bytes.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP herald_idempotent_repeats_total Publishes answered from an idempotency key, publishing nothing.");
+        let _ = writeln!(out, "# TYPE herald_idempotent_repeats_total counter");
+        let _ = writeln!(out, "herald_idempotent_repeats_total {}", s.repeats.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP herald_idempotency_keys Idempotency keys remembered.");
+        let _ = writeln!(out, "# TYPE herald_idempotency_keys gauge");
+        let _ = writeln!(out, "herald_idempotency_keys {}", s.keys.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP herald_history_evicted_total History entries dropped, by reason.");
         let _ = writeln!(out, "# TYPE herald_history_evicted_total counter");
         for (i, reason) in ["size", "ttl", "bytes"].iter().enumerate() {
@@ -397,7 +477,37 @@ mod tests {
     use super::*;
 
     fn limits(size: usize, stripe_bytes: usize, recovery_max: usize) -> HistoryLimits {
-        HistoryLimits { size, ttl: Duration::from_secs(300), stripe_bytes, recovery_max }
+        HistoryLimits {
+            size,
+            ttl: Duration::from_secs(300),
+            stripe_bytes,
+            recovery_max,
+            idempotency_window: Duration::from_secs(300),
+            stripe_keys: 2,
+        }
+    }
+
+    #[test]
+    fn a_repeated_key_publishes_nothing_and_answers_as_the_first_time() {
+        let r = Router::new(1, 64, 100);
+        let b = LocalBroker::new(100, limits(10, 1 << 20, 100));
+        let now = Instant::now();
+        let first = b.publish_once(&r, "n", Payload::text("a"), Some("k1"), now).unwrap();
+        assert_eq!(b.publish_once(&r, "n", Payload::text("a"), Some("k1"), now).unwrap(), first);
+        assert_eq!(b.publish_once(&r, "other", Payload::text("a"), Some("k1"), now).unwrap().offset, 1, "keys are per channel");
+        assert_eq!(b.publish_once(&r, "n", Payload::text("b"), None, now).unwrap().offset, 2);
+        assert_eq!(b.stats.repeats.load(Ordering::Relaxed), 1);
+        let later = now + Duration::from_secs(301);
+        assert_eq!(b.publish_once(&r, "n", Payload::text("a"), Some("k1"), later).unwrap().offset, 3, "past the window it publishes");
+        // At most 2 keys per stripe here: the oldest goes.
+        let st = stripe_of("n", STRIPES);
+        let same: Vec<String> = (0..).map(|i| format!("c{i}")).filter(|c| stripe_of(c, STRIPES) == st).take(3).collect();
+        for c in &same {
+            b.publish_once(&r, c, Payload::text("x"), Some("k"), later).unwrap();
+        }
+        assert!(lock(&b.stripes[st]).keys.len() <= 2);
+        assert_eq!(b.publish_once(&r, &same[2], Payload::text("x"), Some("k"), later).unwrap().offset, 1, "the newest key is kept");
+        assert_eq!(b.publish_once(&r, &same[0], Payload::text("x"), Some("k"), later).unwrap().offset, 2, "the oldest was forgotten");
     }
 
     fn off() -> HistoryLimits {

@@ -128,9 +128,17 @@ impl Broker {
     /// Orders and stores a publish, and gets it to every subscriber. The
     /// local broker is done at once ([`PublishFuture::ready`]).
     /// `shard` is the calling shard, if a shard is calling.
-    pub(crate) fn publish(&self, router: &Router, channel: &str, payload: Payload, shard: Option<usize>) -> PublishFuture {
+    pub(crate) fn publish(
+        &self,
+        router: &Router,
+        channel: &str,
+        payload: Payload,
+        key: Option<&str>,
+        shard: Option<usize>,
+    ) -> PublishFuture {
         match self {
-            Broker::Local(b) => PublishFuture::Ready(Some(b.publish(router, channel, payload))),
+            Broker::Local(b) => PublishFuture::Ready(Some(b.publish_once(router, channel, payload, key, std::time::Instant::now()))),
+            Broker::Redis(_) if key.is_some() => PublishFuture::Ready(Some(Err(crate::message::PublishError::IdempotencyUnsupported))),
             Broker::Redis(r) => PublishFuture::Waiting(Box::pin(r.publish(channel.to_owned(), payload, shard))),
         }
     }

@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 use super::body::Body;
 use super::{refuse, text_response};
 use crate::engine::Engine;
+use crate::message::PublishError;
 use crate::proto::json::{self, Payload};
 use crate::proto::{channel, truncate_str, ErrorCode};
 
@@ -28,6 +29,8 @@ where
     if declared.is_some_and(|n| n > max as u64) {
         return refuse(&engine, StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge, &too_large());
     }
+    // A header that is not visible ASCII cannot be a key.
+    let req_key = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_owned).map_err(|_| ()));
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -60,11 +63,18 @@ where
             }
         }
     };
-    match engine.publish(&channel, payload, engine.metrics_here()).await {
+    let key = match req_key {
+        Some(Ok(k)) => Some(k),
+        Some(Err(())) => {
+            return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &PublishError::BadIdempotencyKey.to_string());
+        }
+        None => None,
+    };
+    match engine.publish(&channel, payload, key.as_deref(), engine.metrics_here()).await {
         Ok(p) => text_response("application/json", json::http_published_body(&p.channel, p.offset, p.epoch.as_str())),
         Err(e) => {
             let status = match e.code() {
-                ErrorCode::BadChannel => StatusCode::BAD_REQUEST,
+                ErrorCode::BadChannel | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
                 ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
             };

@@ -37,6 +37,8 @@ pub enum Command<'a> {
         channel: Cow<'a, str>,
         /// The JSON value as it appeared in the command.
         data: &'a str,
+        /// Publish at most once per key and channel (checked by the broker).
+        idempotency_key: Option<Cow<'a, str>>,
     },
     /// Read a channel's history.
     History {
@@ -88,6 +90,8 @@ struct Wire<'a> {
     #[serde(borrow)]
     since: Option<Cow<'a, str>>,
     limit: Option<u64>,
+    #[serde(borrow)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -143,7 +147,7 @@ fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandErr
                     format!("data is {} bytes, over the limit of {max_payload}", data.len()),
                 ));
             }
-            Ok(Command::Publish { channel, data })
+            Ok(Command::Publish { channel, data, idempotency_key: wire.idempotency_key })
         }
     }
 }
@@ -167,10 +171,13 @@ mod tests {
         assert_eq!(ok(r#"{"id":7,"op":"unsubscribe","channel":"news"}"#), (Some("7"), Command::Unsubscribe { channel: "news".into() }));
         assert_eq!(
             ok(r#"{"op":"publish","channel":"n","data":{"x":[1, 2]},"id":-1.5}"#),
-            (Some("-1.5"), Command::Publish { channel: "n".into(), data: r#"{"x":[1, 2]}"# })
+            (Some("-1.5"), Command::Publish { channel: "n".into(), data: r#"{"x":[1, 2]}"#, idempotency_key: None })
         );
         // `null` is a payload like any other.
-        assert_eq!(ok(r#"{"op":"publish","channel":"n","data":null}"#).1, Command::Publish { channel: "n".into(), data: "null" });
+        assert_eq!(
+            ok(r#"{"op":"publish","channel":"n","data":null}"#).1,
+            Command::Publish { channel: "n".into(), data: "null", idempotency_key: None }
+        );
         // Escaped channel names are decoded before the rules apply.
         assert_eq!(ok(r#"{"op":"subscribe","channel":"\u0061b"}"#).1, Command::Subscribe { channel: "ab".into(), since: None });
     }

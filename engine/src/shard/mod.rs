@@ -58,7 +58,9 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     /// Waits (bounded by the broker's timeout) for [`Upstream::subscribed`].
     fn await_subscribed(&self, channel: &str) -> BoxFuture<Option<Epoch>>;
     /// Publishes from a client of this shard (checked like every publish).
-    fn publish(&self, channel: &str, payload: Payload) -> PublishFuture;
+    /// With an idempotency key, a repeat publishes nothing and gets the
+    /// first publish's result.
+    fn publish(&self, channel: &str, payload: Payload, key: Option<&str>) -> PublishFuture;
     /// Where a subscription this shard just added starts, and what it
     /// missed since `since` (see [`crate::broker::Broker::starting_point`]).
     fn starting_point(&self, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError>;

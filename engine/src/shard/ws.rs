@@ -430,7 +430,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             shard.unsubscribe(conn, &channel);
             json::reply_unsubscribed(&channel, id)
         }
-        Ok(Command::Publish { channel, data }) => {
+        Ok(Command::Publish { channel, data, idempotency_key }) => {
             if !cfg.client_publish {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
             }
@@ -439,7 +439,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 return error(shard, conn, ErrorCode::Overloaded, &msg, id);
             }
             let payload = Payload::json_prevalidated(Bytes::copy_from_slice(data.as_bytes()));
-            let mut publishing = shard.up.publish(&channel, payload);
+            let mut publishing = shard.up.publish(&channel, payload, idempotency_key.as_deref());
             match publishing.ready() {
                 Some(r) => return published(shard, conn, r, id),
                 None => {

@@ -508,5 +508,9 @@ async fn through_redis_recovery_is_refused_plainly_until_redis_keeps_history() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("unavailable"), "{body}");
     assert_eq!(metric(&a.metrics_text(), "herald_recoveries_total{outcome=\"off\"}"), 1);
+    // An idempotency key is refused, not ignored: a retry could publish twice.
+    let (status, _, body) = http(addr(&a), "POST", "/publish/r", &[("idempotency-key", "k")], b"x").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not supported with a Redis broker"), "{body}");
     a.shutdown(Duration::from_secs(1)).await;
 }

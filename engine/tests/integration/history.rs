@@ -219,3 +219,39 @@ async fn a_recovery_or_page_larger_than_the_queue_is_refused_or_cut() {
     publish(a, "big", "live", false).await;
     assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(51));
 }
+
+/// A retried publish with the same idempotency key publishes once and
+/// answers as the first time, over HTTP and WebSocket; a bad key is
+/// refused.
+#[tokio::test]
+async fn a_retried_publish_with_its_key_publishes_once() {
+    let h = start(2, |_| {});
+    let a = addr(&h);
+    let mut sub = ws(a, "/ws").await;
+    command(&mut sub, json!({"op":"subscribe","channel":"once"})).await;
+    let post = |key: &'static str, body: &'static str| async move {
+        let (status, _, reply) =
+            http(a, "POST", "/publish/once", &[("content-type", "text/plain"), ("idempotency-key", key)], body.as_bytes()).await;
+        (status, serde_json::from_str::<Value>(reply.trim()).unwrap_or(Value::Null))
+    };
+    let (s1, r1) = post("order-17", "first").await;
+    let (s2, r2) = post("order-17", "retry").await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(r1, r2, "the repeat gets the first reply");
+    let (_, r3) = post("order-18", "second").await;
+    assert_eq!(r3["offset"].as_u64(), Some(2));
+    let mut c = ws(a, "/ws").await;
+    let p1 = command(&mut c, json!({"op":"publish","channel":"once","data":"ws","idempotency_key":"k","id":1})).await;
+    let p2 = command(&mut c, json!({"op":"publish","channel":"once","data":"ws","idempotency_key":"k","id":2})).await;
+    assert_eq!((p1["offset"].as_u64(), p2["offset"].as_u64(), p2["id"].as_u64()), (Some(3), Some(3), Some(2)));
+    // The subscriber saw each publish once: first, second, ws; then a marker.
+    publish(a, "once", "marker", false).await;
+    let got: Vec<Value> = data_of_next(&mut sub, 4).await;
+    assert_eq!(got, vec![json!("first"), json!("second"), json!("ws"), json!("marker")]);
+    let (status, _, body) = http(a, "POST", "/publish/once", &[("idempotency-key", &"x".repeat(129))], b"x").await;
+    assert_eq!(status, 400, "{body}");
+    let bad = command(&mut c, json!({"op":"publish","channel":"once","data":1,"idempotency_key":""})).await;
+    assert_eq!(bad["code"], "bad_request");
+    let m = reqwest_like_metrics(a).await;
+    assert_eq!(metric(&m, "herald_idempotent_repeats_total"), 2);
+}
