@@ -71,6 +71,15 @@ impl Position {
     }
 }
 
+impl Position {
+    /// A position no channel reaches (the last offset): recovering from it
+    /// always answers `recovered: false`. Stands for an id that could not
+    /// be read.
+    pub(crate) fn nowhere() -> Position {
+        Position { epoch: Epoch(*b"00000000"), offset: u64::MAX }
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.epoch, self.offset)
@@ -226,7 +235,7 @@ pub(crate) struct Message {
     pub offset: u64,
     pub payload: Payload,
     pub published_at: Instant,
-    forms: [OnceLock<Bytes>; 4],
+    forms: [OnceLock<Bytes>; 6],
 }
 
 impl Message {
@@ -245,6 +254,10 @@ impl Message {
                 Form::WsRaw => json::ws_raw(&self.payload),
                 Form::SseJson => json::sse_json(&self.channel, self.offset, &self.payload),
                 Form::SseRaw => json::sse_raw(&self.payload),
+                Form::SseJsonId => {
+                    json::with_sse_id(self.epoch.as_str(), self.offset, &json::sse_json(&self.channel, self.offset, &self.payload))
+                }
+                Form::SseRawId => json::with_sse_id(self.epoch.as_str(), self.offset, &json::sse_raw(&self.payload)),
             }
         })
     }

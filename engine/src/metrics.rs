@@ -109,7 +109,7 @@ pub(crate) struct ShardMetrics {
     pub subscriptions_added: Counter,
     pub subscriptions_removed: Counter,
     pub published: Counter,
-    pub encoded: [Counter; 4],
+    pub encoded: [Counter; 6],
     pub delivered_ws: Counter,
     pub delivered_sse: Counter,
     pub bytes_delivered: Counter,

@@ -10,6 +10,7 @@ use super::body::Body;
 use super::query::{parse_query, take_permit, Query};
 use super::{error_response, refuse, shutting_down};
 use crate::engine::Engine;
+use crate::message::Position;
 use crate::proto::ErrorCode;
 use crate::shard::conn::Transport;
 use crate::shard::sse;
@@ -25,6 +26,13 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     if channels.is_empty() {
         return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "at least one channel is required");
     }
+    // The position to resume from: the `Last-Event-ID` a reconnecting
+    // EventSource sends, else the `last_event_id` parameter of a first
+    // connect. One that is not a position is no position (recovered: false).
+    let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| {
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == "last_event_id").map(|(_, v)| v.into_owned())
+    });
+    let since = last_id.as_deref().map(|s| Position::parse(s.trim()).unwrap_or_else(Position::nowhere));
     let permit = match take_permit(&engine, &req) {
         Ok(p) => p,
         Err(r) => return r,
@@ -34,7 +42,7 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     let (tx, rx) = oneshot::channel();
     let (target, _) = engine.pick_shard();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, permit) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, permit) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 tokio::task::spawn_local(sse::pump(Rc::clone(shard), conn, frames_tx, abort_tx));

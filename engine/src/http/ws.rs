@@ -46,7 +46,7 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
     let (target, local) = engine.pick_shard();
     let (tx, rx) = oneshot::channel();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, permit) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, permit) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 let shard = Rc::clone(shard);

@@ -13,11 +13,25 @@ pub enum Form {
     SseJson = 2,
     /// SSE event whose data is the payload alone.
     SseRaw = 3,
+    /// [`Form::SseJson`] with an `id:` line holding the message's position
+    /// (one-channel streams).
+    SseJsonId = 4,
+    /// [`Form::SseRaw`] with an `id:` line.
+    SseRawId = 5,
 }
 
 impl Form {
     /// Every form, in index order.
-    pub const ALL: [Form; 4] = [Form::WsJson, Form::WsRaw, Form::SseJson, Form::SseRaw];
+    pub const ALL: [Form; 6] = [Form::WsJson, Form::WsRaw, Form::SseJson, Form::SseRaw, Form::SseJsonId, Form::SseRawId];
+
+    /// The same form with the event's `id:` line (SSE forms only).
+    pub fn with_id(self) -> Form {
+        match self {
+            Form::SseJson => Form::SseJsonId,
+            Form::SseRaw => Form::SseRawId,
+            other => other,
+        }
+    }
 
     /// The form's name in metrics labels.
     pub fn label(self) -> &'static str {
@@ -26,6 +40,8 @@ impl Form {
             Form::WsRaw => "ws_raw",
             Form::SseJson => "sse_json",
             Form::SseRaw => "sse_raw",
+            Form::SseJsonId => "sse_json_id",
+            Form::SseRawId => "sse_raw_id",
         }
     }
 }

@@ -232,6 +232,39 @@ pub fn sse_json(channel: &str, offset: u64, payload: &Payload) -> Bytes {
     out.freeze()
 }
 
+/// An SSE event preceded by its `id: <epoch>:<offset>` line.
+pub fn with_sse_id(epoch: &str, offset: u64, event: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + epoch.len() + 22 + event.len());
+    out.put_slice(b"id: ");
+    out.put_slice(epoch.as_bytes());
+    out.put_u8(b':');
+    out.put_slice(itoa::Buffer::new().format(offset).as_bytes());
+    out.put_u8(b'\n');
+    out.put_slice(event);
+    out.freeze()
+}
+
+/// The `event: subscribed` SSE event of a one-channel `format=json` stream:
+/// `{"channel":…,"epoch":…,"offset":…}`, plus `"recovered":…` when a
+/// position was given.
+pub fn sse_subscribed(channel: &str, epoch: &str, offset: u64, recovered: Option<bool>) -> Bytes {
+    let mut r = Vec::with_capacity(96);
+    r.extend_from_slice(b"{\"channel\":");
+    write_escaped(&mut r, channel.as_bytes());
+    r.extend_from_slice(b",\"epoch\":");
+    write_escaped(&mut r, epoch.as_bytes());
+    r.extend_from_slice(b",\"offset\":");
+    r.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+    if let Some(rec) = recovered {
+        r.extend_from_slice(if rec { b",\"recovered\":true" } else { b",\"recovered\":false" });
+    }
+    r.push(b'}');
+    let mut out = BytesMut::with_capacity(r.len() + 24);
+    out.put_slice(b"event: subscribed\n");
+    super::sse::write_event(&mut out, &r);
+    out.freeze()
+}
+
 /// The `format=raw` SSE event: the payload as `data:` lines.
 pub fn sse_raw(payload: &Payload) -> Bytes {
     super::sse::encode_event(payload.as_bytes())
@@ -368,13 +401,13 @@ pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<By
     r.0.push(b'}');
     match form {
         Form::WsJson => Some(frame::encode_frame(OpCode::Text, &r.0)),
-        Form::SseJson => {
+        Form::SseJson | Form::SseJsonId => {
             let mut out = BytesMut::with_capacity(r.0.len() + 24);
             out.put_slice(b"event: lagged\n");
             super::sse::write_event(&mut out, &r.0);
             Some(out.freeze())
         }
-        Form::WsRaw | Form::SseRaw => None,
+        Form::WsRaw | Form::SseRaw | Form::SseRawId => None,
     }
 }
 

@@ -191,20 +191,30 @@ impl Shard {
 
     /// Registers a connection and subscribes it to `channels`. On error
     /// nothing stays registered.
+    /// A one-channel SSE stream carries each message's position in its
+    /// `id:` line, starts at the channel's top (announced by an
+    /// `event: subscribed` in `format=json`) and, given `since` (its
+    /// `Last-Event-ID`), replays what it missed first.
     pub(crate) fn open_conn(
         self: &Rc<Self>,
         transport: Transport,
         format: Format,
         channels: &[String],
+        since: Option<Position>,
         permit: Permit,
     ) -> Result<Rc<Conn>, OpenError> {
         if self.draining() {
             return Err(OpenError::ShuttingDown);
         }
+        let positioned = transport == Transport::Sse && channels.len() == 1;
         let conn = {
             let mut conns = self.conns.borrow_mut();
             let entry = conns.vacant_entry();
-            let conn = Rc::new(Conn::new(entry.key(), transport, format, permit));
+            let mut conn = Conn::new(entry.key(), transport, format, permit);
+            if positioned {
+                conn.form = conn.form.with_id();
+            }
+            let conn = Rc::new(conn);
             entry.insert(Rc::clone(&conn));
             conn
         };
@@ -216,6 +226,16 @@ impl Shard {
             if let Err(e) = self.subscribe(&conn, ch) {
                 self.remove_conn(&conn, Disconnect::Client);
                 return Err(OpenError::Subscribe { channel: ch.clone(), source: e });
+            }
+        }
+        if positioned {
+            let ch = &channels[0];
+            // The Redis brokers (`Ok(None)`) keep no history yet: the
+            // stream goes on as in v1, ids included.
+            if let Ok(Some(start)) = self.up.starting_point(ch, since) {
+                self.start_subscription(&conn, ch, start, true, |epoch, top, recovered| {
+                    (format == Format::Json).then(|| crate::proto::json::sse_subscribed(ch, epoch.as_str(), top, recovered))
+                });
             }
         }
         Ok(conn)
@@ -288,6 +308,60 @@ impl Shard {
         }
     }
 
+    /// Answers a subscribe the local broker placed: from the channel's top,
+    /// with what the client missed when it gave a position. Live messages up
+    /// to the top are skipped for this connection (a new subscription's, that
+    /// is: they were published before it started, or are replayed now).
+    /// `reply` makes the answer (`subscribed`) from the epoch, the top and
+    /// whether it recovered, queued before the replay.
+    pub(crate) fn start_subscription(
+        &self,
+        conn: &Conn,
+        channel: &str,
+        start: crate::broker::Start,
+        created: bool,
+        reply: impl FnOnce(Epoch, u64, Option<bool>) -> Option<bytes::Bytes>,
+    ) {
+        use crate::broker::{Miss, Recovery};
+        let top = start.top.unwrap_or(0);
+        if created {
+            let name = conn.subs.borrow().iter().find(|c| ***c == *channel).cloned();
+            if let Some(name) = name {
+                conn.set_seam(&name, start.epoch, top);
+            }
+        }
+        let metrics = self.metrics();
+        let cfg = self.config();
+        let mut recovery = start.recovery;
+        // The replay must fit the connection's queue whole, with room for the
+        // reply, or it would meet the slow-consumer policy half way: all or
+        // nothing, so nothing.
+        if let Some(Recovery::Recovered(messages)) = &recovery {
+            let bytes: usize = messages.iter().map(|m| m.frame(conn.form, metrics).len()).sum();
+            if bytes + conn.queued_bytes() + 256 + channel.len() > cfg.outbound_queue_bytes {
+                recovery = Some(Recovery::Missed(Miss::TooMany));
+            }
+        }
+        let recovered = recovery.as_ref().map(|r| matches!(r, Recovery::Recovered(_)));
+        if let Some(frame) = reply(start.epoch, top, recovered) {
+            self.send_to(conn, frame);
+        }
+        match recovery {
+            None => {}
+            Some(Recovery::Missed(why)) => metrics.recoveries[1 + why as usize].inc(),
+            Some(Recovery::Recovered(messages)) => {
+                metrics.recoveries[0].inc();
+                metrics.replayed.add(messages.len() as u64);
+                for m in &messages {
+                    let frame = m.frame(conn.form, metrics);
+                    if conn.replay(m, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Closed {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Queues a reply or control frame for `conn` under the configured
     /// bound and slow-consumer policy.
     pub(crate) fn send_to(&self, conn: &Conn, frame: bytes::Bytes) -> bool {
@@ -303,7 +377,7 @@ impl Shard {
         let conns = self.conns.borrow();
         let metrics = self.metrics();
         let cfg = self.config();
-        let mut forms: [Option<&bytes::Bytes>; 4] = [None; 4];
+        let mut forms: [Option<&bytes::Bytes>; 6] = [None; 6];
         for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
             if conn.before_seam(msg) {

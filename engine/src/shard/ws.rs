@@ -20,9 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::conn::{Conn, Format, Offer, Pending, MAX_IOV};
+use super::conn::{Conn, Format, Pending, MAX_IOV};
 use super::Shard;
-use crate::broker::{Miss, Recovery, Start};
+use crate::broker::Miss;
 use crate::config::{Config, COMMAND_OVERHEAD_BYTES};
 use crate::message::{Position, PublishError, Published};
 use crate::metrics::Disconnect;
@@ -373,7 +373,11 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             // A repeated subscribe answers as a plain one.
             let since = since.filter(|_| created);
             match shard.up.starting_point(&channel, since) {
-                Ok(Some(start)) => return start_subscription(shard, conn, &channel, start, created, id),
+                Ok(Some(start)) => {
+                    return shard.start_subscription(conn, &channel, start, created, |epoch, top, recovered| {
+                        Some(json::reply_subscribed(&channel, epoch.as_str(), Some(top), recovered, id))
+                    })
+                }
                 Err(e) => {
                     if created {
                         shard.unsubscribe(conn, &channel);
@@ -467,48 +471,6 @@ fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id:
             shard.send_to(conn, json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id));
         }
         Err(e) => error(shard, conn, e.code(), &e.to_string(), id),
-    }
-}
-
-/// Answers a subscribe the local broker placed: from the channel's top,
-/// with what the client missed when it gave a position. Live messages up
-/// to the top are skipped for this connection (a new subscription's, that
-/// is: they were published before it started, or are replayed now).
-fn start_subscription(shard: &Shard, conn: &Conn, channel: &str, start: Start, created: bool, id: Option<&str>) {
-    let top = start.top.unwrap_or(0);
-    if created {
-        let name = conn.subs.borrow().iter().find(|c| ***c == *channel).cloned();
-        if let Some(name) = name {
-            conn.set_seam(&name, start.epoch, top);
-        }
-    }
-    let metrics = shard.metrics();
-    let cfg = shard.config();
-    let mut recovery = start.recovery;
-    // The replay must fit the connection's queue whole, with room for the
-    // reply, or it would meet the slow-consumer policy half way: all or
-    // nothing, so nothing.
-    if let Some(Recovery::Recovered(messages)) = &recovery {
-        let bytes: usize = messages.iter().map(|m| m.frame(conn.form, metrics).len()).sum();
-        if bytes + conn.queued_bytes() + 256 + channel.len() > cfg.outbound_queue_bytes {
-            recovery = Some(Recovery::Missed(Miss::TooMany));
-        }
-    }
-    let recovered = recovery.as_ref().map(|r| matches!(r, Recovery::Recovered(_)));
-    shard.send_to(conn, json::reply_subscribed(channel, start.epoch.as_str(), Some(top), recovered, id));
-    match recovery {
-        None => {}
-        Some(Recovery::Missed(why)) => metrics.recoveries[1 + why as usize].inc(),
-        Some(Recovery::Recovered(messages)) => {
-            metrics.recoveries[0].inc();
-            metrics.replayed.add(messages.len() as u64);
-            for m in &messages {
-                let frame = m.frame(conn.form, metrics);
-                if conn.replay(m, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Closed {
-                    break;
-                }
-            }
-        }
     }
 }
 

@@ -220,8 +220,14 @@ impl Sse {
     }
 
     pub async fn open_at(addr: SocketAddr, path: &str) -> Sse {
+        Sse::open_with(addr, path, &[]).await
+    }
+
+    /// Opens with extra request headers (`Last-Event-ID`, say).
+    pub async fn open_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n\r\n").as_bytes()).await.unwrap();
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n{extra}\r\n").as_bytes()).await.unwrap();
         let mut reader = BufReader::new(s);
         let mut status = String::new();
         reader.read_line(&mut status).await.unwrap();
@@ -274,14 +280,33 @@ impl Sse {
         }
     }
 
-    /// The next event's data (data: lines joined with \n), skipping comments.
+    /// The next message event's data (data: lines joined with \n), skipping
+    /// comments and named events (`event: subscribed`, `lagged`), as an
+    /// EventSource's `onmessage` does.
     pub async fn next_data(&mut self) -> Option<String> {
         loop {
             let block = self.next_block().await?;
+            if block.lines().any(|l| l.starts_with("event:")) {
+                continue;
+            }
             let lines: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
             if !lines.is_empty() {
                 return Some(lines.join("\n"));
             }
+        }
+    }
+
+    /// The next event: its name (`message` when unnamed), its `id` and its
+    /// data, skipping comments.
+    pub async fn next_event(&mut self) -> Option<(String, Option<String>, String)> {
+        loop {
+            let block = self.next_block().await?;
+            let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(str::to_owned);
+            let data: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            if data.is_empty() {
+                continue;
+            }
+            return Some((field("event: ").unwrap_or_else(|| "message".into()), field("id: "), data.join("\n")));
         }
     }
 }

@@ -70,7 +70,7 @@ async fn websocket_and_sse_subscribers_see_identical_messages() {
         assert!(!a1.contains('\n'), "the envelope is one line: {a1:?}");
     }
     let text = h.metrics_text();
-    for form in ["ws_json", "sse_json"] {
+    for form in ["ws_json", "sse_json_id"] {
         assert_eq!(metric(&text, &format!("herald_frames_encoded_total{{form=\"{form}\"}}")), 4, "{form}");
     }
     assert_eq!(metric(&text, "herald_frames_delivered_total{transport=\"ws\"}"), 8);
