@@ -2,6 +2,7 @@
 //! clients (tokio-tungstenite, raw TCP, Python `websockets`).
 
 mod broker;
+mod browser;
 mod churn;
 mod common;
 mod config_table;

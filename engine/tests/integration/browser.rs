@@ -1,0 +1,128 @@
+//! A real browser: Debian's Chromium, driven by playwright-core from
+//! Node (engine/tests/browser; `.ci/run` installs both). Its own
+//! EventSource reconnects with `Last-Event-ID` after the stream is cut and
+//! gets what was published meanwhile, exactly once.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::task::JoinHandle;
+
+use crate::common::*;
+
+/// A TCP proxy in front of Herald whose connections the test can cut, as
+/// a network would.
+struct Proxy {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(to: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let list = Arc::clone(&conns);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(to).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                list.lock().unwrap().push(task);
+            }
+        });
+        Proxy { addr, conns }
+    }
+
+    /// Drops every connection through the proxy.
+    fn cut(&self) {
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+struct Browser {
+    child: Child,
+    events: BufReader<ChildStdout>,
+}
+
+impl Browser {
+    fn open(origin: &str, channel: &str) -> Browser {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+        assert!(
+            std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
+            "the browser test needs Debian's chromium and `npm install` in {dir} (bash .ci/run installs both)"
+        );
+        let mut child = Command::new("node")
+            .arg(format!("{dir}/eventsource.mjs"))
+            .args([origin, channel])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node");
+        let events = BufReader::new(child.stdout.take().unwrap());
+        Browser { child, events }
+    }
+
+    /// The next event the page saw, within [`WAIT`].
+    async fn next(&mut self) -> Value {
+        let mut line = String::new();
+        let n = tokio::time::timeout(WAIT * 3, self.events.read_line(&mut line)).await.expect("no event from the browser").unwrap();
+        assert!(n > 0, "the browser script ended");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The next event of `kind`, skipping the others.
+    async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let e = self.next().await;
+            if e["type"] == kind {
+                return e;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_eventsource_recovers_with_last_event_id() {
+    let h = start(2, |_| {});
+    let a = addr(&h);
+    let proxy = Proxy::start(a).await;
+    let mut b = Browser::open(&format!("http://{}", proxy.addr), "room");
+    let sub: Value = serde_json::from_str(b.next_of("subscribed").await["data"].as_str().unwrap()).unwrap();
+    let epoch = sub["epoch"].as_str().unwrap().to_string();
+    for i in 1..=3 {
+        assert_eq!(publish(a, "room", &i.to_string(), true).await.0, 200);
+    }
+    for i in 1..=3 {
+        let m = b.next_of("message").await;
+        assert_eq!(m["id"], format!("{epoch}:{i}"), "{m}");
+    }
+    // The stream is cut; while the browser is away, 4–6 are published.
+    proxy.cut();
+    b.next_of("error").await;
+    for i in 4..=6 {
+        assert_eq!(publish(a, "room", &i.to_string(), true).await.0, 200);
+    }
+    // Its own reconnect sends Last-Event-ID: it recovers 4–6, then live.
+    let sub: Value = serde_json::from_str(b.next_of("subscribed").await["data"].as_str().unwrap()).unwrap();
+    assert_eq!(sub["recovered"], true, "{sub}");
+    for i in 4..=6 {
+        let m = b.next_of("message").await;
+        let data: Value = serde_json::from_str(m["data"].as_str().unwrap()).unwrap();
+        assert_eq!((m["id"].as_str(), data["offset"].as_u64()), (Some(format!("{epoch}:{i}").as_str()), Some(i)), "{m}");
+    }
+    assert_eq!(publish(a, "room", "7", true).await.0, 200);
+    let m = b.next_of("message").await;
+    assert_eq!(m["id"], format!("{epoch}:7"), "each exactly once, then live: {m}");
+    drop(b.child.stdin.take());
+    let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
+}
