@@ -32,7 +32,8 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| {
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == "last_event_id").map(|(_, v)| v.into_owned())
     });
-    let since = last_id.as_deref().map(|s| Position::parse(s.trim()).unwrap_or_else(Position::nowhere));
+    let since: Option<Vec<Position>> =
+        last_id.as_deref().map(|s| s.split(',').map(|p| Position::parse(p.trim()).unwrap_or_else(Position::nowhere)).collect());
     let permit = match take_permit(&engine, &req) {
         Ok(p) => p,
         Err(r) => return r,

@@ -216,6 +216,9 @@ pub(crate) struct Conn {
     /// messages up to it (already dispatched, or replayed), and any of an
     /// older epoch still queued, are skipped.
     seams: RefCell<Vec<(Arc<str>, Epoch, u64)>>,
+    /// An SSE stream of several channels: every channel's position, in the
+    /// stream's order, written before each message as its `id:` list.
+    positions: RefCell<Vec<(Arc<str>, Epoch, u64)>>,
     _permit: Permit,
 }
 
@@ -232,8 +235,37 @@ impl Conn {
             direct: RefCell::new(None),
             flush_due: Cell::new(false),
             seams: RefCell::new(Vec::new()),
+            positions: RefCell::new(Vec::new()),
             _permit: permit,
         }
+    }
+
+    /// Makes this SSE stream write its channels' positions before each
+    /// message, starting from these.
+    pub(crate) fn set_positions(&self, positions: Vec<(Arc<str>, Epoch, u64)>) {
+        *self.positions.borrow_mut() = positions;
+    }
+
+    /// The `id: a:1,b:2` line of `msg` on this stream, if it keeps
+    /// positions and `msg`'s channel is one of them.
+    fn id_line(&self, msg: &Message) -> Option<Bytes> {
+        let positions = self.positions.borrow();
+        if positions.is_empty() || !positions.iter().any(|(c, _, _)| **c == *msg.channel) {
+            return None;
+        }
+        let mut line = String::with_capacity(4 + positions.len() * 16);
+        line.push_str("id: ");
+        for (i, (c, epoch, offset)) in positions.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            let (e, o) = if **c == *msg.channel { (&msg.epoch, msg.offset) } else { (epoch, *offset) };
+            line.push_str(e.as_str());
+            line.push(':');
+            line.push_str(itoa::Buffer::new().format(o));
+        }
+        line.push('\n');
+        Some(Bytes::from(line))
     }
 
     /// Bytes queued for this connection.
@@ -306,8 +338,17 @@ impl Conn {
         if out.closing.is_some() {
             return Offer::Closed;
         }
-        let fits = out.queued_bytes + frame.len() <= limit;
-        if fits && (out.lagged.is_empty() || self.push_lagged(&mut out, limit - frame.len(), metrics)) {
+        let id = self.id_line(msg);
+        let size = frame.len() + id.as_ref().map_or(0, Bytes::len);
+        let fits = out.queued_bytes + size <= limit;
+        if fits && (out.lagged.is_empty() || self.push_lagged(&mut out, limit - size, metrics)) {
+            if let Some(id) = id {
+                // Not a message frame: not counted as a delivery.
+                out.push(id, None);
+                if let Some(p) = self.positions.borrow_mut().iter_mut().find(|(c, _, _)| **c == *msg.channel) {
+                    (p.1, p.2) = (msg.epoch, msg.offset);
+                }
+            }
             if self.direct.borrow().is_some() {
                 out.push_quiet(frame.clone(), published_at);
                 self.flush_due.set(true);

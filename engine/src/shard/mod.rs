@@ -191,16 +191,18 @@ impl Shard {
 
     /// Registers a connection and subscribes it to `channels`. On error
     /// nothing stays registered.
-    /// A one-channel SSE stream carries each message's position in its
-    /// `id:` line, starts at the channel's top (announced by an
-    /// `event: subscribed` in `format=json`) and, given `since` (its
-    /// `Last-Event-ID`), replays what it missed first.
+    /// An SSE stream carries each message's position in its `id:` line
+    /// (the shared bytes for one channel; for several, every channel's
+    /// position, written before the shared bytes), starts at each channel's
+    /// top (announced by `event: subscribed` in `format=json`) and, given
+    /// `since` (its `Last-Event-ID`: one position per channel, in order),
+    /// replays what it missed first.
     pub(crate) fn open_conn(
         self: &Rc<Self>,
         transport: Transport,
         format: Format,
         channels: &[String],
-        since: Option<Position>,
+        since: Option<Vec<Position>>,
         permit: Permit,
     ) -> Result<Rc<Conn>, OpenError> {
         if self.draining() {
@@ -228,17 +230,72 @@ impl Shard {
                 return Err(OpenError::Subscribe { channel: ch.clone(), source: e });
             }
         }
-        if positioned {
-            let ch = &channels[0];
-            // The Redis brokers (`Ok(None)`) keep no history yet: the
-            // stream goes on as in v1, ids included.
-            if let Ok(Some(start)) = self.up.starting_point(ch, since) {
-                self.start_subscription(&conn, ch, start, true, |epoch, top, recovered| {
-                    (format == Format::Json).then(|| crate::proto::json::sse_subscribed(ch, epoch.as_str(), top, recovered))
-                });
-            }
+        if transport == Transport::Sse {
+            self.start_sse(&conn, format, channels, since);
         }
         Ok(conn)
+    }
+
+    /// Places an SSE stream's subscriptions at their tops, or recovers
+    /// them from `since`. With the Redis brokers (no history yet) nothing
+    /// is done: the stream goes on as in v1 (one-channel streams keep
+    /// their ids, which come with the messages).
+    fn start_sse(&self, conn: &Conn, format: Format, channels: &[String], since: Option<Vec<Position>>) {
+        use crate::broker::{Miss, Recovery};
+        let n = channels.len();
+        let sinces: Vec<Option<Position>> = match since {
+            None => vec![None; n],
+            Some(list) if list.len() == n => list.into_iter().map(Some).collect(),
+            // Not one position per channel: nothing can be recovered.
+            Some(_) => vec![Some(Position::nowhere()); n],
+        };
+        let mut starts = Vec::with_capacity(n);
+        for (ch, s) in channels.iter().zip(&sinces) {
+            match self.up.starting_point(ch, *s) {
+                Ok(Some(start)) => starts.push(start),
+                _ => return,
+            }
+        }
+        if n > 1 {
+            // All the replays, with their id lines, must fit the queue
+            // together, or none is made.
+            let metrics = self.metrics();
+            let id_bytes = 4 + n * 30;
+            let bytes: usize = starts
+                .iter()
+                .filter_map(|s| match &s.recovery {
+                    Some(Recovery::Recovered(m)) => Some(m.iter().map(|m| m.frame(conn.form, metrics).len() + id_bytes).sum::<usize>()),
+                    _ => None,
+                })
+                .sum();
+            if bytes + conn.queued_bytes() + 256 * n > self.config().outbound_queue_bytes {
+                for s in &mut starts {
+                    if matches!(s.recovery, Some(Recovery::Recovered(_))) {
+                        s.recovery = Some(Recovery::Missed(Miss::TooMany));
+                    }
+                }
+            }
+            let subs = conn.subs.borrow().clone();
+            let positions = channels
+                .iter()
+                .zip(&starts)
+                .zip(&sinces)
+                .filter_map(|((ch, s), since)| {
+                    let name = subs.iter().find(|c| ***c == **ch)?;
+                    let at = match (&s.recovery, since) {
+                        (Some(Recovery::Recovered(_)), Some(p)) => p.offset,
+                        _ => s.top.unwrap_or(0),
+                    };
+                    Some((Arc::clone(name), s.epoch, at))
+                })
+                .collect();
+            conn.set_positions(positions);
+        }
+        for (ch, start) in channels.iter().zip(starts) {
+            self.start_subscription(conn, ch, start, true, |epoch, top, recovered| {
+                (format == Format::Json).then(|| crate::proto::json::sse_subscribed(ch, epoch.as_str(), top, recovered))
+            });
+        }
     }
 
     /// Removes a finished connection from the shard.

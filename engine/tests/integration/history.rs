@@ -302,9 +302,52 @@ async fn sse_streams_carry_positions_and_recover_from_last_event_id() {
     let mut bad = Sse::open_with(a, "/sse?channel=feed", &[("Last-Event-ID", "garbage")]).await;
     let (_, _, data) = bad.next_event().await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["recovered"], false);
-    // Several channels: no ids yet, as in v1.
-    let mut many = Sse::open(a, "channel=feed&channel=other").await;
-    publish_range(a, "feed", 8, 1).await;
-    let (name, id, _) = many.next_event().await.unwrap();
-    assert_eq!((name.as_str(), id), ("message", None));
+}
+
+/// A stream of several channels writes every channel's position, in the
+/// stream's order, as each message's id, and recovers each channel from
+/// that list.
+#[tokio::test]
+async fn sse_streams_of_several_channels_carry_every_position_and_recover_each() {
+    let h = start(2, |_| {});
+    let a = addr(&h);
+    let ea = publish_range(a, "a", 1, 2).await["epoch"].as_str().unwrap().to_string();
+    let mut s = Sse::open(a, "channel=a&channel=b&format=raw").await;
+    let eb = publish_range(a, "b", 1, 1).await["epoch"].as_str().unwrap().to_string();
+    let (_, id, data) = s.next_event().await.unwrap();
+    assert_eq!((id.as_deref(), data.as_str()), (Some(format!("{ea}:2,{eb}:1").as_str()), "1"), "a starts at its top 2, b moves to 1");
+    publish_range(a, "a", 3, 1).await;
+    let (_, last, _) = s.next_event().await.unwrap();
+    assert_eq!(last.as_deref(), Some(format!("{ea}:3,{eb}:1").as_str()));
+    drop(s);
+    publish_range(a, "b", 2, 2).await;
+    publish_range(a, "a", 4, 1).await;
+    let mut s = Sse::open_with(a, "/sse?channel=a&channel=b", &[("Last-Event-ID", last.as_deref().unwrap())]).await;
+    let mut subscribed = Vec::new();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let (name, id, data) = s.next_event().await.unwrap();
+        let v: Value = serde_json::from_str(&data).unwrap();
+        if name == "subscribed" {
+            subscribed.push((v["channel"].as_str().unwrap().to_string(), v["recovered"].as_bool()));
+        } else {
+            got.push((v["channel"].as_str().unwrap().to_string(), v["offset"].as_u64().unwrap(), id.unwrap()));
+        }
+    }
+    assert_eq!(subscribed, vec![("a".to_string(), Some(true)), ("b".to_string(), Some(true))]);
+    assert_eq!(
+        got,
+        vec![
+            ("a".to_string(), 4, format!("{ea}:4,{eb}:1")),
+            ("b".to_string(), 2, format!("{ea}:4,{eb}:2")),
+            ("b".to_string(), 3, format!("{ea}:4,{eb}:3")),
+        ],
+        "each channel's missed messages once, and the list moves with them"
+    );
+    publish_range(a, "a", 5, 1).await;
+    assert_eq!(s.next_event().await.unwrap().1, Some(format!("{ea}:5,{eb}:3")), "then live");
+    // A list that does not match the channels recovers nothing.
+    let mut bad = Sse::open_with(a, "/sse?channel=a&channel=b", &[("Last-Event-ID", &format!("{ea}:1"))]).await;
+    let (_, _, data) = bad.next_event().await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["recovered"], false);
 }
