@@ -43,6 +43,21 @@ fn cost(m: &Message) -> usize {
     m.payload.len() * 3 + ENTRY_OVERHEAD
 }
 
+/// Drops a ring's entries older than `ttl`; returns how many, and their cost.
+fn expire_ring(h: &mut VecDeque<Arc<Message>>, ttl: Duration, now: Instant) -> (usize, usize) {
+    let (mut n, mut bytes) = (0, 0);
+    while h.front().is_some_and(|m| now.saturating_duration_since(m.published_at) > ttl) {
+        if let Some(m) = h.pop_front() {
+            n += 1;
+            bytes += cost(&m);
+        }
+    }
+    if n > 0 {
+        trim(h);
+    }
+    (n, bytes)
+}
+
 /// Gives back a ring's spare room once it holds far less than it did.
 fn trim(h: &mut VecDeque<Arc<Message>>) {
     if h.capacity() > 16 && h.len() < h.capacity() / 4 {
@@ -169,16 +184,7 @@ impl Stripe {
     /// Drops the channel's entries older than the TTL.
     fn expire(&mut self, name: &str, limits: &HistoryLimits, stats: &HistoryStats, now: Instant) {
         let Some(c) = self.map.get_mut(name) else { return };
-        let (mut n, mut bytes) = (0, 0);
-        while c.history.front().is_some_and(|m| now.saturating_duration_since(m.published_at) > limits.ttl) {
-            if let Some(m) = c.history.pop_front() {
-                n += 1;
-                bytes += cost(&m);
-            }
-        }
-        if n > 0 {
-            trim(&mut c.history);
-        }
+        let (n, bytes) = expire_ring(&mut c.history, limits.ttl, now);
         stats.evicted(Evicted::Ttl, n);
         self.forget(stats, n, bytes);
     }
@@ -196,15 +202,15 @@ impl Stripe {
                 bytes += cost(&m);
             }
         }
-        let name = Arc::clone(&c.name);
+        let (expired, expired_bytes) = expire_ring(&mut c.history, limits.ttl, now);
         self.order.push_back(key);
         self.entries += 1;
         self.bytes += added;
         stats.entries.fetch_add(1, Ordering::Relaxed);
         stats.bytes.fetch_add(added, Ordering::Relaxed);
         stats.evicted(Evicted::Size, n);
-        self.forget(stats, n, bytes);
-        self.expire(&name, limits, stats, now);
+        stats.evicted(Evicted::Ttl, expired);
+        self.forget(stats, n + expired, bytes + expired_bytes);
         while self.bytes > limits.stripe_bytes && self.pop_oldest(stats) {}
         if self.order.len() > 2 * self.entries + 64 {
             let Stripe { map, order, .. } = self;
@@ -408,20 +414,20 @@ impl LocalBroker {
     pub(crate) fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let s = &self.stats;
-        let _ = writeln!(out, "# HELP herald_history_entries Messages held in channel histories.");
-        let _ = writeln!(out, "# TYPE herald_history_entries gauge");
-        let _ = writeln!(out, "herald_history_entries {}", s.entries.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP herald_history_bytes Bytes channel histories count against history_max_bytes.");
-        let _ = writeln!(out, "# TYPE herald_history_bytes gauge");
-        let _ = writeln!(out, "herald_history_bytes {}", s.bytes.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP herald_idempotent_repeats_total Publishes answered from an idempotency key, publishing nothing.");
-        let _ = writeln!(out, "# TYPE herald_idempotent_repeats_total counter");
-        let _ = writeln!(out, "herald_idempotent_repeats_total {}", s.repeats.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP herald_idempotency_keys Idempotency keys remembered.");
-        let _ = writeln!(out, "# TYPE herald_idempotency_keys gauge");
-        let _ = writeln!(out, "herald_idempotency_keys {}", s.keys.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP herald_history_evicted_total History entries dropped, by reason.");
-        let _ = writeln!(out, "# TYPE herald_history_evicted_total counter");
+        let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        let one = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
+            head(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        };
+        let load = |a: &AtomicUsize| a.load(Ordering::Relaxed) as u64;
+        one(out, "herald_history_entries", "gauge", "Messages held in channel histories.", load(&s.entries));
+        one(out, "herald_history_bytes", "gauge", "Bytes channel histories count against history_max_bytes.", load(&s.bytes));
+        let repeats = s.repeats.load(Ordering::Relaxed);
+        one(out, "herald_idempotent_repeats_total", "counter", "Publishes answered from an idempotency key, publishing nothing.", repeats);
+        one(out, "herald_idempotency_keys", "gauge", "Idempotency keys remembered.", load(&s.keys));
+        head(out, "herald_history_evicted_total", "counter", "History entries dropped, by reason.");
         for (i, reason) in ["size", "ttl", "bytes"].iter().enumerate() {
             let _ = writeln!(out, "herald_history_evicted_total{{reason=\"{reason}\"}} {}", s.evicted[i].load(Ordering::Relaxed));
         }

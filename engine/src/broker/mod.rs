@@ -88,6 +88,15 @@ pub(crate) struct Page {
     pub complete: bool,
 }
 
+impl Page {
+    /// The page as the `history` reply (`op`, with the command's `id`) or
+    /// the HTTP body, cut to `max_bytes`.
+    pub(crate) fn to_json(&self, op: bool, channel: &str, id: Option<&str>, max_bytes: usize) -> Vec<u8> {
+        let publications = self.messages.iter().map(|m| (m.offset, &m.payload));
+        crate::proto::json::history_body(op, channel, self.epoch.as_str(), self.top, publications, self.complete, id, max_bytes)
+    }
+}
+
 /// The node's broker.
 #[derive(Debug)]
 pub(crate) enum Broker {

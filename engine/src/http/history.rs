@@ -10,7 +10,7 @@ use super::body::Body;
 use super::{refuse, text_response};
 use crate::engine::Engine;
 use crate::message::Position;
-use crate::proto::{channel, json, truncate_str, ErrorCode};
+use crate::proto::{channel, truncate_str, ErrorCode};
 use crate::shard::Upstream;
 
 pub(crate) fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body> {
@@ -41,19 +41,7 @@ pub(crate) fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
         }
     }
     match Upstream::history(&*engine, &channel, since, limit) {
-        Ok(page) => {
-            let body = json::history_body(
-                false,
-                &channel,
-                page.epoch.as_str(),
-                page.top,
-                page.messages.iter().map(|m| (m.offset, &m.payload)),
-                page.complete,
-                None,
-                engine.config.outbound_queue_bytes,
-            );
-            text_response("application/json", body)
-        }
+        Ok(page) => text_response("application/json", page.to_json(false, &channel, None, engine.config.outbound_queue_bytes)),
         Err(e) => refuse(&engine, StatusCode::SERVICE_UNAVAILABLE, e.code(), &format!("no history for {channel:?}: {e}")),
     }
 }

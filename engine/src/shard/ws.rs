@@ -346,6 +346,16 @@ fn close(conn: &Conn, cause: CloseCause, last: Bytes) {
     conn.close(reason, Pending::Keep, Some(last));
 }
 
+/// A command's optional `since`: a position, or the error message.
+fn parse_since(since: Option<&str>) -> Result<Option<Position>, String> {
+    since
+        .map(|s| {
+            Position::parse(s)
+                .ok_or_else(|| format!("\"since\" is not a position <epoch>:<offset>: {:?}", crate::proto::truncate_str(s, 64)))
+        })
+        .transpose()
+}
+
 fn error(shard: &Shard, conn: &Conn, code: ErrorCode, message: &str, id: Option<&str>) {
     shard.metrics().error(code);
     shard.send_to(conn, json::reply_error(code, message, id));
@@ -358,13 +368,9 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
     let reply = match parsed.command {
         Err(e) => return error(shard, conn, e.code, &e.message, id),
         Ok(Command::Subscribe { channel, since }) => {
-            let since = match since.as_deref().map(|s| Position::parse(s).ok_or(s)) {
-                None => None,
-                Some(Ok(p)) => Some(p),
-                Some(Err(s)) => {
-                    let msg = format!("\"since\" is not a position <epoch>:<offset>: {:?}", crate::proto::truncate_str(s, 64));
-                    return error(shard, conn, ErrorCode::BadRequest, &msg, id);
-                }
+            let since = match parse_since(since.as_deref()) {
+                Ok(since) => since,
+                Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
             let created = match shard.subscribe(conn, &channel) {
                 Ok(created) => created,
@@ -401,32 +407,16 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             }
         }
         Ok(Command::History { channel, since, limit }) => {
-            let since = match since.as_deref().map(|s| Position::parse(s).ok_or(s)) {
-                None => None,
-                Some(Ok(p)) => Some(p),
-                Some(Err(s)) => {
-                    let msg = format!("\"since\" is not a position <epoch>:<offset>: {:?}", crate::proto::truncate_str(s, 64));
-                    return error(shard, conn, ErrorCode::BadRequest, &msg, id);
-                }
+            let since = match parse_since(since.as_deref()) {
+                Ok(since) => since,
+                Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
             let max = cfg.recovery_max;
             let Some(limit) = limit.map_or(Some(max), |l| usize::try_from(l).ok().filter(|l| *l <= max)) else {
                 return error(shard, conn, ErrorCode::BadRequest, &format!("\"limit\" must be from 1 to {max}"), id);
             };
             match shard.up.history(&channel, since, limit) {
-                Ok(page) => {
-                    let body = json::history_body(
-                        true,
-                        &channel,
-                        page.epoch.as_str(),
-                        page.top,
-                        page.messages.iter().map(|m| (m.offset, &m.payload)),
-                        page.complete,
-                        id,
-                        cfg.outbound_queue_bytes / 2,
-                    );
-                    frame::encode_frame(OpCode::Text, &body)
-                }
+                Ok(page) => frame::encode_frame(OpCode::Text, &page.to_json(true, &channel, id, cfg.outbound_queue_bytes / 2)),
                 Err(e) => return error(shard, conn, e.code(), &format!("no history for {channel:?}: {e}"), id),
             }
         }
