@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::broker::{Broker, HistoryError, Page, Start};
+use crate::broker::{Broker, HistoryError, Page, Pending, Start};
 use crate::config::Config;
-use crate::message::{Epoch, Position, PublishError, PublishFuture, Published};
+use crate::message::{Position, PublishError, PublishFuture, Published};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::router::Router;
 use crate::shard::inbox::Inbox;
-use crate::shard::{self, BoxFuture, Control, Permit, Shard, Upstream};
+use crate::shard::{self, Control, Permit, Shard, Upstream};
 
 pub(crate) struct Engine {
     pub(crate) config: Config,
@@ -199,23 +199,15 @@ impl Upstream for Engine {
         }
     }
 
-    fn subscribed(&self, channel: &str) -> Option<Epoch> {
-        self.broker.subscribed(&self.router, channel)
-    }
-
-    fn await_subscribed(&self, channel: &str) -> BoxFuture<Option<Epoch>> {
-        self.broker.await_subscribed(&self.router, channel)
-    }
-
     fn publish(&self, channel: &str, payload: Payload, key: Option<&str>) -> PublishFuture {
         self.start_publish(channel, payload, key)
     }
 
-    fn starting_point(&self, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError> {
-        self.broker.starting_point(&self.router, channel, since)
+    fn starting_point(&self, channel: &str, since: Option<Position>) -> Pending<Result<Start, HistoryError>> {
+        self.broker.starting_point(&self.router, channel, since, shard::current(self).map(|s| s.id))
     }
 
-    fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Result<Page, HistoryError> {
-        self.broker.history(&self.router, channel, since, limit)
+    fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Pending<Result<Page, HistoryError>> {
+        self.broker.history(&self.router, channel, since, limit, shard::current(self).map(|s| s.id))
     }
 }

@@ -225,6 +225,22 @@ impl fmt::Debug for PublishFuture {
     }
 }
 
+/// What travels through the shards' queues: a publication, or a notice
+/// about its channel that a Redis node sends its subscribers in order with
+/// the publications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Publication,
+    /// The channel's epoch changed to the message's `epoch`: what follows
+    /// starts again from offset 1.
+    Epoch,
+    /// Offsets `offset..=to` of the message's epoch are lost for good (the
+    /// stream no longer held them when the node filled a gap).
+    Lagged {
+        to: u64,
+    },
+}
+
 /// One published message, shared by refcount between the shards that have
 /// subscribers to its channel.
 #[derive(Debug)]
@@ -235,12 +251,22 @@ pub(crate) struct Message {
     pub offset: u64,
     pub payload: Payload,
     pub published_at: Instant,
+    pub kind: Kind,
     forms: [OnceLock<Bytes>; 6],
 }
 
 impl Message {
     pub(crate) fn new(channel: Arc<str>, epoch: Epoch, offset: u64, payload: Payload) -> Message {
-        Message { channel, epoch, offset, payload, published_at: Instant::now(), forms: Default::default() }
+        Message { channel, epoch, offset, payload, published_at: Instant::now(), kind: Kind::Publication, forms: Default::default() }
+    }
+
+    /// A notice of `kind` (not a publication) for `channel`.
+    pub(crate) fn notice(channel: Arc<str>, epoch: Epoch, offset: u64, kind: Kind) -> Message {
+        Message { kind, ..Message::new(channel, epoch, offset, Payload::text("")) }
+    }
+
+    pub(crate) fn is_notice(&self) -> bool {
+        self.kind != Kind::Publication
     }
 
     /// The complete frame or event for `form`, encoded on first use by
@@ -248,6 +274,12 @@ impl Message {
     #[inline]
     pub(crate) fn frame(&self, form: Form, metrics: &ShardMetrics) -> &Bytes {
         self.forms[form as usize].get_or_init(|| {
+            match self.kind {
+                Kind::Publication => {}
+                // Raw forms carry payloads alone: an empty frame is not sent.
+                Kind::Epoch => return json::epoch_notice(form, &self.channel, self.epoch.as_str()).unwrap_or_default(),
+                Kind::Lagged { to } => return json::lagged(form, &self.channel, self.offset, to).unwrap_or_default(),
+            }
             metrics.encoded[form as usize].inc();
             match form {
                 Form::WsJson => json::ws_json(&self.channel, self.offset, &self.payload),

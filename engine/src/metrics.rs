@@ -49,10 +49,12 @@ pub(crate) enum Disconnect {
     Shutdown = 6,
     /// A socket error.
     IoError = 7,
+    /// The broker (Redis) could not start an SSE stream's subscriptions.
+    Unavailable = 8,
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 8] = [
+    const ALL: [Disconnect; 9] = [
         Disconnect::Client,
         Disconnect::SlowConsumer,
         Disconnect::IdleTimeout,
@@ -61,6 +63,7 @@ impl Disconnect {
         Disconnect::TooLarge,
         Disconnect::Shutdown,
         Disconnect::IoError,
+        Disconnect::Unavailable,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -72,6 +75,7 @@ impl Disconnect {
             Disconnect::TooLarge => "too_large",
             Disconnect::Shutdown => "shutdown",
             Disconnect::IoError => "io_error",
+            Disconnect::Unavailable => "broker_unavailable",
         }
     }
 }
@@ -118,7 +122,7 @@ pub(crate) struct ShardMetrics {
     /// Recoveries by outcome: recovered, then each [`crate::broker::Miss`].
     pub recoveries: [Counter; 5],
     pub replayed: Counter,
-    pub disconnects: [Counter; 8],
+    pub disconnects: [Counter; 9],
     pub errors: [Counter; ErrorCode::ALL.len()],
     pub publish_overloaded: Counter,
     pub publish_to_write: Histogram,

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Miss, Page, Recovery, Start};
+use super::{page, recover, Page, Start};
 use crate::config::Config;
 use crate::message::{Epoch, Message, Position, PublishError, Published};
 use crate::proto::json::Payload;
@@ -367,8 +367,8 @@ impl LocalBroker {
         Ok(published)
     }
 
-    /// The channel's epoch (a new channel gets one now). `None` when the
-    /// table is full of channels with subscribers.
+    /// The channel's epoch (a new channel gets one now).
+    #[cfg(test)]
     pub(crate) fn epoch(&self, router: &Router, channel: &str) -> Option<Epoch> {
         self.with_counter(router, channel, Instant::now(), true, |c| c.epoch)
     }
@@ -393,8 +393,8 @@ impl LocalBroker {
         let limits = self.limits;
         self.with_counter(router, channel, now, true, |c| Start {
             epoch: c.epoch,
-            top: Some(c.top()),
-            recovery: since.map(|p| recover(c, p, &limits)),
+            top: c.top(),
+            recovery: since.map(|p| recover(c.epoch, c.top(), &c.history, p, limits.size, limits.recovery_max)),
         })
     }
 
@@ -402,7 +402,7 @@ impl LocalBroker {
     /// channel not known yet gets a counter only if the table has room:
     /// a read never pushes another channel (and its history) out.
     pub(crate) fn history(&self, router: &Router, channel: &str, since: Option<Position>, limit: usize, now: Instant) -> Option<Page> {
-        self.with_counter(router, channel, now, false, |c| page(c, since, limit))
+        self.with_counter(router, channel, now, false, |c| page(c.epoch, c.top(), &c.history, since, limit))
     }
 
     /// Channels whose counters are remembered.
@@ -434,53 +434,10 @@ impl LocalBroker {
     }
 }
 
-/// What a subscriber at `p` missed, if history can give all of it.
-fn recover(c: &Counter, p: Position, limits: &HistoryLimits) -> Recovery {
-    let top = c.top();
-    if limits.size == 0 {
-        return Recovery::Missed(Miss::Off);
-    }
-    // A position ahead of the top cannot come from this epoch.
-    if p.epoch != c.epoch || p.offset > top {
-        return Recovery::Missed(Miss::Epoch);
-    }
-    let missed = top - p.offset;
-    if missed == 0 {
-        return Recovery::Recovered(Vec::new());
-    }
-    if missed > limits.recovery_max as u64 {
-        return Recovery::Missed(Miss::TooMany);
-    }
-    if c.history.front().is_none_or(|m| m.offset > p.offset + 1) {
-        return Recovery::Missed(Miss::TooOld);
-    }
-    Recovery::Recovered(c.history.iter().filter(|m| m.offset > p.offset).cloned().collect())
-}
-
-fn page(c: &Counter, since: Option<Position>, limit: usize) -> Page {
-    let top = c.top();
-    let (messages, complete) = match since {
-        None => {
-            let skip = c.history.len().saturating_sub(limit);
-            let messages: Vec<_> = c.history.iter().skip(skip).cloned().collect();
-            // The page holds the whole epoch.
-            let complete = messages.first().map_or(top == 0, |m| m.offset == 1);
-            (messages, complete)
-        }
-        Some(p) if p.epoch != c.epoch || p.offset > top => (Vec::new(), false),
-        Some(p) => {
-            let held = c.history.front().is_some_and(|m| m.offset <= p.offset + 1) || p.offset == top;
-            let after = c.history.iter().filter(|m| m.offset > p.offset);
-            let messages: Vec<_> = after.clone().take(limit).cloned().collect();
-            (messages, held && after.count() <= limit)
-        }
-    };
-    Page { epoch: c.epoch, top, messages, complete }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::{Miss, Recovery};
 
     fn limits(size: usize, stripe_bytes: usize, recovery_max: usize) -> HistoryLimits {
         HistoryLimits {
@@ -540,7 +497,7 @@ mod tests {
             b.publish(&r, "n", Payload::text("x")).unwrap();
         }
         let start = b.start(&r, "n", None, Instant::now()).unwrap();
-        assert_eq!((start.epoch, start.top, start.recovery.is_none()), (epoch, Some(5), true));
+        assert_eq!((start.epoch, start.top, start.recovery.is_none()), (epoch, 5, true));
         let at = |offset| Position { epoch, offset };
         assert_eq!(recovered(&b, &r, "n", at(3)), Ok(vec![4, 5]));
         assert_eq!(recovered(&b, &r, "n", at(5)), Ok(vec![]), "at the top: nothing to replay");

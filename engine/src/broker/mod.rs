@@ -12,6 +12,7 @@
 pub(crate) mod local;
 pub(crate) mod redis;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -27,8 +28,8 @@ use redis::RedisBroker;
 #[derive(Debug)]
 pub(crate) struct Start {
     pub epoch: Epoch,
-    /// The channel's top offset, when the broker knows it.
-    pub top: Option<u64>,
+    /// The channel's top offset (0 before its first message).
+    pub top: u64,
     /// Given a position: what the subscriber missed since, or why it cannot
     /// have it.
     pub recovery: Option<Recovery>,
@@ -45,7 +46,7 @@ pub(crate) enum Recovery {
 /// Why a recovery answers `recovered: false`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Miss {
-    /// History is off, or the broker keeps none (Redis, for now).
+    /// History is off (`history_size = 0`).
     Off = 0,
     /// The position is of another epoch (or ahead of the top).
     Epoch = 1,
@@ -60,21 +61,21 @@ impl Miss {
 }
 
 /// Why a channel's history or starting position cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum HistoryError {
     /// The channel table is full of channels with subscribers.
     #[error("channel limit reached")]
     ChannelLimit,
-    /// The broker keeps no history (the Redis brokers, for now).
-    #[error("history is not kept with a Redis broker yet")]
-    NotKept,
+    /// The broker (Redis) did not answer, or not in time.
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl HistoryError {
-    pub(crate) fn code(self) -> crate::proto::ErrorCode {
+    pub(crate) fn code(&self) -> crate::proto::ErrorCode {
         match self {
             HistoryError::ChannelLimit => crate::proto::ErrorCode::Limit,
-            HistoryError::NotKept => crate::proto::ErrorCode::Unavailable,
+            HistoryError::Unavailable(_) => crate::proto::ErrorCode::Unavailable,
         }
     }
 }
@@ -94,6 +95,79 @@ impl Page {
     pub(crate) fn to_json(&self, op: bool, channel: &str, id: Option<&str>, max_bytes: usize) -> Vec<u8> {
         let publications = self.messages.iter().map(|m| (m.offset, &m.payload));
         crate::proto::json::history_body(op, channel, self.epoch.as_str(), self.top, publications, self.complete, id, max_bytes)
+    }
+}
+
+/// What a subscriber at `p` missed, if the channel's `history` (every
+/// message it holds after `p`, in order; `size` 0: history is off) can give
+/// all of it.
+pub(crate) fn recover(epoch: Epoch, top: u64, history: &VecDeque<Arc<Message>>, p: Position, size: usize, recovery_max: usize) -> Recovery {
+    if size == 0 {
+        return Recovery::Missed(Miss::Off);
+    }
+    // A position ahead of the top cannot come from this epoch.
+    if p.epoch != epoch || p.offset > top {
+        return Recovery::Missed(Miss::Epoch);
+    }
+    let missed = top - p.offset;
+    if missed == 0 {
+        return Recovery::Recovered(Vec::new());
+    }
+    if missed > recovery_max as u64 {
+        return Recovery::Missed(Miss::TooMany);
+    }
+    let after: Vec<Arc<Message>> = history.iter().filter(|m| m.offset > p.offset).cloned().collect();
+    if after.first().is_none_or(|m| m.offset != p.offset + 1) || after.len() as u64 != missed {
+        return Recovery::Missed(Miss::TooOld);
+    }
+    Recovery::Recovered(after)
+}
+
+/// A page of `history` (the latest messages, or at least every one after
+/// `since` up to `limit` + 1, in order).
+pub(crate) fn page(epoch: Epoch, top: u64, history: &VecDeque<Arc<Message>>, since: Option<Position>, limit: usize) -> Page {
+    let (messages, complete) = match since {
+        None => {
+            let skip = history.len().saturating_sub(limit);
+            let messages: Vec<_> = history.iter().skip(skip).cloned().collect();
+            // The page holds the whole epoch.
+            let complete = messages.first().map_or(top == 0, |m| m.offset == 1);
+            (messages, complete)
+        }
+        Some(p) if p.epoch != epoch || p.offset > top => (Vec::new(), false),
+        Some(p) => {
+            let held = history.front().is_some_and(|m| m.offset <= p.offset + 1) || p.offset == top;
+            let after = history.iter().filter(|m| m.offset > p.offset);
+            let messages: Vec<_> = after.clone().take(limit).cloned().collect();
+            (messages, held && after.count() <= limit)
+        }
+    };
+    Page { epoch, top, messages, complete }
+}
+
+/// A broker's answer that may have to wait (Redis) or not (the local
+/// broker).
+pub(crate) enum Pending<T> {
+    Ready(T),
+    Waiting(BoxFuture<T>),
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pending::Ready(_) => "Pending::Ready",
+            Pending::Waiting(_) => "Pending::Waiting",
+        })
+    }
+}
+
+impl<T: Send + 'static> Pending<T> {
+    /// The answer, waiting for it if it has to.
+    pub(crate) async fn get(self) -> T {
+        match self {
+            Pending::Ready(t) => t,
+            Pending::Waiting(f) => f.await,
+        }
     }
 }
 
@@ -147,8 +221,7 @@ impl Broker {
     ) -> PublishFuture {
         match self {
             Broker::Local(b) => PublishFuture::Ready(Some(b.publish_once(router, channel, payload, key, std::time::Instant::now()))),
-            Broker::Redis(_) if key.is_some() => PublishFuture::Ready(Some(Err(crate::message::PublishError::IdempotencyUnsupported))),
-            Broker::Redis(r) => PublishFuture::Waiting(Box::pin(r.publish(channel.to_owned(), payload, shard))),
+            Broker::Redis(r) => PublishFuture::Waiting(Box::pin(r.publish(channel.to_owned(), payload, key.map(str::to_owned), shard))),
         }
     }
 
@@ -168,42 +241,41 @@ impl Broker {
         }
     }
 
-    /// The channel's epoch if everything published from now on reaches
-    /// this node's subscribers; `None` while a new subscription is not in
-    /// place yet (see [`Broker::await_subscribed`]).
-    pub(crate) fn subscribed(&self, router: &Router, channel: &str) -> Option<Epoch> {
-        match self {
-            Broker::Local(b) => b.epoch(router, channel),
-            Broker::Redis(r) => r.subscribed(channel),
-        }
-    }
-
     /// Where a subscription the router already counts starts, with what
-    /// it missed since `since`: `Some` from the local broker, read in one
-    /// step with the channel's history (`None` when the channel table is
-    /// full is `Err`); `Ok(None)` from the Redis brokers, whose epoch comes
-    /// with the confirmation of their subscription ([`Broker::subscribed`])
-    /// and which keep no history yet.
-    pub(crate) fn starting_point(&self, router: &Router, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError> {
+    /// it missed since `since`. The local broker reads it in one step with
+    /// the channel's history; the Redis brokers wait until this node's
+    /// subscription in Redis is in place (so every later message reaches it)
+    /// and then read the channel's top and stream in one script. `shard` is
+    /// the calling shard, whose own connection is used.
+    pub(crate) fn starting_point(
+        &self,
+        router: &Router,
+        channel: &str,
+        since: Option<Position>,
+        shard: Option<usize>,
+    ) -> Pending<Result<Start, HistoryError>> {
         match self {
-            Broker::Local(b) => b.start(router, channel, since, std::time::Instant::now()).map(Some).ok_or(HistoryError::ChannelLimit),
-            Broker::Redis(_) => Ok(None),
+            Broker::Local(b) => {
+                Pending::Ready(b.start(router, channel, since, std::time::Instant::now()).ok_or(HistoryError::ChannelLimit))
+            }
+            Broker::Redis(r) => Pending::Waiting(Box::pin(r.start_at(channel.to_owned(), since, shard))),
         }
     }
 
     /// A page of the channel's history.
-    pub(crate) fn history(&self, router: &Router, channel: &str, since: Option<Position>, limit: usize) -> Result<Page, HistoryError> {
+    pub(crate) fn history(
+        &self,
+        router: &Router,
+        channel: &str,
+        since: Option<Position>,
+        limit: usize,
+        shard: Option<usize>,
+    ) -> Pending<Result<Page, HistoryError>> {
         match self {
-            Broker::Local(b) => b.history(router, channel, since, limit, std::time::Instant::now()).ok_or(HistoryError::ChannelLimit),
-            Broker::Redis(_) => Err(HistoryError::NotKept),
-        }
-    }
-
-    /// Waits (at most the broker's timeout) for [`Broker::subscribed`].
-    pub(crate) fn await_subscribed(&self, router: &Router, channel: &str) -> BoxFuture<Option<Epoch>> {
-        match self {
-            Broker::Local(b) => Box::pin(std::future::ready(b.epoch(router, channel))),
-            Broker::Redis(r) => Box::pin(r.await_subscribed(channel.to_owned())),
+            Broker::Local(b) => {
+                Pending::Ready(b.history(router, channel, since, limit, std::time::Instant::now()).ok_or(HistoryError::ChannelLimit))
+            }
+            Broker::Redis(r) => Pending::Waiting(Box::pin(r.history(channel.to_owned(), since, limit, shard))),
         }
     }
 

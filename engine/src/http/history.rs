@@ -13,7 +13,7 @@ use crate::message::Position;
 use crate::proto::{channel, truncate_str, ErrorCode};
 use crate::shard::Upstream;
 
-pub(crate) fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body> {
+pub(crate) async fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body> {
     let raw = &req.uri().path()["/history/".len()..];
     let channel = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
     if let Err(e) = channel::validate(&channel) {
@@ -40,7 +40,7 @@ pub(crate) fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
             _ => {}
         }
     }
-    match Upstream::history(&*engine, &channel, since, limit) {
+    match Upstream::history(&*engine, &channel, since, limit).get().await {
         Ok(page) => text_response("application/json", page.to_json(false, &channel, None, engine.config.outbound_queue_bytes)),
         Err(e) => refuse(&engine, StatusCode::SERVICE_UNAVAILABLE, e.code(), &format!("no history for {channel:?}: {e}")),
     }

@@ -65,7 +65,7 @@ where
         (&Method::GET, "/echo") if engine.config.echo => ws::upgrade(engine, req, true).await,
         (&Method::GET, "/sse") => sse::open(engine, req).await,
         (&Method::POST, p) if p.starts_with("/publish/") => publish::publish(engine, req).await,
-        (&Method::GET, p) if p.starts_with("/history/") => history::history(engine, req),
+        (&Method::GET, p) if p.starts_with("/history/") => history::history(engine, req).await,
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
         (_, "/ws" | "/sse" | "/healthz" | "/metrics") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),

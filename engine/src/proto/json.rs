@@ -411,6 +411,28 @@ pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<By
     }
 }
 
+/// The notice that a channel's epoch changed under a subscription:
+/// `{"op":"epoch","channel":…,"epoch":…}` (SSE: `event: epoch` with the
+/// object without `op`). Raw forms carry payloads only: `None`.
+pub(crate) fn epoch_notice(form: Form, channel: &str, epoch: &str) -> Option<Bytes> {
+    match form {
+        Form::WsJson => Some(Reply::new("epoch").str_field("channel", channel).str_field("epoch", epoch).frame()),
+        Form::SseJson | Form::SseJsonId => {
+            let mut r = Vec::with_capacity(48 + channel.len());
+            r.extend_from_slice(b"{\"channel\":");
+            write_escaped(&mut r, channel.as_bytes());
+            r.extend_from_slice(b",\"epoch\":");
+            write_escaped(&mut r, epoch.as_bytes());
+            r.push(b'}');
+            let mut out = BytesMut::with_capacity(r.len() + 24);
+            out.put_slice(b"event: epoch\n");
+            super::sse::write_event(&mut out, &r);
+            Some(out.freeze())
+        }
+        Form::WsRaw | Form::SseRaw | Form::SseRawId => None,
+    }
+}
+
 /// `{"op":"error","code":…,"message":…}`, plus `id` when given.
 pub fn reply_error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
     Reply::new("error").str_field("code", code.as_str()).str_field("message", message).id(id).frame()

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::Permit;
 use crate::config::SlowConsumerPolicy;
-use crate::message::{Epoch, Message};
+use crate::message::{Epoch, Kind, Message};
 use crate::metrics::{Disconnect, ShardMetrics};
 use crate::proto::form::Form;
 
@@ -195,6 +195,30 @@ fn count_delivery(metrics: &ShardMetrics, transport: Transport, len: usize, at: 
     metrics.publish_to_write.record(now.saturating_duration_since(at));
 }
 
+/// A new subscription's place in its channel's live messages.
+#[derive(Debug)]
+enum Seam {
+    /// Its start is being read (a Redis broker): live messages wait here,
+    /// with their bytes, counted against the outbound queue's bound.
+    Holding(Vec<Arc<Message>>, usize),
+    /// Started at (epoch, top).
+    At(Epoch, u64),
+}
+
+/// What a subscription's seam says of a live message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Deliver it.
+    Pass,
+    /// Not for this connection: before its start.
+    Skip,
+    /// Kept until the subscription's start is known.
+    Held,
+    /// Holding it would pass the queue's bound: handled by the slow
+    /// consumer policy ([`Offer::Dropped`] or [`Offer::Overflow`]).
+    Over(Offer),
+}
+
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub key: usize,
@@ -212,10 +236,10 @@ pub(crate) struct Conn {
     direct: RefCell<Option<Rc<TcpStream>>>,
     /// Message frames were queued quietly for the shard to write.
     flush_due: Cell<bool>,
-    /// Subscriptions whose start was read at a channel's (epoch, top): live
-    /// messages up to it (already dispatched, or replayed), and any of an
-    /// older epoch still queued, are skipped.
-    seams: RefCell<Vec<(Arc<str>, Epoch, u64)>>,
+    /// New subscriptions: waiting for their start (live messages held), or
+    /// started at a channel's (epoch, top), whose live messages up to it
+    /// (already dispatched, or replayed) are skipped.
+    seams: RefCell<Vec<(Arc<str>, Seam)>>,
     /// An SSE stream of several channels: every channel's position, in the
     /// stream's order, written before each message as its `id:` list.
     positions: RefCell<Vec<(Arc<str>, Epoch, u64)>>,
@@ -273,38 +297,97 @@ impl Conn {
         self.out.borrow().queued_bytes
     }
 
-    /// From now on, `channel`'s messages up to offset `top` are not for
-    /// this connection (it was told `top`, and got what it missed).
-    pub(crate) fn set_seam(&self, channel: &Arc<str>, epoch: Epoch, top: u64) {
+    /// Holds `channel`'s live messages until its start is known
+    /// ([`Conn::set_seam`]).
+    pub(crate) fn hold(&self, channel: &Arc<str>) {
         let mut seams = self.seams.borrow_mut();
-        seams.retain(|(c, _, _)| **c != **channel);
-        seams.push((Arc::clone(channel), epoch, top));
+        seams.retain(|(c, _)| **c != **channel);
+        seams.push((Arc::clone(channel), Seam::Holding(Vec::new(), 0)));
     }
 
-    /// Forgets the seam of `channel` (unsubscribed).
+    /// From now on, `channel`'s messages up to offset `top` are not for
+    /// this connection (it was told `top`, and got what it missed). Returns
+    /// the live messages held meanwhile, in order, to pass through
+    /// [`Conn::check_seam`] again.
+    pub(crate) fn set_seam(&self, channel: &Arc<str>, epoch: Epoch, top: u64) -> Vec<Arc<Message>> {
+        let mut seams = self.seams.borrow_mut();
+        let held = match seams.iter().position(|(c, _)| **c == **channel) {
+            Some(i) => match std::mem::replace(&mut seams[i].1, Seam::At(epoch, top)) {
+                Seam::Holding(held, _) => held,
+                Seam::At(..) => Vec::new(),
+            },
+            None => {
+                seams.push((Arc::clone(channel), Seam::At(epoch, top)));
+                Vec::new()
+            }
+        };
+        held
+    }
+
+    /// Forgets the seam of `channel` (unsubscribed), with what it held.
     pub(crate) fn clear_seam(&self, channel: &str) {
         let mut seams = self.seams.borrow_mut();
         if !seams.is_empty() {
-            seams.retain(|(c, _, _)| **c != *channel);
+            seams.retain(|(c, _)| **c != *channel);
         }
     }
 
-    /// Whether `msg` is at or before its channel's seam; the first message
-    /// past the seam removes it. A message of another epoch is older than
-    /// the seam (a channel's epoch does not change while it has
-    /// subscribers, and what was queued before comes first).
+    /// What `msg` (whose frame for this connection is `len` bytes) is to
+    /// this connection's subscription to its channel. Past a seam `(epoch,
+    /// top)`: a message at or before the top is skipped, as is one of
+    /// another epoch (older: a channel's epoch changes only with an epoch
+    /// notice, and what was queued before comes first); an epoch notice of
+    /// the seam's epoch is skipped (the subscriber was told that epoch), of
+    /// another one delivered. The first message delivered removes the seam.
     #[inline]
-    pub(crate) fn before_seam(&self, msg: &Message) -> bool {
+    pub(crate) fn check_seam(
+        &self,
+        msg: &Arc<Message>,
+        len: usize,
+        limit: usize,
+        policy: SlowConsumerPolicy,
+        metrics: &ShardMetrics,
+    ) -> Check {
         let mut seams = self.seams.borrow_mut();
         if seams.is_empty() {
-            return false;
+            return Check::Pass;
         }
-        let Some(i) = seams.iter().position(|(c, _, _)| **c == *msg.channel) else { return false };
-        if msg.epoch != seams[i].1 || msg.offset <= seams[i].2 {
-            return true;
+        let Some(i) = seams.iter().position(|(c, _)| **c == *msg.channel) else { return Check::Pass };
+        match &mut seams[i].1 {
+            Seam::Holding(held, bytes) => {
+                if self.queued_bytes() + *bytes + len > limit {
+                    drop(seams);
+                    return Check::Over(self.over_limit(msg, policy, metrics));
+                }
+                *bytes += len;
+                held.push(Arc::clone(msg));
+                Check::Held
+            }
+            Seam::At(epoch, top) => {
+                let before = match msg.kind {
+                    Kind::Epoch => msg.epoch == *epoch,
+                    Kind::Lagged { to } => msg.epoch != *epoch || to <= *top,
+                    Kind::Publication => msg.epoch != *epoch || msg.offset <= *top,
+                };
+                if before {
+                    return Check::Skip;
+                }
+                seams.swap_remove(i);
+                Check::Pass
+            }
         }
-        seams.swap_remove(i);
-        false
+    }
+
+    /// Queues a notice (`frame`: an epoch change, messages lost): like a
+    /// reply, under the same bound, and not counted as a delivery. A
+    /// stream keeping positions moves the channel's to the new epoch.
+    pub(crate) fn notice(&self, msg: &Message, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> bool {
+        if msg.kind == Kind::Epoch {
+            if let Some(p) = self.positions.borrow_mut().iter_mut().find(|(c, _, _)| **c == *msg.channel) {
+                (p.1, p.2) = (msg.epoch, 0);
+            }
+        }
+        frame.is_empty() || self.send_control(frame.clone(), limit, policy, metrics)
     }
 
     /// Queues a replayed message and makes sure it is written.
@@ -357,9 +440,17 @@ impl Conn {
             }
             return Offer::Queued;
         }
+        drop(out);
+        self.over_limit(msg, policy, metrics)
+    }
+
+    /// `msg` does not fit under the queue's bound: dropped and remembered
+    /// for a `lagged` notice, or the connection closes, by policy.
+    fn over_limit(&self, msg: &Message, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> Offer {
         match policy {
             SlowConsumerPolicy::Drop => {
                 metrics.dropped_slow_consumer.inc();
+                let mut out = self.out.borrow_mut();
                 match out.lagged.iter_mut().find(|(c, _, _)| **c == *msg.channel) {
                     Some(range) => range.2 = msg.offset,
                     None => out.lagged.push((Arc::clone(&msg.channel), msg.offset, msg.offset)),
@@ -367,7 +458,6 @@ impl Conn {
                 Offer::Dropped
             }
             SlowConsumerPolicy::Disconnect => {
-                drop(out);
                 self.close_slow();
                 Offer::Overflow
             }
@@ -581,17 +671,50 @@ mod tests {
     #[test]
     fn a_seam_skips_what_came_before_it_then_goes() {
         let c = conn();
+        let m = ShardMetrics::default();
         let (old, new) = (Epoch::random(), Epoch::random());
-        let msg = |epoch, offset| Message::new("c".into(), epoch, offset, crate::Payload::text("x"));
+        let msg = |epoch, offset| Arc::new(Message::new("c".into(), epoch, offset, crate::Payload::text("x")));
+        let check = |msg: &Arc<Message>| c.check_seam(msg, 10, 1024, SlowConsumerPolicy::Disconnect, &m);
         let name: Arc<str> = "c".into();
         c.set_seam(&name, new, 3);
-        assert!(c.before_seam(&msg(old, 40)), "a message of the epoch before, still queued");
-        assert!(c.before_seam(&msg(new, 3)), "at the top: replayed or published before");
-        assert!(!c.before_seam(&Message::new("other".into(), new, 1, crate::Payload::text("x"))), "other channels pass");
-        assert!(!c.before_seam(&msg(new, 4)), "past the top: live");
-        assert!(!c.before_seam(&msg(old, 1)), "the seam is gone once passed");
+        assert_eq!(check(&msg(old, 40)), Check::Skip, "a message of the epoch before, still queued");
+        assert_eq!(check(&msg(new, 3)), Check::Skip, "at the top: replayed or published before");
+        let other = Arc::new(Message::new("other".into(), new, 1, crate::Payload::text("x")));
+        assert_eq!(check(&other), Check::Pass, "other channels pass");
+        assert_eq!(check(&msg(new, 4)), Check::Pass, "past the top: live");
+        assert_eq!(check(&msg(old, 1)), Check::Pass, "the seam is gone once passed");
         c.set_seam(&name, new, 9);
         c.clear_seam("c");
-        assert!(!c.before_seam(&msg(new, 2)), "unsubscribing clears it");
+        assert_eq!(check(&msg(new, 2)), Check::Pass, "unsubscribing clears it");
+    }
+
+    #[test]
+    fn a_held_subscription_keeps_live_messages_until_its_start_is_known() {
+        let c = conn();
+        let m = ShardMetrics::default();
+        let (e1, e2) = (Epoch::random(), Epoch::random());
+        let name: Arc<str> = "c".into();
+        let msg = |epoch, offset| Arc::new(Message::new("c".into(), epoch, offset, crate::Payload::text("x")));
+        let notice = Arc::new(Message::notice("c".into(), e2, 0, Kind::Epoch));
+        c.hold(&name);
+        for held in [msg(e1, 4), msg(e1, 5), Arc::clone(&notice), msg(e2, 1)] {
+            assert_eq!(c.check_seam(&held, 100, 1024, SlowConsumerPolicy::Disconnect, &m), Check::Held);
+        }
+        let held = c.set_seam(&name, e1, 4);
+        let seen: Vec<Check> = held.iter().map(|h| c.check_seam(h, 100, 1024, SlowConsumerPolicy::Disconnect, &m)).collect();
+        assert_eq!(seen, [Check::Skip, Check::Pass, Check::Pass, Check::Pass], "5 is past the start; the new epoch follows");
+        // Read after the epoch changed: the notice and what came before it are old news.
+        c.hold(&name);
+        for h in [msg(e1, 6), Arc::clone(&notice), msg(e2, 1), msg(e2, 2)] {
+            c.check_seam(&h, 100, 1024, SlowConsumerPolicy::Disconnect, &m);
+        }
+        let held = c.set_seam(&name, e2, 1);
+        let seen: Vec<Check> = held.iter().map(|h| c.check_seam(h, 100, 1024, SlowConsumerPolicy::Disconnect, &m)).collect();
+        assert_eq!(seen, [Check::Skip, Check::Skip, Check::Skip, Check::Pass]);
+        // Holding counts against the queue's bound.
+        c.hold(&name);
+        assert_eq!(c.check_seam(&msg(e2, 3), 600, 1024, SlowConsumerPolicy::Drop, &m), Check::Held);
+        assert_eq!(c.check_seam(&msg(e2, 4), 600, 1024, SlowConsumerPolicy::Drop, &m), Check::Over(Offer::Dropped));
+        assert_eq!(m.dropped_slow_consumer.get(), 1);
     }
 }

@@ -29,13 +29,13 @@ use indexmap::IndexSet;
 use slab::Slab;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::broker::{HistoryError, Page, Start};
+use crate::broker::{HistoryError, Page, Pending as Answer, Start};
 use crate::config::Config;
 use crate::message::{Epoch, Message, Position, PublishFuture};
 use crate::metrics::{Disconnect, Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::proto::ErrorCode;
-use conn::{Conn, Format, Offer, Pending, Transport};
+use conn::{Check, Conn, Format, Offer, Pending, Transport};
 use inbox::Inbox;
 
 /// A boxed future that may move between threads.
@@ -52,20 +52,15 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn joined(&self, channel: &str, shard: usize) -> Option<Arc<str>>;
     /// `shard`'s last subscriber to `channel` left.
     fn left(&self, channel: &Arc<str>, shard: usize);
-    /// The channel's epoch if everything published from now on reaches
-    /// this node; `None` while the broker's subscription is not in place.
-    fn subscribed(&self, channel: &str) -> Option<Epoch>;
-    /// Waits (bounded by the broker's timeout) for [`Upstream::subscribed`].
-    fn await_subscribed(&self, channel: &str) -> BoxFuture<Option<Epoch>>;
     /// Publishes from a client of this shard (checked like every publish).
     /// With an idempotency key, a repeat publishes nothing and gets the
     /// first publish's result.
     fn publish(&self, channel: &str, payload: Payload, key: Option<&str>) -> PublishFuture;
     /// Where a subscription this shard just added starts, and what it
     /// missed since `since` (see [`crate::broker::Broker::starting_point`]).
-    fn starting_point(&self, channel: &str, since: Option<Position>) -> Result<Option<Start>, HistoryError>;
+    fn starting_point(&self, channel: &str, since: Option<Position>) -> Answer<Result<Start, HistoryError>>;
     /// A page of the channel's history.
-    fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Result<Page, HistoryError>;
+    fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Answer<Result<Page, HistoryError>>;
 }
 
 /// Messages fanned out per turn before the shard writes and lets other
@@ -237,11 +232,10 @@ impl Shard {
     }
 
     /// Places an SSE stream's subscriptions at their tops, or recovers
-    /// them from `since`. With the Redis brokers (no history yet) nothing
-    /// is done: the stream goes on as in v1 (one-channel streams keep
-    /// their ids, which come with the messages).
-    fn start_sse(&self, conn: &Conn, format: Format, channels: &[String], since: Option<Vec<Position>>) {
-        use crate::broker::{Miss, Recovery};
+    /// them from `since`. With a Redis broker the starts are read first
+    /// (live messages held meanwhile); a start that cannot be read ends the
+    /// stream (its client reconnects with its position).
+    fn start_sse(self: &Rc<Self>, conn: &Rc<Conn>, format: Format, channels: &[String], since: Option<Vec<Position>>) {
         let n = channels.len();
         let sinces: Vec<Option<Position>> = match since {
             None => vec![None; n],
@@ -249,13 +243,46 @@ impl Shard {
             // Not one position per channel: nothing can be recovered.
             Some(_) => vec![Some(Position::nowhere()); n],
         };
-        let mut starts = Vec::with_capacity(n);
+        let mut answers = Vec::with_capacity(n);
         for (ch, s) in channels.iter().zip(&sinces) {
-            match self.up.starting_point(ch, *s) {
-                Ok(Some(start)) => starts.push(start),
-                _ => return,
-            }
+            answers.push(self.up.starting_point(ch, *s));
         }
+        if answers.iter().all(|a| matches!(a, Answer::Ready(_))) {
+            let starts = answers.into_iter().map(|a| match a {
+                Answer::Ready(r) => r,
+                Answer::Waiting(_) => Err(HistoryError::ChannelLimit),
+            });
+            let starts: Result<Vec<Start>, HistoryError> = starts.collect();
+            if let Ok(starts) = starts {
+                self.finish_sse(conn, format, channels, &sinces, starts);
+            }
+            return;
+        }
+        for name in conn.subs.borrow().iter() {
+            conn.hold(name);
+        }
+        let (shard, conn, channels) = (Rc::clone(self), Rc::clone(conn), channels.to_vec());
+        tokio::task::spawn_local(async move {
+            let mut starts = Vec::with_capacity(n);
+            for a in answers {
+                match a.get().await {
+                    Ok(s) => starts.push(s),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot start an SSE stream's subscription; ending the stream");
+                        conn.close(Disconnect::Unavailable, Pending::Keep, None);
+                        return;
+                    }
+                }
+            }
+            if conn.out.borrow().closing().is_none() {
+                shard.finish_sse(&conn, format, &channels, &sinces, starts);
+            }
+        });
+    }
+
+    fn finish_sse(&self, conn: &Conn, format: Format, channels: &[String], sinces: &[Option<Position>], mut starts: Vec<Start>) {
+        use crate::broker::{Miss, Recovery};
+        let n = channels.len();
         if n > 1 {
             // All the replays, with their id lines, must fit the queue
             // together, or none is made.
@@ -279,12 +306,12 @@ impl Shard {
             let positions = channels
                 .iter()
                 .zip(&starts)
-                .zip(&sinces)
+                .zip(sinces)
                 .filter_map(|((ch, s), since)| {
                     let name = subs.iter().find(|c| ***c == **ch)?;
                     let at = match (&s.recovery, since) {
                         (Some(Recovery::Recovered(_)), Some(p)) => p.offset,
-                        _ => s.top.unwrap_or(0),
+                        _ => s.top,
                     };
                     Some((Arc::clone(name), s.epoch, at))
                 })
@@ -365,12 +392,13 @@ impl Shard {
         }
     }
 
-    /// Answers a subscribe the local broker placed: from the channel's top,
-    /// with what the client missed when it gave a position. Live messages up
-    /// to the top are skipped for this connection (a new subscription's, that
-    /// is: they were published before it started, or are replayed now).
-    /// `reply` makes the answer (`subscribed`) from the epoch, the top and
-    /// whether it recovered, queued before the replay.
+    /// Answers a subscribe the broker placed: from the channel's top, with
+    /// what the client missed when it gave a position. Live messages up to
+    /// the top are skipped for this connection (a new subscription's, that
+    /// is: they were published before it started, or are replayed now);
+    /// those held while the start was read follow the replay. `reply` makes
+    /// the answer (`subscribed`) from the epoch, the top and whether it
+    /// recovered, queued before the replay.
     pub(crate) fn start_subscription(
         &self,
         conn: &Conn,
@@ -380,11 +408,12 @@ impl Shard {
         reply: impl FnOnce(Epoch, u64, Option<bool>) -> Option<bytes::Bytes>,
     ) {
         use crate::broker::{Miss, Recovery};
-        let top = start.top.unwrap_or(0);
+        let top = start.top;
+        let mut held = Vec::new();
         if created {
             let name = conn.subs.borrow().iter().find(|c| ***c == *channel).cloned();
             if let Some(name) = name {
-                conn.set_seam(&name, start.epoch, top);
+                held = conn.set_seam(&name, start.epoch, top);
             }
         }
         let metrics = self.metrics();
@@ -417,6 +446,29 @@ impl Shard {
                 }
             }
         }
+        for m in &held {
+            self.deliver(conn, m);
+        }
+        if !held.is_empty() && conn.take_flush_due() {
+            conn.out.borrow_mut().wake();
+        }
+    }
+
+    /// Offers one live message (or notice) to `conn` past its seam; true if
+    /// the connection overflowed (it must leave the index).
+    fn deliver(&self, conn: &Conn, msg: &Arc<Message>) -> Offer {
+        let (cfg, metrics) = (self.config(), self.metrics());
+        let frame = msg.frame(conn.form, metrics);
+        match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
+            Check::Pass => {}
+            Check::Skip | Check::Held => return Offer::Dropped,
+            Check::Over(o) => return o,
+        }
+        if msg.is_notice() {
+            conn.notice(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics);
+            return Offer::Queued;
+        }
+        conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics)
     }
 
     /// Queues a reply or control frame for `conn` under the configured
@@ -428,7 +480,7 @@ impl Shard {
 
     /// Appends one message to every local subscriber's queue; connections
     /// the shard is to write itself go into `dirty` (once each).
-    fn fan_out(&self, msg: &Message, dirty: &mut Vec<Rc<Conn>>) {
+    fn fan_out(&self, msg: &Arc<Message>, dirty: &mut Vec<Rc<Conn>>) {
         let index = self.index.borrow();
         let Some(subs) = index.get(&*msg.channel) else { return };
         let conns = self.conns.borrow();
@@ -437,11 +489,17 @@ impl Shard {
         let mut forms: [Option<&bytes::Bytes>; 6] = [None; 6];
         for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
-            if conn.before_seam(msg) {
-                continue;
-            }
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
-            match conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
+            let offer = match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
+                Check::Pass if msg.is_notice() => {
+                    conn.notice(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics);
+                    continue;
+                }
+                Check::Pass => conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics),
+                Check::Skip | Check::Held => continue,
+                Check::Over(o) => o,
+            };
+            match offer {
                 Offer::Overflow => self.overflowed.borrow_mut().push(key),
                 Offer::Queued if conn.take_flush_due() => dirty.push(Rc::clone(conn)),
                 _ => {}

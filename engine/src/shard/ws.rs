@@ -22,7 +22,7 @@ use tokio::time::Sleep;
 
 use super::conn::{Conn, Format, Pending, MAX_IOV};
 use super::Shard;
-use crate::broker::Miss;
+use crate::broker::{HistoryError, Pending as Answer};
 use crate::config::{Config, COMMAND_OVERHEAD_BYTES};
 use crate::message::{Position, PublishError, Published};
 use crate::metrics::Disconnect;
@@ -378,31 +378,37 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             };
             // A repeated subscribe answers as a plain one.
             let since = since.filter(|_| created);
+            let channel = channel.into_owned();
+            let reply = move |channel: &str, id: Option<&str>| {
+                let channel = channel.to_owned();
+                let id = id.map(str::to_owned);
+                move |epoch: crate::message::Epoch, top, recovered| {
+                    Some(json::reply_subscribed(&channel, epoch.as_str(), Some(top), recovered, id.as_deref()))
+                }
+            };
             match shard.up.starting_point(&channel, since) {
-                Ok(Some(start)) => {
-                    return shard.start_subscription(conn, &channel, start, created, |epoch, top, recovered| {
-                        Some(json::reply_subscribed(&channel, epoch.as_str(), Some(top), recovered, id))
-                    })
-                }
-                Err(e) => {
+                Answer::Ready(Ok(start)) => return shard.start_subscription(conn, &channel, start, created, reply(&channel, id)),
+                Answer::Ready(Err(e)) => return refuse_subscription(shard, conn, &channel, created, &e, id),
+                Answer::Waiting(start) => {
+                    // Live messages wait until the start is read.
                     if created {
-                        shard.unsubscribe(conn, &channel);
+                        if let Some(name) = conn.subs.borrow().iter().find(|c| ***c == *channel) {
+                            conn.hold(name);
+                        }
                     }
-                    return error(shard, conn, e.code(), &format!("cannot subscribe to {channel:?}: {e}"), id);
-                }
-                // The Redis brokers: no history yet, so nothing to recover.
-                Ok(None) => {
-                    if since.is_some() {
-                        shard.metrics().recoveries[1 + Miss::Off as usize].inc();
-                    }
-                    let recovered = since.map(|_| false);
-                    match shard.up.subscribed(&channel) {
-                        Some(epoch) => json::reply_subscribed(&channel, epoch.as_str(), None, recovered, id),
-                        // The broker's subscription is not in place yet: the
-                        // reply waits for it, so that everything published
-                        // after it arrives.
-                        None => return reply_when_subscribed(shard, conn, channel.into_owned(), id.map(str::to_owned), created, recovered),
-                    }
+                    let (shard, conn, id) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned));
+                    tokio::task::spawn_local(async move {
+                        let r = start.await;
+                        let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
+                        if conn.out.borrow().closing().is_some() || !subscribed {
+                            return;
+                        }
+                        match r {
+                            Ok(start) => shard.start_subscription(&conn, &channel, start, created, reply(&channel, id.as_deref())),
+                            Err(e) => refuse_subscription(&shard, &conn, &channel, created, &e, id.as_deref()),
+                        }
+                    });
+                    return;
                 }
             }
         }
@@ -415,9 +421,24 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             let Some(limit) = limit.map_or(Some(max), |l| usize::try_from(l).ok().filter(|l| *l <= max)) else {
                 return error(shard, conn, ErrorCode::BadRequest, &format!("\"limit\" must be from 1 to {max}"), id);
             };
+            let answer = |shard: &Shard, conn: &Conn, channel: &str, r: Result<crate::broker::Page, HistoryError>, id: Option<&str>| match r
+            {
+                Ok(page) => {
+                    let body = page.to_json(true, channel, id, shard.config().outbound_queue_bytes / 2);
+                    shard.send_to(conn, frame::encode_frame(OpCode::Text, &body));
+                }
+                Err(e) => error(shard, conn, e.code(), &format!("no history for {channel:?}: {e}"), id),
+            };
             match shard.up.history(&channel, since, limit) {
-                Ok(page) => frame::encode_frame(OpCode::Text, &page.to_json(true, &channel, id, cfg.outbound_queue_bytes / 2)),
-                Err(e) => return error(shard, conn, e.code(), &format!("no history for {channel:?}: {e}"), id),
+                Answer::Ready(r) => return answer(shard, conn, &channel, r, id),
+                Answer::Waiting(page) => {
+                    let (shard, conn, id, channel) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned), channel.into_owned());
+                    tokio::task::spawn_local(async move {
+                        let r = page.await;
+                        answer(&shard, &conn, &channel, r, id.as_deref());
+                    });
+                    return;
+                }
             }
         }
         Ok(Command::Unsubscribe { channel }) => {
@@ -464,30 +485,12 @@ fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id:
     }
 }
 
-/// Sends the `subscribed` reply once the broker's subscription is in place.
-/// If it is not in time, the client gets error `unavailable`, and the
-/// subscription is undone if this command created it (a repeated subscribe
-/// leaves the existing one alone).
-fn reply_when_subscribed(shard: &Rc<Shard>, conn: &Rc<Conn>, channel: String, id: Option<String>, created: bool, recovered: Option<bool>) {
-    let (shard, conn) = (Rc::clone(shard), Rc::clone(conn));
-    let waiting = shard.up.await_subscribed(&channel);
-    tokio::task::spawn_local(async move {
-        let epoch = waiting.await;
-        if conn.out.borrow().closing().is_some() {
-            return;
-        }
-        let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
-        match epoch {
-            Some(e) if subscribed => {
-                shard.send_to(&conn, json::reply_subscribed(&channel, e.as_str(), None, recovered, id.as_deref()));
-            }
-            _ => {
-                if created && subscribed {
-                    shard.unsubscribe(&conn, &channel);
-                }
-                let msg = "the broker (Redis) did not confirm the subscription in time; retry";
-                error(&shard, &conn, ErrorCode::Unavailable, msg, id.as_deref());
-            }
-        }
-    });
+/// Answers a subscribe whose start could not be read with an error, and
+/// undoes the subscription if this command created it (a repeated
+/// subscribe leaves the existing one alone).
+fn refuse_subscription(shard: &Shard, conn: &Conn, channel: &str, created: bool, e: &HistoryError, id: Option<&str>) {
+    if created {
+        shard.unsubscribe(conn, channel);
+    }
+    error(shard, conn, e.code(), &format!("cannot subscribe to {channel:?}: {e}"), id);
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::common::*;
 
 /// A `redis-server` of the test's own, without persistence.
-struct RedisServer {
+pub(crate) struct RedisServer {
     port: u16,
     dir: std::path::PathBuf,
     extra: Vec<String>,
@@ -26,7 +26,7 @@ impl RedisServer {
     /// A redis-server on a free port. redis-server cannot be handed a bound
     /// socket, so the port is picked, released and passed: if another
     /// process took it meanwhile, redis-server exits and another is tried.
-    fn start(extra: &[&str]) -> RedisServer {
+    pub(crate) fn start(extra: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
@@ -40,7 +40,7 @@ impl RedisServer {
     }
 
     /// Starts it again on its port (after [`RedisServer::kill`]).
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         assert!(self.try_spawn(), "redis-server could not bind port {} again", self.port);
     }
 
@@ -72,18 +72,18 @@ impl RedisServer {
     }
 
     /// Kills it the hard way (no goodbye to clients).
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+    pub(crate) fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
         let client = redis::Client::open(self.url())?;
         let mut c = client.get_connection_with_timeout(Duration::from_secs(1))?;
         let mut cmd = redis::cmd(args[0]);
@@ -109,7 +109,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn node(redis: &str) -> Herald {
+pub(crate) fn node(redis: &str) -> Herald {
     ready(start(2, |c| {
         c.redis(redis).redis_timeout(Duration::from_millis(500));
     }))
@@ -117,7 +117,7 @@ fn node(redis: &str) -> Herald {
 
 /// Returns `h` once its publisher connection to Redis is up, so that a
 /// publish right away is not refused for a connection still being made.
-fn ready(h: Herald) -> Herald {
+pub(crate) fn ready(h: Herald) -> Herald {
     let deadline = std::time::Instant::now() + WAIT;
     while metric(&h.metrics_text(), "herald_broker_publisher_up") == 0 {
         assert!(std::time::Instant::now() < deadline, "the node did not connect to Redis");
@@ -126,7 +126,7 @@ fn ready(h: Herald) -> Herald {
     h
 }
 
-async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !ok() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
@@ -136,7 +136,7 @@ async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 
 /// Subscribes over WebSocket and waits for `subscribed`: from then on,
 /// nothing published anywhere is missed.
-async fn subscribed_ws(h: &Herald, channel: &str) -> Ws {
+pub(crate) async fn subscribed_ws(h: &Herald, channel: &str) -> Ws {
     let mut c = ws(addr(h), "/ws").await;
     let r = command(&mut c, json!({"op": "subscribe", "channel": channel})).await;
     assert_eq!(r["op"], "subscribed", "{r}");
@@ -247,48 +247,56 @@ async fn nodes_recover_by_themselves_when_redis_restarts() {
     wait_metric(&a, "herald_broker_up", |v| v == 0).await;
 
     redis.spawn();
-    // Publishes flow again once the nodes reconnected by themselves.
+    // Node B publishes from the first moment Redis takes publishes again,
+    // most likely before node A has subscribed again.
     let deadline = tokio::time::Instant::now() + WAIT;
     let first = loop {
         match b.publish("live", Payload::text("after")).await {
             Ok(p) => break p,
             Err(_) => {
                 assert!(tokio::time::Instant::now() < deadline, "publishing never recovered");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     };
     assert_eq!(first.offset, 1, "Redis restarted empty: a new epoch, offsets from 1");
-    wait_metric(&a, "herald_broker_subscriptions", |v| v == 1).await;
-    // Deliveries resume: the first message after recovery may have been
-    // published before A's subscription was back, so publish until one
-    // arrives, then check that everything after it arrives in order.
+    let mut accepted = vec![first.offset];
+    for _ in 0..9 {
+        accepted.push(b.publish("live", Payload::text("after")).await.unwrap().offset);
+    }
+    // Every accepted publish reaches A's subscribers, in order, after the
+    // notice of the new epoch: nothing is lost to the race.
+    let notice = next_json(&mut sub).await;
+    assert_eq!((notice["op"].as_str(), notice["channel"].as_str()), (Some("epoch"), Some("live")), "{notice}");
+    assert_eq!(notice["epoch"].as_str(), Some(first.epoch.as_str()));
     let mut seen = Vec::new();
-    let mut offset = first.offset;
-    loop {
-        let got = tokio::time::timeout(Duration::from_millis(300), next_json(&mut sub)).await;
-        if let Ok(m) = got {
-            seen.push(m["offset"].as_u64().unwrap());
-            break;
-        }
-        offset = b.publish("live", Payload::text("after")).await.unwrap().offset;
+    for _ in &accepted {
+        let m = next_json(&mut sub).await;
+        assert_eq!(m["data"].as_str(), Some("after"), "{m}");
+        seen.push(m["offset"].as_u64().unwrap());
     }
-    for _ in 0..5 {
-        offset = b.publish("live", Payload::text("after")).await.unwrap().offset;
-        seen.push(next_json(&mut sub).await["offset"].as_u64().unwrap());
+    assert_eq!(seen, accepted);
+    let live = b.publish("live", Payload::text("live")).await.unwrap();
+    assert_eq!(next_json(&mut sub).await["offset"].as_u64(), Some(live.offset), "then live");
+    // SSE on the same node: its start, 1..3, the new epoch announced, then
+    // 1..10 of it.
+    let mut events = Vec::new();
+    for _ in 0..15 {
+        let (event, id, data) = sse.next_event().await.unwrap();
+        let v: Value = serde_json::from_str(&data).unwrap();
+        events.push((event, id, v["offset"].as_u64()));
     }
-    let start = seen[0];
-    assert_eq!(seen, (start..start + 6).collect::<Vec<_>>(), "contiguous after recovery");
-    assert_eq!(*seen.last().unwrap(), offset);
-    // SSE on the same node sees the jump too: 1..3, then the new epoch.
-    let mut sse_offsets = Vec::new();
-    for _ in 0..4 {
-        let m: Value = serde_json::from_str(&sse.next_data().await.unwrap()).unwrap();
-        sse_offsets.push(m["offset"].as_u64().unwrap());
-    }
-    assert_eq!(&sse_offsets[..3], &[1, 2, 3]);
+    let old = events[1].1.clone().unwrap();
+    let old_epoch = old.split(':').next().unwrap().to_owned();
+    let mut want: Vec<(String, Option<String>, Option<u64>)> = vec![("subscribed".into(), None, Some(0))];
+    want.extend((1..=3).map(|o| ("message".into(), Some(format!("{old_epoch}:{o}")), Some(o))));
+    want.push(("epoch".into(), None, None));
+    want.extend((1..=10).map(|o| ("message".into(), Some(format!("{}:{o}", first.epoch)), Some(o))));
+    assert_eq!(events, want);
     let m = a.metrics_text();
     assert!(metric(&m, "herald_broker_gaps_total") >= 1, "the gap is counted");
+    assert_eq!(metric(&m, "herald_broker_epoch_changes_total"), 1);
+    assert_eq!(metric(&m, "herald_broker_missed_messages_total"), 0, "the stream held everything");
     assert!(metric(&m, "herald_broker_reconnects_total") >= 1, "the reconnect is counted");
     assert!(metric(&b.metrics_text(), "herald_broker_publish_errors_total") >= 3);
     // A new subscriber after recovery is confirmed as usual.
@@ -314,6 +322,8 @@ async fn a_subscription_redis_cannot_confirm_is_refused_with_unavailable() {
     redis.spawn();
     wait_metric(&a, "herald_broker_subscriptions", |v| v == 1).await;
     let p = a.publish("warm", Payload::text("back")).await.unwrap();
+    let notice = next_json(&mut warm).await;
+    assert_eq!((notice["op"].as_str(), notice["epoch"].as_str()), (Some("epoch"), Some(p.epoch.as_str())), "Redis came back empty");
     let m = next_json(&mut warm).await;
     assert_eq!((m["offset"].as_u64(), m["data"].as_str()), (Some(p.offset), Some("back")));
 }
@@ -347,12 +357,12 @@ async fn subscription_churn_leaves_no_redis_subscription_behind() {
 }
 
 /// A Redis Cluster of three masters on free ports.
-struct Cluster {
-    nodes: Vec<RedisServer>,
+pub(crate) struct Cluster {
+    pub(crate) nodes: Vec<RedisServer>,
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    pub(crate) fn start() -> Cluster {
         let nodes: Vec<RedisServer> =
             (0..3).map(|_| RedisServer::start(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])).collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
@@ -372,12 +382,12 @@ impl Cluster {
         Cluster { nodes }
     }
 
-    fn urls(&self) -> Vec<String> {
+    pub(crate) fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
     /// The node that owns `channel`'s slot: the others answer MOVED.
-    fn owner(&self, channel: &str) -> usize {
+    pub(crate) fn owner(&self, channel: &str) -> usize {
         let key = format!("herald:{{{channel}}}:meta");
         let own: Vec<usize> = (0..3).filter(|&i| self.nodes[i].query::<Option<String>>(&["TYPE", &key]).is_ok()).collect();
         assert_eq!(own.len(), 1, "exactly one master owns {key}");
@@ -488,29 +498,4 @@ async fn a_node_started_before_redis_serves_once_redis_is_up() {
     assert_eq!(p.offset, 1);
     let m: Value = serde_json::from_str(&sse.next_data().await.unwrap()).unwrap();
     assert_eq!((m["offset"].as_u64(), m["data"].as_str()), (Some(1), Some("first")));
-}
-
-/// Through Redis there is no history yet: a subscribe with a position
-/// says plainly that nothing was recovered, and `history` is refused, on
-/// the wire and over HTTP.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_redis_recovery_is_refused_plainly_until_redis_keeps_history() {
-    let redis = RedisServer::start(&[]);
-    let a = node(&redis.url());
-    let p = a.publish("r", Payload::text("x")).await.unwrap();
-    let mut c = ws(addr(&a), "/ws").await;
-    let since = format!("{}:0", p.epoch);
-    let r = command(&mut c, json!({"op": "subscribe", "channel": "r", "since": since, "id": 1})).await;
-    assert_eq!((r["op"].as_str(), r["recovered"].as_bool(), r["id"].as_u64()), (Some("subscribed"), Some(false), Some(1)), "{r}");
-    let h = command(&mut c, json!({"op": "history", "channel": "r", "id": 2})).await;
-    assert_eq!((h["op"].as_str(), h["code"].as_str()), (Some("error"), Some("unavailable")), "{h}");
-    let (status, _, body) = http(addr(&a), "GET", "/history/r", &[], b"").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("unavailable"), "{body}");
-    assert_eq!(metric(&a.metrics_text(), "herald_recoveries_total{outcome=\"off\"}"), 1);
-    // An idempotency key is refused, not ignored: a retry could publish twice.
-    let (status, _, body) = http(addr(&a), "POST", "/publish/r", &[("idempotency-key", "k")], b"x").await;
-    assert_eq!(status, 400, "{body}");
-    assert!(body.contains("not supported with a Redis broker"), "{body}");
-    a.shutdown(Duration::from_secs(1)).await;
 }

@@ -15,5 +15,6 @@ mod history;
 mod hostile;
 mod interop;
 mod limits;
+mod redis_history;
 mod shutdown;
 mod slow;

@@ -35,12 +35,13 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 use tokio::sync::{watch, Notify};
 
+use crate::broker::{HistoryError, Page, Start};
 use crate::config::Config;
-use crate::message::{BrokerDown, Epoch, PublishError, Published};
+use crate::message::{BrokerDown, Epoch, Position, PublishError, Published};
 use crate::proto::json::Payload;
 use crate::router::Router;
 use channels::Channels;
-use script::{Publisher, Scripts};
+use script::{Publisher, Read, Scripts};
 
 /// Interest changes waiting for the coordinator; past it, a full resync.
 const DIRTY_QUEUE: usize = 65_536;
@@ -54,6 +55,14 @@ pub(crate) struct BrokerMetrics {
     pub gaps: AtomicU64,
     pub missed: AtomicU64,
     pub publish_errors: AtomicU64,
+    /// Publishes answered from an idempotency key (nothing published).
+    pub repeats: AtomicU64,
+    /// Messages read from a channel's stream to fill a gap.
+    pub filled: AtomicU64,
+    /// Messages from Redis already delivered (read from the stream first).
+    pub duplicates: AtomicU64,
+    /// Epoch changes announced to subscribers.
+    pub epochs: AtomicU64,
     pub backpressure: AtomicU64,
     pub reconnects: AtomicU64,
     /// Channels this node is subscribed to in Redis (confirmed).
@@ -85,6 +94,7 @@ pub(crate) struct Shared {
     seeds: Vec<redis::ConnectionInfo>,
     timeout: Duration,
     scripts: Scripts,
+    recovery_max: usize,
     router: Arc<Router>,
     channels: Channels,
     /// The broker thread's publisher: epoch fetches, the slot map, and
@@ -145,6 +155,26 @@ impl Shared {
         }
     }
 
+    /// The publisher of shard `shard` once it is up, else the broker
+    /// thread's.
+    fn publisher_for(&self, shard: Option<usize>) -> Option<&Publisher> {
+        let own = shard.and_then(|s| self.shard_publishers.get(s)).and_then(OnceLock::get);
+        own.or_else(|| self.publisher.get())
+    }
+
+    /// Runs the read script on `shard`'s publisher (else the broker
+    /// thread's).
+    /// A read changes nothing that matters, so one lost to a connection
+    /// that broke (redis-rs reconnects it on the error) is tried again once.
+    async fn read(&self, channel: &Arc<str>, what: Read, shard: Option<usize>) -> Result<script::Snapshot, HistoryError> {
+        let p = self.publisher_for(shard).ok_or_else(|| HistoryError::Unavailable("not connected to Redis".into()))?;
+        let r = match self.scripts.read(p, channel, what).await {
+            Err(script::ScriptError::Redis(e)) if e.is_io_error() => self.scripts.read(p, channel, what).await,
+            r => r,
+        };
+        r.map_err(|e| HistoryError::Unavailable(e.to_string()))
+    }
+
     /// Redis dropped `channel`'s subscription: route it again.
     fn lost(&self, channel: &Arc<str>) {
         if self.lost.push(Arc::clone(channel)).is_err() {
@@ -187,7 +217,8 @@ impl RedisBroker {
             cluster,
             seeds,
             timeout,
-            scripts: Scripts::new(wire::Names::new(&c.redis_prefix), cluster, timeout, c.redis_counter_ttl_ms),
+            scripts: Scripts::new(wire::Names::new(&c.redis_prefix), cluster, timeout, script::Limits::from_config(c)),
+            recovery_max: c.recovery_max,
             router: Arc::clone(router),
             channels: Channels::new(),
             publisher: OnceLock::new(),
@@ -272,31 +303,79 @@ impl RedisBroker {
         &self,
         channel: String,
         payload: Payload,
+        key: Option<String>,
         shard: Option<usize>,
     ) -> impl std::future::Future<Output = Result<Published, PublishError>> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         async move {
-            let own = shard.and_then(|s| shared.shard_publishers.get(s)).and_then(OnceLock::get);
-            let r = match own.or_else(|| shared.publisher.get()) {
-                Some(p) => shared.scripts.publish(p, &channel, &payload).await,
+            let r = match shared.publisher_for(shard) {
+                Some(p) => shared.scripts.publish(p, &channel, &payload, key.as_deref()).await,
                 None => Err(PublishError::NotPublished(BrokerDown::NotConnected)),
             };
-            if r.is_err() {
-                shared.metrics.publish_errors.fetch_add(1, Ordering::Relaxed);
+            match r {
+                Ok((published, repeat)) => {
+                    if repeat {
+                        shared.metrics.repeats.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(published)
+                }
+                Err(e) => {
+                    shared.metrics.publish_errors.fetch_add(1, Ordering::Relaxed);
+                    Err(e)
+                }
             }
-            r
         }
     }
 
-    /// The channel's epoch once Redis confirmed this node's subscription
-    /// (everything published from then on reaches this node).
-    pub(crate) fn subscribed(&self, channel: &str) -> Option<Epoch> {
-        self.shared.channels.confirmed(channel)
+    /// Where a new subscription of this node's starts: once Redis confirmed
+    /// the node's subscription (everything published from then on reaches
+    /// the node), the channel's epoch, top and, given `since`, what was
+    /// missed, read from its stream in one script.
+    pub(crate) fn start_at(
+        &self,
+        channel: String,
+        since: Option<Position>,
+        shard: Option<usize>,
+    ) -> impl std::future::Future<Output = Result<Start, HistoryError>> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        let confirmed = self.await_subscribed(channel.clone());
+        async move {
+            if confirmed.await.is_none() {
+                return Err(HistoryError::Unavailable("Redis did not confirm the subscription in time; retry".into()));
+            }
+            let what = match since {
+                Some(p) => Read::After { since: p, count: shared.recovery_max, capped: true },
+                None => Read::Top,
+            };
+            let snap = shared.read(&channel.into(), what, shard).await?;
+            let size = shared.scripts.limits().history_size;
+            let recovery = since.map(|p| crate::broker::recover(snap.epoch, snap.top, &snap.history, p, size, shared.recovery_max));
+            Ok(Start { epoch: snap.epoch, top: snap.top, recovery })
+        }
+    }
+
+    /// A page of the channel's history, read from its stream.
+    pub(crate) fn history(
+        &self,
+        channel: String,
+        since: Option<Position>,
+        limit: usize,
+        shard: Option<usize>,
+    ) -> impl std::future::Future<Output = Result<Page, HistoryError>> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        async move {
+            let what = match since {
+                Some(p) => Read::After { since: p, count: limit + 1, capped: false },
+                None => Read::Latest(limit),
+            };
+            let snap = shared.read(&channel.into(), what, shard).await?;
+            Ok(crate::broker::page(snap.epoch, snap.top, &snap.history, since, limit))
+        }
     }
 
     /// Waits until Redis confirmed this node's subscription to `channel`
     /// (at most the Redis timeout); returns the channel's epoch.
-    pub(crate) fn await_subscribed(&self, channel: String) -> impl std::future::Future<Output = Option<Epoch>> + Send + 'static {
+    fn await_subscribed(&self, channel: String) -> impl std::future::Future<Output = Option<Epoch>> + Send + 'static {
         let shared = Arc::clone(&self.shared);
         let mut rx = shared.confirmed.subscribe();
         let deadline = tokio::time::Instant::now() + shared.timeout;
@@ -345,11 +424,33 @@ impl RedisBroker {
             "herald_broker_dropped_total",
             "counter",
             "Messages from Redis not delivered, by reason.",
-            &[("{reason=\"no_interest\"}", g(&m.dropped_no_interest)), ("{reason=\"malformed\"}", g(&m.dropped_malformed))],
+            &[
+                ("{reason=\"no_interest\"}", g(&m.dropped_no_interest)),
+                ("{reason=\"malformed\"}", g(&m.dropped_malformed)),
+                ("{reason=\"duplicate\"}", g(&m.duplicates)),
+            ],
         );
         metric("herald_broker_gaps_total", "counter", "Offset jumps or epoch changes seen in a channel from Redis.", &[("", g(&m.gaps))]);
-        metric("herald_broker_missed_messages_total", "counter", "Offsets skipped by those gaps.", &[("", g(&m.missed))]);
+        metric(
+            "herald_broker_missed_messages_total",
+            "counter",
+            "Offsets lost in those gaps: not in the stream any more when the node filled them (announced with lagged).",
+            &[("", g(&m.missed))],
+        );
         metric("herald_broker_publish_errors_total", "counter", "Publishes that Redis did not take.", &[("", g(&m.publish_errors))]);
+        metric(
+            "herald_idempotent_repeats_total",
+            "counter",
+            "Publishes answered from an idempotency key, publishing nothing.",
+            &[("", g(&m.repeats))],
+        );
+        metric("herald_broker_filled_total", "counter", "Messages read from a channel's stream to fill a gap.", &[("", g(&m.filled))]);
+        metric(
+            "herald_broker_epoch_changes_total",
+            "counter",
+            "Epoch changes seen under a subscription and announced to its subscribers.",
+            &[("", g(&m.epochs))],
+        );
         metric(
             "herald_broker_backpressure_total",
             "counter",

@@ -5,7 +5,9 @@
 //! than through redis-rs, whose push sender silently drops on a full
 //! bounded channel: here a message is queued on the shards, or reading
 //! waits while their queues are full (TCP pushes back to Redis), or it is
-//! counted as dropped by reason.
+//! counted as dropped by reason. Gaps ([`super::channels`]) are filled
+//! from the channel's stream by a task of their own; the connection goes
+//! on reading meanwhile.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -20,9 +22,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use super::channels::Delivered;
+use super::channels::{fill_messages, Delivered, Fill, Incoming, Step};
+use super::script::Read;
 use super::{wire, Backoff, Shared};
 use crate::proto::resp::{self, Resp};
+use crate::router::Routed;
 
 /// Channels per SUBSCRIBE command when resubscribing.
 const SUBSCRIBE_BATCH: usize = 256;
@@ -325,27 +329,37 @@ impl Subscriber {
         }
     }
 
-    /// Confirms subscription `gen` once the channel's epoch is known. The
-    /// epoch comes from the publisher connection (which may be reconnecting
-    /// too): reading is not held up, and the fetch is retried until this
-    /// connection ends. The generation keeps a late answer from confirming
-    /// a later subscription.
+    /// Confirms subscription `gen` once the channel's epoch and top are
+    /// read (after Redis answered the subscribe, so every later message
+    /// reaches this node), and fills what was published while the node was
+    /// not subscribed. The read goes through the publisher connection
+    /// (which may be reconnecting too): reading is not held up, and the read
+    /// is retried until this connection ends. The generation keeps a late
+    /// answer from confirming a later subscription.
     fn confirm_later(&self, ch: Arc<str>, gen: u64, alive: Rc<Cell<bool>>) {
         let (shared, fetches) = (Arc::clone(&self.shared), Rc::clone(&self.fetches));
         tokio::task::spawn_local(async move {
             let mut backoff = Backoff::default();
             while alive.get() && shared.router.has_interest(&ch) {
-                let epoch = {
+                let snap = {
                     let Ok(_permit) = fetches.acquire().await else { return };
                     match shared.publisher.get() {
-                        Some(p) => shared.scripts.fetch_epoch(p, &ch).await,
+                        Some(p) => shared.scripts.read(p, &ch, Read::Top).await.ok(),
                         None => None,
                     }
                 };
-                if let Some(epoch) = epoch {
+                if let Some(snap) = snap {
                     if alive.get() {
-                        shared.channels.confirm(&ch, gen, Some(epoch));
+                        shared.channels.confirm(&ch, gen, Some(snap.epoch));
                         shared.confirmed.send_modify(|n| *n += 1);
+                        let (fill, went_back) = shared.channels.at_top(&ch, gen, snap.epoch, snap.top);
+                        if went_back {
+                            shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(channel = %ch, top = snap.top, "a channel's offsets went back in Redis (restored from an older snapshot?)");
+                        }
+                        if let Some(fill) = fill {
+                            start_fill(&shared, fill);
+                        }
                     }
                     return;
                 }
@@ -353,6 +367,83 @@ impl Subscriber {
             }
         });
     }
+}
+
+/// Counts a gap and fills it on the broker thread.
+fn start_fill(shared: &Arc<Shared>, fill: Fill) {
+    shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(channel = %fill.channel, from = fill.from, to = fill.to, new_epoch = fill.announce, "filling a gap in a channel from its stream");
+    tokio::task::spawn_local(run_fill(Arc::clone(shared), fill));
+}
+
+/// Read attempts of a fill before what it could not read counts as lost.
+const FILL_READS: u32 = 5;
+
+/// Reads each gap of a channel from its stream and delivers it (with an
+/// epoch notice first when the epoch is new, `lagged` for what the stream
+/// lost), then what waited behind it; next gaps found in what waited are
+/// filled in turn.
+async fn run_fill(shared: Arc<Shared>, mut fill: Fill) {
+    let m = &shared.metrics;
+    loop {
+        let read = read_range(&shared, &fill).await;
+        let (messages, found, lost) = fill_messages(&fill, &read);
+        m.filled.fetch_add(found, Ordering::Relaxed);
+        m.missed.fetch_add(lost, Ordering::Relaxed);
+        if fill.announce {
+            m.epochs.fetch_add(1, Ordering::Relaxed);
+        }
+        if lost > 0 {
+            tracing::warn!(channel = %fill.channel, lost, from = fill.from, to = fill.to, "messages lost: no longer in the channel's stream");
+        }
+        for msg in &messages {
+            loop {
+                match shared.channels.deliver_filled(&shared.router, msg) {
+                    None => {
+                        shared.channels.abandon(&fill.channel);
+                        return;
+                    }
+                    Some(Routed::Full) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    Some(_) => break,
+                }
+            }
+        }
+        loop {
+            match shared.channels.drain(&shared.router, &fill) {
+                Step::Done => return,
+                Step::Full => tokio::time::sleep(Duration::from_millis(1)).await,
+                Step::Fill(next) => {
+                    m.gaps.fetch_add(1, Ordering::Relaxed);
+                    fill = next;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The messages of `fill`'s range the stream holds (none when it cannot be
+/// read after [`FILL_READS`] attempts).
+async fn read_range(shared: &Shared, fill: &Fill) -> Vec<Arc<crate::message::Message>> {
+    if fill.from > fill.to {
+        return Vec::new();
+    }
+    let what = Read::After {
+        since: crate::message::Position { epoch: fill.epoch, offset: fill.from - 1 },
+        count: usize::try_from(fill.to - fill.from + 1).unwrap_or(usize::MAX),
+        capped: false,
+    };
+    let mut backoff = Backoff::default();
+    for _ in 0..FILL_READS {
+        if let Some(p) = shared.publisher.get() {
+            match shared.scripts.read(p, &fill.channel, what).await {
+                Ok(snap) => return snap.history.into_iter().collect(),
+                Err(e) => tracing::debug!(channel = %fill.channel, error = %e, "cannot read a channel's stream; retrying"),
+            }
+        }
+        tokio::time::sleep(backoff.next()).await;
+    }
+    Vec::new()
 }
 
 async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, LinkError> {
@@ -384,24 +475,23 @@ async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, Lin
     Ok(stream)
 }
 
-async fn deliver(shared: &Shared, redis_channel: &Bytes, body: Bytes) {
+async fn deliver(shared: &Arc<Shared>, redis_channel: &Bytes, body: Bytes) {
     let m = &shared.metrics;
     let (Some(channel), Some((epoch, offset, payload))) = (shared.scripts.names.herald_channel(redis_channel), wire::parse_body(&body))
     else {
         m.dropped_malformed.fetch_add(1, Ordering::Relaxed);
         return;
     };
+    let incoming = Incoming { epoch, offset, payload };
     let mut waited = false;
     loop {
-        match shared.channels.deliver(&shared.router, channel, epoch, offset, &payload) {
-            Delivered::Queued { missed, reset } => {
-                if missed > 0 || reset {
-                    m.gaps.fetch_add(1, Ordering::Relaxed);
-                    m.missed.fetch_add(missed, Ordering::Relaxed);
-                    tracing::warn!(channel, missed, offsets_restarted = reset, offset, "gap in a channel from Redis");
-                }
+        match shared.channels.deliver(&shared.router, channel, incoming.clone()) {
+            Delivered::Queued | Delivered::Held => return,
+            Delivered::Duplicate => {
+                m.duplicates.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            Delivered::Gap(fill) => return start_fill(shared, fill),
             Delivered::NoInterest => {
                 m.dropped_no_interest.fetch_add(1, Ordering::Relaxed);
                 return;

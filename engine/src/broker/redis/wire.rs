@@ -2,9 +2,13 @@
 //! published message.
 //!
 //! - Channel `news` with prefix `herald:` is the Redis channel
-//!   `herald:{news}` and its counter hash `herald:{news}:meta` (fields `o`,
-//!   the last offset, and `e`, the epoch). The hash tag puts both in one
-//!   cluster slot, so the publish script runs on one node.
+//!   `herald:{news}`, its counter hash `herald:{news}:meta` (fields `o`,
+//!   the last offset, and `e`, the epoch), its history stream
+//!   `herald:{news}:history` (entry id `<offset>-0`, fields `d`, the
+//!   `{kind}{payload}` tail, and `t`, the publish time in ms) and its
+//!   idempotency keys `herald:{news}:idem:<key>` (`<offset>|<epoch>`). The
+//!   hash tag puts them all in one cluster slot, so each script runs on one
+//!   node.
 //! - A message body is `h1|{epoch}|{offset}|{kind}{payload}`, `kind` being
 //!   `j` (JSON) or `t` (text). The publish script writes the head; Herald
 //!   writes `{kind}{payload}` ([`encode_tail`]).
@@ -36,6 +40,16 @@ impl Names {
     /// The counter hash of a Herald channel.
     pub(crate) fn meta_key(&self, channel: &str) -> String {
         format!("{}{{{channel}}}:meta", self.prefix)
+    }
+
+    /// The stream holding a Herald channel's history.
+    pub(crate) fn stream_key(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:history", self.prefix)
+    }
+
+    /// The key remembering a publish made with idempotency key `key`.
+    pub(crate) fn idempotency_key(&self, channel: &str, key: &str) -> String {
+        format!("{}{{{channel}}}:idem:{key}", self.prefix)
     }
 
     /// The Herald channel of a Redis channel name (`{prefix}{name}`).
@@ -77,15 +91,18 @@ pub(crate) fn parse_body(body: &Bytes) -> Option<(Epoch, u64, Payload)> {
     let rest = rest.get(8..)?.strip_prefix(b"|")?;
     let bar = rest.iter().position(|&b| b == b'|')?;
     let offset: u64 = std::str::from_utf8(&rest[..bar]).ok()?.parse().ok()?;
-    let kind = *rest.get(bar + 1)?;
-    let start = body.len() - rest.len() + bar + 2;
-    let data = body.slice(start..);
-    let payload = match kind {
-        b'j' => Payload::json_prevalidated(data),
-        b't' => Payload::text_from_utf8(data).ok()?,
-        _ => return None,
-    };
-    Some((epoch, offset, payload))
+    let start = body.len() - rest.len() + bar + 1;
+    Some((epoch, offset, parse_tail(&body.slice(start..))?))
+}
+
+/// Parses `{kind}{payload}` without copying the payload.
+pub(crate) fn parse_tail(tail: &Bytes) -> Option<Payload> {
+    let data = tail.slice(1..);
+    match tail.first()? {
+        b'j' => Some(Payload::json_prevalidated(data)),
+        b't' => Payload::text_from_utf8(data).ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -126,7 +143,9 @@ mod tests {
         assert_eq!(ch, "herald:{chat:room/1}");
         assert_eq!(n.herald_channel(ch.as_bytes()), Some("chat:room/1"));
         assert_eq!(n.herald_channel(b"other:{x}"), None);
-        assert_eq!(resp::key_slot(ch.as_bytes()), resp::key_slot(n.meta_key("chat:room/1").as_bytes()));
+        for key in [n.meta_key("chat:room/1"), n.stream_key("chat:room/1"), n.idempotency_key("chat:room/1", "k{1}")] {
+            assert_eq!(resp::key_slot(ch.as_bytes()), resp::key_slot(key.as_bytes()), "{key}");
+        }
         let cmd = n.sub_command(true, true, &["a".into()]);
         assert_eq!(cmd, b"*2\r\n$10\r\nSSUBSCRIBE\r\n$10\r\nherald:{a}\r\n");
     }
