@@ -10,13 +10,16 @@
 #   bash bench/loadgen-table.sh cluster    # the same through a Redis Cluster of 3 masters
 #   bash bench/loadgen-table.sh ceiling    # rising rates until loss or p99 > 20 ms: local, Redis, cluster
 #   bash bench/loadgen-table.sh history    # the cost of history: history_size 100 (default) against 0
+#   bash bench/loadgen-table.sh history-redis  # the same through Redis, with Redis's CPU, and a stream's memory
+#   bash bench/loadgen-table.sh storm      # 1,000 clients reconnecting at once, with and without recovery
+#   bash bench/loadgen-table.sh storm-redis    # the same through Redis, recovering what another node published
 #
 # Herald and loadgen share the machine; each run's JSON is kept in
 # target/loadgen-table/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release -q -p herald -p herald-loadgen
+cargo build --release -q -p herald -p herald-loadgen -p herald-bench
 out=target/loadgen-table
 mkdir -p "$out"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -170,12 +173,55 @@ history)
     run "history-100-$round" --url "$ws" "${common[@]}"
   done
   ;;
+history-redis)
+  # Two nodes on one Redis, differing only in history_size (0 against the
+  # default 100) and their key prefix; 1,000 channels x 2 subscribers at
+  # 20,000/s, interleaved. Redis's CPU per publish is sampled around each run.
+  rport=${REDIS_PORT:-16379}
+  redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
+  rpid=$!
+  target/release/herald --listen "127.0.0.1:$((port + 4))" --redis "redis://127.0.0.1:$rport" --redis-prefix h0: --history-size 0 >"$out/herald-rh0.log" 2>&1 &
+  h0=$!
+  target/release/herald --listen "127.0.0.1:$((port + 5))" --redis "redis://127.0.0.1:$rport" --redis-prefix h100: >"$out/herald-rh100.log" 2>&1 &
+  h100=$!
+  trap 'kill $pid $h0 $h100 $rpid 2>/dev/null; wait 2>/dev/null || true' EXIT
+  sleep 1
+  ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  rate=${RATE:-20000}
+  common=(--channels 1000 --subscribers 2000 --rate "$rate" --duration 8 --warmup 2 --publish-connections 16)
+  for round in 1 2 3; do
+    for h in 0 100; do
+      node=$h0 p=$((port + 4))
+      [[ $h == 100 ]] && node=$h100 p=$((port + 5))
+      before=$(ticks "$rpid")
+      run "redis-history-$h-$round" --url "ws://127.0.0.1:$p/ws?channel={channel}" --server-pid "$node" "${common[@]}"
+      after=$(ticks "$rpid")
+      python3 -c "import sys; t=($after-$before)/100; print(f'  redis-server CPU {t:.2f} s over the run, {t*1e6/($rate*10):.2f} us per publish')"
+    done
+  done
+  # One channel's stream at history_size 100 with 64-byte payloads.
+  body=$(printf 'x%.0s' $(seq 64))
+  for _ in $(seq 150); do
+    curl -sf -X POST --data-binary "$body" "http://127.0.0.1:$((port + 5))/publish/mem" >/dev/null
+  done
+  echo "stream of 'mem': $(redis-cli -p "$rport" XLEN 'h100:{mem}:history') entries, $(redis-cli -p "$rport" MEMORY USAGE 'h100:{mem}:history' SAMPLES 0) bytes (MEMORY USAGE)"
+  ;;
+storm)
+  target/release/storm --addr "127.0.0.1:$port" --clients "${CLIENTS:-1000}" --channels 10 --missed 100 --rounds 4 --server-pid "$pid"
+  ;;
+storm-redis)
+  # The clients leave node 1 and come back to it; the missed messages are
+  # published on node 2. Herald's CPU is node 1's.
+  redis_nodes 2
+  target/release/storm --addr "127.0.0.1:$((port + 1))" --publish-addr "127.0.0.1:$((port + 2))" --clients "${CLIENTS:-1000}" \
+    --channels 10 --missed 100 --rounds 4 --server-pid "${rnodes[0]}" --redis-pid "$rpid"
+  ;;
 idle)
   target/release/loadgen connect --quiet --url "ws://127.0.0.1:$port/ws?channel=idle" \
     --connections "${CONNECTIONS:-10000}" --rate 2000 --hold 3 --server-pid "$pid" --json "$out/idle.json"
   ;;
 *)
-  echo "usage: $0 [table|ladder|idle|redis|channels|cluster|ceiling|history]" >&2
+  echo "usage: $0 [table|ladder|idle|redis|channels|cluster|ceiling|history|history-redis|storm|storm-redis]" >&2
   exit 2
   ;;
 esac

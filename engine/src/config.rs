@@ -330,6 +330,12 @@ impl Config {
         check(c.history_size <= 100_000, "history_size must be at most 100000")?;
         check(c.history_ttl_s >= 1, "history_ttl_s must be at least 1")?;
         check(c.recovery_max >= 1 && c.recovery_max <= 100_000, "recovery_max must be between 1 and 100000")?;
+        // The counter and epoch must outlive the history stream, or a
+        // channel would restart its offsets while history still holds them.
+        check(
+            c.redis_counter_ttl_ms == 0 || c.redis_counter_ttl_ms >= c.history_ttl_s.saturating_mul(1000),
+            "redis_counter_ttl_ms must be 0 (never) or at least history_ttl_s × 1000 (the counter must outlive the history)",
+        )?;
         check(c.idempotency_max_keys >= 64, "idempotency_max_keys must be at least 64")?;
         check(c.outbound_queue_bytes >= 1024, "outbound_queue_bytes must be at least 1024")?;
         // The JSON escaping of a text payload can make its frame up to six

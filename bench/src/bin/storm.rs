@@ -8,6 +8,8 @@
 //!
 //! ```text
 //! storm --addr 127.0.0.1:8080 --clients 1000 --channels 10 --missed 100 --server-pid $(pgrep -x herald)
+//! # Through Redis: publish on another node, sample redis-server too.
+//! storm --addr 127.0.0.1:8081 --publish-addr 127.0.0.1:8082 --server-pid … --redis-pid …
 //! ```
 
 use std::net::SocketAddr;
@@ -43,6 +45,14 @@ struct Args {
     /// Sample this process's CPU during each storm.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Publish the missed messages through this node instead (another
+    /// node on the same Redis): the clients recover what another node
+    /// published.
+    #[arg(long)]
+    publish_addr: Option<SocketAddr>,
+    /// Sample this process's CPU during each storm too (redis-server).
+    #[arg(long)]
+    redis_pid: Option<u32>,
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
@@ -113,20 +123,23 @@ async fn storm(a: &Args, round: usize, recover: bool) -> anyhow::Result<()> {
         positions.push(j.await??);
     }
     // 2. While they are away, `missed` messages per channel.
-    let mut publisher = connect(a.addr).await?;
-    for name in &names {
-        for k in 0..a.missed {
+    let mut publisher = connect(a.publish_addr.unwrap_or(a.addr)).await?;
+    // At most 200 in flight: a Redis-brokered node takes 256 per connection.
+    let all: Vec<(String, u64)> = names.iter().flat_map(|n| (0..a.missed).map(move |k| (n.clone(), k))).collect();
+    for chunk in all.chunks(200) {
+        for (name, k) in chunk {
             publisher.send(Message::text(json!({"op":"publish","channel":name,"data":{"k":k}}).to_string())).await?;
         }
-    }
-    for _ in 0..names.len() as u64 * a.missed {
-        let r = next_json(&mut publisher).await?;
-        if r["op"] != "published" {
-            bail!("publish answered {r}");
+        for _ in chunk {
+            let r = next_json(&mut publisher).await?;
+            if r["op"] != "published" {
+                bail!("publish answered {r}");
+            }
         }
     }
     // 3. All come back at once.
     let cpu0 = a.server_pid.and_then(cpu_ticks);
+    let redis0 = a.redis_pid.and_then(cpu_ticks);
     let t0 = Instant::now();
     let mut joins = Vec::new();
     for (name, pos) in positions {
@@ -159,13 +172,18 @@ async fn storm(a: &Args, round: usize, recover: bool) -> anyhow::Result<()> {
         conns.push(ws);
     }
     let total = t0.elapsed();
-    let cpu = match (cpu0, a.server_pid.and_then(cpu_ticks)) {
+    let seconds = |before: Option<u64>, pid: Option<u32>| match (before, pid.and_then(cpu_ticks)) {
         (Some(x), Some(y)) => format!("{:.2} s", (y - x) as f64 / 100.0),
         _ => "-".into(),
     };
+    let cpu = seconds(cpu0, a.server_pid);
+    let redis = match a.redis_pid {
+        Some(_) => format!(", Redis CPU {}", seconds(redis0, a.redis_pid)),
+        None => String::new(),
+    };
     times.sort_by(f64::total_cmp);
     println!(
-        "round {round} {:<13} {} clients, {} missed each: all live in {:.0} ms (per client p50 {:.0} / p99 {:.0} ms), server CPU {cpu}",
+        "round {round} {:<13} {} clients, {} missed each: all live in {:.0} ms (per client p50 {:.0} / p99 {:.0} ms), server CPU {cpu}{redis}",
         if recover { "recovery" } else { "no recovery" },
         a.clients,
         if recover { a.missed } else { 0 },

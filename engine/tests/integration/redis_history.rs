@@ -300,3 +300,45 @@ async fn redis_cluster_keeps_each_channels_history_on_its_owner() {
         }
     }
 }
+
+/// Many clients of one channel coming back at once, from different
+/// positions (their starts share reads of the stream): each gets exactly
+/// what it missed, then live messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_recovering_one_channel_at_once_each_gets_its_own_range() {
+    let redis = RedisServer::start(&[]);
+    let (a, b) = (node(&redis.url()), node(&redis.url()));
+    let mut epoch = String::new();
+    for _ in 1..=50 {
+        epoch = b.publish("crowd", Payload::text("x")).await.unwrap().epoch.to_string();
+    }
+    let mut clients = Vec::new();
+    for i in 0..40u64 {
+        let (addr, epoch) = (addr(&a), epoch.clone());
+        clients.push(tokio::spawn(async move {
+            let mut c = ws(addr, "/ws").await;
+            // Every fourth from another epoch; the rest from 0, 5, … 45.
+            let since = if i % 4 == 3 { "zzzzzzzz:7".to_string() } else { format!("{epoch}:{}", (i % 10) * 5) };
+            let r = subscribe_since(&mut c, "crowd", &since, i).await;
+            (i, since, r, c)
+        }));
+    }
+    let mut joined = Vec::new();
+    for c in clients {
+        joined.push(c.await.unwrap());
+    }
+    let live = b.publish("crowd", Payload::text("live")).await.unwrap();
+    assert_eq!(live.offset, 51);
+    for (i, since, r, mut c) in joined {
+        let from = if i % 4 == 3 {
+            assert_eq!(r["recovered"].as_bool(), Some(false), "{since}: {r}");
+            51
+        } else {
+            assert_eq!((r["recovered"].as_bool(), r["offset"].as_u64()), (Some(true), Some(50)), "{since}: {r}");
+            (i % 10) * 5 + 1
+        };
+        for o in from..=51 {
+            assert_eq!(next_json(&mut c).await["offset"].as_u64(), Some(o), "client {i} from {since}");
+        }
+    }
+}

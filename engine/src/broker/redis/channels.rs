@@ -52,7 +52,9 @@ struct Sub {
     expect: Option<(Epoch, u64)>,
     /// A fill is running: what came from Redis meanwhile, in order.
     held: Option<VecDeque<Incoming>>,
-    /// The last message dropped because `held` was full.
+    /// Where the running fill must read up to once `held` is empty: the
+    /// last message dropped because `held` was full, or the top read after
+    /// a reconnect.
     dropped: Option<(Epoch, u64)>,
 }
 
@@ -178,7 +180,14 @@ impl Channels {
         let mut map = self.stripe(channel);
         let Some(sub) = map.get_mut(channel) else { return (None, false) };
         let name = Arc::clone(&sub.name);
-        if sub.gen != gen || sub.held.is_some() {
+        if sub.gen != gen {
+            return (None, false);
+        }
+        if sub.held.is_some() {
+            // A fill is running: it reads up to the top when it is done.
+            if sub.dropped.is_none_or(|(e, o)| e != epoch || o < top) {
+                sub.dropped = Some((epoch, top));
+            }
             return (None, false);
         }
         let fill = match sub.expect {
@@ -205,7 +214,7 @@ impl Channels {
     /// Queues a message that came from Redis on every interested shard,
     /// in order: or drops it as delivered already, or holds it behind a
     /// fill.
-    pub(crate) fn deliver(&self, router: &Router, channel: &str, m: Incoming) -> Delivered {
+    pub(crate) fn deliver(&self, router: &Router, channel: &str, m: &Incoming) -> Delivered {
         let mut map = self.stripe(channel);
         let Some(sub) = map.get_mut(channel) else { return Delivered::NoInterest };
         if let Some(held) = &mut sub.held {
@@ -213,7 +222,7 @@ impl Channels {
                 // Read back from the stream when the fill is done.
                 sub.dropped = Some((m.epoch, m.offset));
             } else {
-                held.push_back(m);
+                held.push_back(m.clone());
             }
             return Delivered::Held;
         }
@@ -221,12 +230,12 @@ impl Channels {
             None => Delivered::Duplicate,
             Some(Err((from, announce))) => {
                 let fill = Fill { channel: Arc::clone(&sub.name), epoch: m.epoch, from, to: m.offset - 1, announce };
-                sub.held = Some(VecDeque::from([m]));
+                sub.held = Some(VecDeque::from([m.clone()]));
                 Delivered::Gap(fill)
             }
             Some(Ok(())) => {
                 let name = Arc::clone(&sub.name);
-                match router.dispatch(channel, || Arc::new(Message::new(name, m.epoch, m.offset, m.payload))) {
+                match router.dispatch(channel, || Arc::new(Message::new(name, m.epoch, m.offset, m.payload.clone()))) {
                     Routed::NoInterest => Delivered::NoInterest,
                     Routed::Full => Delivered::Full,
                     Routed::Queued => {
@@ -354,16 +363,16 @@ mod tests {
         let t = Channels::new();
         let a: Arc<str> = "a".into();
         let e1 = Epoch::random();
-        assert_eq!(t.deliver(&r, "a", inc(e1, 1)), Delivered::NoInterest, "not subscribed");
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 1)), Delivered::NoInterest, "not subscribed");
         r.subscribe("a", 0).unwrap();
         r.subscribe("a", 1).unwrap();
         t.subscribe(&a, true);
-        assert_eq!(t.deliver(&r, "a", inc(e1, 5)), Delivered::Queued, "the first message sets the baseline");
-        assert_eq!(t.deliver(&r, "a", inc(e1, 6)), Delivered::Queued);
-        assert_eq!(t.deliver(&r, "a", inc(e1, 6)), Delivered::Duplicate);
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 5)), Delivered::Queued, "the first message sets the baseline");
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 6)), Delivered::Queued);
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 6)), Delivered::Duplicate);
         let fill = Fill { channel: Arc::clone(&a), epoch: e1, from: 7, to: 8, announce: false };
-        assert_eq!(t.deliver(&r, "a", inc(e1, 9)), Delivered::Gap(fill.clone()), "7 and 8 are missing");
-        assert_eq!(t.deliver(&r, "a", inc(e1, 10)), Delivered::Held);
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 9)), Delivered::Gap(fill.clone()), "7 and 8 are missing");
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 10)), Delivered::Held);
         assert_eq!(drained(&r, 1), vec![(P, 5), (P, 6)], "nothing after the gap yet");
         // The stream still holds 8 only.
         let read = [Arc::new(Message::new(Arc::clone(&a), e1, 8, Payload::text("x")))];
@@ -374,7 +383,7 @@ mod tests {
         }
         assert_eq!(t.drain(&r, &fill), Step::Done);
         assert_eq!(drained(&r, 0)[2..], [(Kind::Lagged { to: 7 }, 7), (P, 8), (P, 9), (P, 10)]);
-        assert_eq!(t.deliver(&r, "a", inc(e1, 11)), Delivered::Queued, "live again");
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 11)), Delivered::Queued, "live again");
     }
 
     #[test]
@@ -385,8 +394,8 @@ mod tests {
         r.subscribe("a", 0).unwrap();
         t.subscribe(&a, true);
         let (e1, e2) = (Epoch::random(), Epoch::random());
-        assert_eq!(t.deliver(&r, "a", inc(e1, 3)), Delivered::Queued);
-        let Delivered::Gap(fill) = t.deliver(&r, "a", inc(e2, 2)) else { panic!("a new epoch is a gap") };
+        assert_eq!(t.deliver(&r, "a", &inc(e1, 3)), Delivered::Queued);
+        let Delivered::Gap(fill) = t.deliver(&r, "a", &inc(e2, 2)) else { panic!("a new epoch is a gap") };
         assert_eq!((fill.epoch, fill.from, fill.to, fill.announce), (e2, 1, 1, true));
         let read = [Arc::new(Message::new(Arc::clone(&a), e2, 1, Payload::text("x")))];
         for m in &fill_messages(&fill, &read).0 {
@@ -406,13 +415,13 @@ mod tests {
         let g = t.subscribe(&a, true);
         let e = Epoch::random();
         assert_eq!(t.at_top("a", g, e, 4), (None, false), "a fresh subscription starts at the top");
-        assert_eq!(t.deliver(&r, "a", inc(e, 3)), Delivered::Duplicate, "published before it");
-        assert_eq!(t.deliver(&r, "a", inc(e, 5)), Delivered::Queued);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 3)), Delivered::Duplicate, "published before it");
+        assert_eq!(t.deliver(&r, "a", &inc(e, 5)), Delivered::Queued);
         // The connection came back; 6 and 7 were published meanwhile.
         let (fill, reset) = t.at_top("a", g, e, 7);
         assert_eq!((fill.clone().map(|f| (f.from, f.to)), reset), (Some((6, 7)), false));
-        assert_eq!(t.deliver(&r, "a", inc(e, 7)), Delivered::Held, "a late copy waits");
-        assert_eq!(t.deliver(&r, "a", inc(e, 8)), Delivered::Held);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 7)), Delivered::Held, "a late copy waits");
+        assert_eq!(t.deliver(&r, "a", &inc(e, 8)), Delivered::Held);
         let fill = fill.unwrap();
         let read: Vec<_> = (6..=7).map(|o| Arc::new(Message::new(Arc::clone(&a), e, o, Payload::text("x")))).collect();
         for m in &fill_messages(&fill, &read).0 {
@@ -430,10 +439,10 @@ mod tests {
         r.subscribe("a", 0).unwrap();
         t.subscribe(&"a".into(), true);
         let e = Epoch::random();
-        assert_eq!(t.deliver(&r, "a", inc(e, 1)), Delivered::Queued);
-        assert_eq!(t.deliver(&r, "a", inc(e, 2)), Delivered::Full);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 1)), Delivered::Queued);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 2)), Delivered::Full);
         r.inbox(0).pop();
-        assert_eq!(t.deliver(&r, "a", inc(e, 2)), Delivered::Queued);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 2)), Delivered::Queued);
     }
 
     #[test]

@@ -28,6 +28,7 @@ mod script;
 mod subscriber;
 mod wire;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -88,6 +89,19 @@ pub enum BrokerError {
     Unsupported(String),
 }
 
+/// A start waiting for a read of its channel: its position, and where the
+/// snapshot goes.
+type StartWaiter = (Option<Position>, tokio::sync::oneshot::Sender<Result<Arc<script::Snapshot>, HistoryError>>);
+
+/// The starts of one channel's new subscriptions: whether a read runs
+/// (its leader serves every waiter), and who waits for the next one. At
+/// most one per subscribe being answered, so bounded by the connections.
+#[derive(Default)]
+struct StartReads {
+    running: bool,
+    waiting: Vec<StartWaiter>,
+}
+
 /// What the broker thread and the shards share.
 pub(crate) struct Shared {
     cluster: bool,
@@ -95,6 +109,8 @@ pub(crate) struct Shared {
     timeout: Duration,
     scripts: Scripts,
     recovery_max: usize,
+    /// Per channel, the starts of new subscriptions waiting for a read.
+    starts: Mutex<HashMap<Arc<str>, StartReads>>,
     router: Arc<Router>,
     channels: Channels,
     /// The broker thread's publisher: epoch fetches, the slot map, and
@@ -175,6 +191,89 @@ impl Shared {
         r.map_err(|e| HistoryError::Unavailable(e.to_string()))
     }
 
+    /// The snapshot a new subscription starts from, read after the call
+    /// (so after the subscription holds its live messages). Subscriptions
+    /// of one channel starting together share reads: while one read runs,
+    /// the next ones wait, and one more read then serves them all (from the
+    /// oldest position asked). A reconnect storm costs a few reads per
+    /// channel, and the replayed messages are shared and encoded once.
+    async fn start_snapshot(
+        &self,
+        channel: &Arc<str>,
+        since: Option<Position>,
+        shard: Option<usize>,
+    ) -> Result<Arc<script::Snapshot>, HistoryError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut map = crate::router::lock(&self.starts);
+            let group = map.entry(Arc::clone(channel)).or_default();
+            group.waiting.push((since, tx));
+            !std::mem::replace(&mut group.running, true)
+        };
+        if lead {
+            self.lead_reads(channel, shard).await;
+        }
+        rx.await.unwrap_or_else(|_| Err(HistoryError::Unavailable("the read was abandoned (shutting down)".into())))
+    }
+
+    /// Reads for the waiting starts of `channel` until none waits.
+    async fn lead_reads(&self, channel: &Arc<str>, shard: Option<usize>) {
+        /// Clears the group if the leader is dropped half way (its shard
+        /// stops): the waiters then get an error instead of waiting forever.
+        struct Lead<'a>(&'a Shared, &'a Arc<str>, bool);
+        impl Drop for Lead<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    crate::router::lock(&self.0.starts).remove(self.1);
+                }
+            }
+        }
+        let mut lead = Lead(self, channel, false);
+        loop {
+            let batch = {
+                let mut map = crate::router::lock(&self.starts);
+                match map.get_mut(channel) {
+                    Some(group) if !group.waiting.is_empty() => std::mem::take(&mut group.waiting),
+                    // Done, under the lock a new start takes to join.
+                    _ => {
+                        map.remove(channel);
+                        lead.2 = true;
+                        return;
+                    }
+                }
+            };
+            // The oldest position of the first epoch asked (a start of
+            // another epoch that turns out current waits for the next read).
+            let asked = batch.iter().find_map(|(s, _)| s.map(|p| p.epoch));
+            let offsets: Vec<u64> = batch.iter().filter_map(|(s, _)| s.filter(|p| Some(p.epoch) == asked).map(|p| p.offset)).collect();
+            let what = match (asked, offsets.iter().min()) {
+                (Some(epoch), Some(&offset)) => Read::After {
+                    since: Position { epoch, offset },
+                    count: self.recovery_max,
+                    // All at one position: read nothing when too many were
+                    // missed. Several: read from the oldest for the others.
+                    capped: offsets.iter().all(|&o| o == offset),
+                },
+                _ => Read::Top,
+            };
+            let r = self.read(channel, what, shard).await.map(Arc::new);
+            let mut again = Vec::new();
+            for (since, tx) in batch {
+                match (&r, since) {
+                    (Ok(snap), Some(p)) if p.epoch == snap.epoch && Some(p.epoch) != asked => again.push((since, tx)),
+                    _ => {
+                        let _ = tx.send(r.clone());
+                    }
+                }
+            }
+            if !again.is_empty() {
+                if let Some(group) = crate::router::lock(&self.starts).get_mut(channel) {
+                    group.waiting.extend(again);
+                }
+            }
+        }
+    }
+
     /// Redis dropped `channel`'s subscription: route it again.
     fn lost(&self, channel: &Arc<str>) {
         if self.lost.push(Arc::clone(channel)).is_err() {
@@ -219,6 +318,7 @@ impl RedisBroker {
             timeout,
             scripts: Scripts::new(wire::Names::new(&c.redis_prefix), cluster, timeout, script::Limits::from_config(c)),
             recovery_max: c.recovery_max,
+            starts: Mutex::new(HashMap::new()),
             router: Arc::clone(router),
             channels: Channels::new(),
             publisher: OnceLock::new(),
@@ -343,11 +443,7 @@ impl RedisBroker {
             if confirmed.await.is_none() {
                 return Err(HistoryError::Unavailable("Redis did not confirm the subscription in time; retry".into()));
             }
-            let what = match since {
-                Some(p) => Read::After { since: p, count: shared.recovery_max, capped: true },
-                None => Read::Top,
-            };
-            let snap = shared.read(&channel.into(), what, shard).await?;
+            let snap = shared.start_snapshot(&channel.into(), since, shard).await?;
             let size = shared.scripts.limits().history_size;
             let recovery = since.map(|p| crate::broker::recover(snap.epoch, snap.top, &snap.history, p, size, shared.recovery_max));
             Ok(Start { epoch: snap.epoch, top: snap.top, recovery })

@@ -485,7 +485,7 @@ async fn deliver(shared: &Arc<Shared>, redis_channel: &Bytes, body: Bytes) {
     let incoming = Incoming { epoch, offset, payload };
     let mut waited = false;
     loop {
-        match shared.channels.deliver(&shared.router, channel, incoming.clone()) {
+        match shared.channels.deliver(&shared.router, channel, &incoming) {
             Delivered::Queued | Delivered::Held => return,
             Delivered::Duplicate => {
                 m.duplicates.fetch_add(1, Ordering::Relaxed);
