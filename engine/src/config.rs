@@ -131,6 +131,12 @@ pub struct Config {
     /// Serve `GET /echo`, a WebSocket echo endpoint for conformance
     /// testing. Default false.
     pub echo: bool,
+    /// Origins (`https://app.example.com`, exactly as a browser sends it)
+    /// whose pages may use Herald; `"*"` allows every origin. A request
+    /// with another `Origin` header gets 403; answers to allowed origins
+    /// carry CORS headers. Requests without `Origin` (not from a browser
+    /// page) are not affected. Default `["*"]`.
+    pub allowed_origins: Vec<String>,
     /// The `redis` broker: `redis://[user:password@]host:port`. Every
     /// publish then goes through this Redis, and every node using it serves
     /// the same channels. Default: none (the local broker).
@@ -179,6 +185,7 @@ impl Default for Config {
             echo: false,
             redis: None,
             redis_cluster: Vec::new(),
+            allowed_origins: vec!["*".to_string()],
             redis_prefix: "herald:".into(),
             redis_timeout_ms: 2_000,
             redis_counter_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -279,6 +286,18 @@ impl Config {
         client_publish: bool);
     setter!(/// Sets [`Config::echo`].
         echo: bool);
+    /// Sets [`Config::allowed_origins`].
+    pub fn allowed_origins<S: Into<String>>(&mut self, origins: impl IntoIterator<Item = S>) -> &mut Self {
+        self.allowed_origins = origins.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether a page of `origin` (an `Origin` header's value) may use
+    /// Herald.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+
     /// Uses the `redis` broker at `url` (see [`Config::redis`]).
     pub fn redis(&mut self, url: impl Into<String>) -> &mut Self {
         self.redis = Some(url.into());
@@ -351,6 +370,14 @@ impl Config {
         check(c.idle_timeout_ms >= 1, "idle_timeout_ms must be at least 1")?;
         check(c.sse_keepalive_ms >= 1, "sse_keepalive_ms must be at least 1")?;
         check(c.redis.is_none() || c.redis_cluster.is_empty(), "set redis or redis_cluster, not both")?;
+        check(!c.allowed_origins.is_empty(), "allowed_origins must list at least one origin (\"*\" allows all)")?;
+        for o in &c.allowed_origins {
+            let host = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+            check(
+                o == "*" || host.is_some_and(|h| !h.is_empty() && !h.contains(['/', '?', '#', ' ', '*'])),
+                &format!("allowed_origins: {o:?} is not an origin (scheme://host[:port], no path) or \"*\""),
+            )?;
+        }
         for url in c.redis.iter().chain(&c.redis_cluster) {
             check(url.starts_with("redis://"), &format!("Redis URL {url:?} must start with redis:// (TLS is not supported)"))?;
         }

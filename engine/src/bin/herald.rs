@@ -103,6 +103,9 @@ struct Args {
     /// Use the `redis-cluster` broker (sharded pub/sub) with these seed URLs.
     #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',')]
     redis_cluster: Option<Vec<String>>,
+    /// Origins whose pages may use Herald (comma separated; `*` = all).
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Option<Vec<String>>,
     /// Prefix of Herald's Redis keys and channels.
     #[arg(long, env = "HERALD_REDIS_PREFIX")]
     redis_prefix: Option<String>,
@@ -165,6 +168,9 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if let Some(urls) = &args.redis_cluster {
         c.redis_cluster = urls.clone();
         c.redis = None;
+    }
+    if let Some(o) = &args.allowed_origins {
+        c.allowed_origins = o.clone();
     }
     if let Some(p) = &args.redis_prefix {
         c.redis_prefix = p.clone();

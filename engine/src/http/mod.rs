@@ -52,8 +52,59 @@ fn shutting_down(engine: &Engine) -> Option<Response<Body>> {
         .then(|| error_response(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable.as_str(), "server is shutting down"))
 }
 
-/// Routes one request.
+/// Endpoints a browser page may call: they check `Origin` and answer
+/// allowed origins with CORS headers.
+fn for_pages(path: &str) -> bool {
+    matches!(path, "/ws" | "/echo" | "/sse") || path.starts_with("/publish/") || path.starts_with("/history/")
+}
+
+/// Routes one request. A request from a page of an origin that is not in
+/// `allowed_origins` is refused (403) before anything else.
 pub(crate) async fn handle<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if let Some(o) = origin.as_ref().filter(|_| for_pages(req.uri().path())) {
+        let allowed = o.to_str().is_ok_and(|o| engine.config.origin_allowed(o));
+        if !allowed {
+            let shown = String::from_utf8_lossy(o.as_bytes());
+            let msg = format!("origin {:?} is not allowed (allowed_origins)", crate::proto::truncate_str(&shown, 128));
+            return refuse(&engine, StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg);
+        }
+        if req.method() == Method::OPTIONS {
+            return preflight(o.clone());
+        }
+    }
+    let cors = origin.filter(|_| for_pages(req.uri().path()));
+    let mut r = route(engine, req).await;
+    if let Some(o) = cors {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+        h.append(header::VARY, HeaderValue::from_static("origin"));
+    }
+    r
+}
+
+/// The answer to a CORS preflight from an allowed origin: what a page may
+/// send (the API key or a token, a JSON body, an idempotency key, an SSE
+/// position), cached by the browser for 10 minutes.
+fn preflight(origin: HeaderValue) -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type, idempotency-key, last-event-id"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    r
+}
+
+async fn route<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,

@@ -54,7 +54,8 @@ struct Browser {
 }
 
 impl Browser {
-    fn open(origin: &str, channel: &str) -> Browser {
+    /// A page of `origin` (the server's), or of `page_origin`, another one.
+    fn open(origin: &str, channel: &str, page_origin: Option<&str>) -> Browser {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
         assert!(
             std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
@@ -63,6 +64,7 @@ impl Browser {
         let mut child = Command::new("node")
             .arg(format!("{dir}/eventsource.mjs"))
             .args([origin, channel])
+            .args(page_origin)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -91,20 +93,39 @@ impl Browser {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_eventsource_recovers_with_last_event_id() {
-    let h = start(2, |_| {});
-    let a = addr(&h);
-    let proxy = Proxy::start(a).await;
-    let mut b = Browser::open(&format!("http://{}", proxy.addr), "room");
+/// A server of plain pages on another port: another origin than Herald's.
+async fn page_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let page = "<!doctype html><title>app</title>";
+                let head =
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", page.len());
+                let _ = s.write_all(format!("{head}{page}").as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The browser receives 1–3, the stream is cut, 4–6 are published while it
+/// is away, and its own reconnect with `Last-Event-ID` delivers 4–6 exactly
+/// once, then live 7.
+async fn recovers_after_a_cut(b: &mut Browser, a: SocketAddr, proxy: &Proxy) {
     let sub: Value = serde_json::from_str(b.next_of("subscribed").await["data"].as_str().unwrap()).unwrap();
     let epoch = sub["epoch"].as_str().unwrap().to_string();
+    let top = sub["offset"].as_u64().unwrap();
     for i in 1..=3 {
         assert_eq!(publish(a, "room", &i.to_string(), true).await.0, 200);
     }
     for i in 1..=3 {
         let m = b.next_of("message").await;
-        assert_eq!(m["id"], format!("{epoch}:{i}"), "{m}");
+        assert_eq!(m["id"], format!("{epoch}:{}", top + i), "{m}");
     }
     // The stream is cut; while the browser is away, 4–6 are published.
     proxy.cut();
@@ -118,11 +139,58 @@ async fn chromium_eventsource_recovers_with_last_event_id() {
     for i in 4..=6 {
         let m = b.next_of("message").await;
         let data: Value = serde_json::from_str(m["data"].as_str().unwrap()).unwrap();
-        assert_eq!((m["id"].as_str(), data["offset"].as_u64()), (Some(format!("{epoch}:{i}").as_str()), Some(i)), "{m}");
+        assert_eq!((m["id"].as_str(), data["offset"].as_u64()), (Some(format!("{epoch}:{}", top + i).as_str()), Some(top + i)), "{m}");
     }
     assert_eq!(publish(a, "room", "7", true).await.0, 200);
     let m = b.next_of("message").await;
-    assert_eq!(m["id"], format!("{epoch}:7"), "each exactly once, then live: {m}");
+    assert_eq!(m["id"], format!("{epoch}:{}", top + 7), "each exactly once, then live: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_eventsource_recovers_with_last_event_id() {
+    let h = start(2, |_| {});
+    let a = addr(&h);
+    let proxy = Proxy::start(a).await;
+    let mut b = Browser::open(&format!("http://{}", proxy.addr), "room", None);
+    recovers_after_a_cut(&mut b, a, &proxy).await;
+    drop(b.child.stdin.take());
+    let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
+}
+
+/// A page on another origin: allowed, it reads history with fetch and its
+/// EventSource recovers as a same-origin one does; not allowed, the browser
+/// gets neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_on_another_origin_reads_history_and_recovers_when_allowed() {
+    let pages = page_server().await;
+    let page_origin = format!("http://{pages}");
+    let allowed = page_origin.clone();
+    let h = start(2, move |c| {
+        c.allowed_origins([allowed]);
+    });
+    let a = addr(&h);
+    assert_eq!(publish(a, "room", "0", true).await.0, 200);
+    let proxy = Proxy::start(a).await;
+    let server = format!("http://{}", proxy.addr);
+    let mut b = Browser::open(&server, "room", Some(&page_origin));
+    let hist = b.next_of("history").await;
+    assert_eq!(hist["status"], 200, "{hist}");
+    let body: Value = serde_json::from_str(hist["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["publications"][0]["data"], 0, "{body}");
+    recovers_after_a_cut(&mut b, a, &proxy).await;
+    drop(b.child.stdin.take());
+    let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
+
+    // The same page, with Herald allowing another origin only.
+    let h2 = start(2, |c| {
+        c.allowed_origins(["https://app.example"]);
+    });
+    let mut b = Browser::open(&format!("http://{}", addr(&h2)), "room", Some(&page_origin));
+    let hist = b.next_of("history").await;
+    assert_eq!(hist["status"], 0, "the browser may not read it: {hist}");
+    let e = b.next_of("error").await;
+    assert_eq!(e["state"], 2, "403: the EventSource gives up (CLOSED): {e}");
+    assert_eq!(metric(&h2.metrics_text(), "herald_errors_total{code=\"forbidden\"}"), 2);
     drop(b.child.stdin.take());
     let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
 }

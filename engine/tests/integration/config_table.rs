@@ -134,6 +134,7 @@ fn other_value(key: &str, default: &Value) -> (Option<String>, Value) {
                 "redis" => ("redis://127.0.0.1:1", Value::from("redis://127.0.0.1:1")),
                 "redis_cluster" => ("redis://a:1,redis://b:2", serde_json::json!(["redis://a:1", "redis://b:2"])),
                 "redis_prefix" => ("other:", Value::from("other:")),
+                "allowed_origins" => ("https://a.example,http://b:3000", serde_json::json!(["https://a.example", "http://b:3000"])),
                 _ => panic!("no test value for {key}: add one"),
             };
             (Some(arg.to_string()), want)

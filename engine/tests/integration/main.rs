@@ -15,6 +15,7 @@ mod history;
 mod hostile;
 mod interop;
 mod limits;
+mod origins;
 mod redis_history;
 mod shutdown;
 mod slow;
