@@ -199,8 +199,9 @@ fn count_delivery(metrics: &ShardMetrics, transport: Transport, len: usize, at: 
 #[derive(Debug)]
 enum Seam {
     /// Its start is being read (a Redis broker): live messages wait here,
-    /// with their bytes, counted against the outbound queue's bound.
-    Holding(Vec<Arc<Message>>, usize),
+    /// with their bytes (counted against the outbound queue's bound), for
+    /// the start whose token this is.
+    Holding(Vec<Arc<Message>>, usize, u64),
     /// Started at (epoch, top).
     At(Epoch, u64),
 }
@@ -243,6 +244,10 @@ pub(crate) struct Conn {
     /// An SSE stream of several channels: every channel's position, in the
     /// stream's order, written before each message as its `id:` list.
     positions: RefCell<Vec<(Arc<str>, Epoch, u64)>>,
+    /// Bytes held by all the holding seams together.
+    held_bytes: Cell<usize>,
+    /// The token of the latest [`Conn::hold`].
+    holds: Cell<u64>,
     _permit: Permit,
 }
 
@@ -260,6 +265,8 @@ impl Conn {
             flush_due: Cell::new(false),
             seams: RefCell::new(Vec::new()),
             positions: RefCell::new(Vec::new()),
+            held_bytes: Cell::new(0),
+            holds: Cell::new(0),
             _permit: permit,
         }
     }
@@ -298,11 +305,25 @@ impl Conn {
     }
 
     /// Holds `channel`'s live messages until its start is known
-    /// ([`Conn::set_seam`]).
-    pub(crate) fn hold(&self, channel: &Arc<str>) {
-        let mut seams = self.seams.borrow_mut();
-        seams.retain(|(c, _)| **c != **channel);
-        seams.push((Arc::clone(channel), Seam::Holding(Vec::new(), 0)));
+    /// ([`Conn::set_seam`]). Returns the hold's token: only the start it
+    /// was made for may end it ([`Conn::holding`]).
+    pub(crate) fn hold(&self, channel: &Arc<str>) -> u64 {
+        self.clear_seam(channel);
+        let token = self.holds.get() + 1;
+        self.holds.set(token);
+        self.seams.borrow_mut().push((Arc::clone(channel), Seam::Holding(Vec::new(), 0, token)));
+        token
+    }
+
+    /// Whether `channel`'s seam is still the hold of `token` (not undone by
+    /// an unsubscribe, nor replaced by a later subscribe).
+    pub(crate) fn holding(&self, channel: &str, token: u64) -> bool {
+        self.seams.borrow().iter().any(|(c, s)| **c == *channel && matches!(s, Seam::Holding(_, _, t) if *t == token))
+    }
+
+    /// Bytes held by seams waiting for their start.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.held_bytes.get()
     }
 
     /// From now on, `channel`'s messages up to offset `top` are not for
@@ -313,7 +334,10 @@ impl Conn {
         let mut seams = self.seams.borrow_mut();
         let held = match seams.iter().position(|(c, _)| **c == **channel) {
             Some(i) => match std::mem::replace(&mut seams[i].1, Seam::At(epoch, top)) {
-                Seam::Holding(held, _) => held,
+                Seam::Holding(held, bytes, _) => {
+                    self.held_bytes.set(self.held_bytes.get() - bytes);
+                    held
+                }
                 Seam::At(..) => Vec::new(),
             },
             None => {
@@ -328,7 +352,13 @@ impl Conn {
     pub(crate) fn clear_seam(&self, channel: &str) {
         let mut seams = self.seams.borrow_mut();
         if !seams.is_empty() {
-            seams.retain(|(c, _)| **c != *channel);
+            seams.retain(|(c, s)| {
+                let gone = **c == *channel;
+                if let (true, Seam::Holding(_, bytes, _)) = (gone, s) {
+                    self.held_bytes.set(self.held_bytes.get() - bytes);
+                }
+                !gone
+            });
         }
     }
 
@@ -354,12 +384,14 @@ impl Conn {
         }
         let Some(i) = seams.iter().position(|(c, _)| **c == *msg.channel) else { return Check::Pass };
         match &mut seams[i].1 {
-            Seam::Holding(held, bytes) => {
-                if self.queued_bytes() + *bytes + len > limit {
+            Seam::Holding(held, bytes, _) => {
+                // Notices are never dropped (they are small, and few).
+                if !msg.is_notice() && self.queued_bytes() + self.held_bytes.get() + len > limit {
                     drop(seams);
                     return Check::Over(self.over_limit(msg, policy, metrics));
                 }
                 *bytes += len;
+                self.held_bytes.set(self.held_bytes.get() + len);
                 held.push(Arc::clone(msg));
                 Check::Held
             }
@@ -378,16 +410,41 @@ impl Conn {
         }
     }
 
-    /// Queues a notice (`frame`: an epoch change, messages lost): like a
-    /// reply, under the same bound, and not counted as a delivery. A
-    /// stream keeping positions moves the channel's to the new epoch.
-    pub(crate) fn notice(&self, msg: &Message, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> bool {
-        if msg.kind == Kind::Epoch {
-            if let Some(p) = self.positions.borrow_mut().iter_mut().find(|(c, _, _)| **c == *msg.channel) {
-                (p.1, p.2) = (msg.epoch, 0);
+    /// Queues a notice (`frame`: an epoch change, messages lost), not
+    /// counted as a delivery. A notice is never dropped, whatever the
+    /// slow-consumer policy (a subscriber that missed one could not tell
+    /// the epochs apart): it may pass the queue's bound by its own few
+    /// bytes, and past twice the bound the connection is closed as a slow
+    /// consumer. A stream keeping positions moves the channel's to the new
+    /// epoch.
+    pub(crate) fn notice(&self, msg: &Message, frame: &Bytes, limit: usize) -> bool {
+        match msg.kind {
+            Kind::Epoch => {
+                if let Some(p) = self.positions.borrow_mut().iter_mut().find(|(c, _, _)| **c == *msg.channel) {
+                    (p.1, p.2) = (msg.epoch, 0);
+                }
             }
+            Kind::Lagged { to } => {
+                if let Some(p) = self.positions.borrow_mut().iter_mut().find(|(c, _, _)| **c == *msg.channel) {
+                    (p.1, p.2) = (msg.epoch, to);
+                }
+            }
+            Kind::Publication => {}
         }
-        frame.is_empty() || self.send_control(frame.clone(), limit, policy, metrics)
+        if frame.is_empty() {
+            return true;
+        }
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return false;
+        }
+        if out.queued_bytes + frame.len() > limit.saturating_mul(2) {
+            drop(out);
+            self.close_slow();
+            return false;
+        }
+        out.push(frame.clone(), None);
+        true
     }
 
     /// Queues a replayed message and makes sure it is written.

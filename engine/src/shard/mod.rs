@@ -295,7 +295,7 @@ impl Shard {
                     _ => None,
                 })
                 .sum();
-            if bytes + conn.queued_bytes() + 256 * n > self.config().outbound_queue_bytes {
+            if bytes + conn.queued_bytes() + conn.held_bytes() + 256 * n > self.config().outbound_queue_bytes {
                 for s in &mut starts {
                     if matches!(s.recovery, Some(Recovery::Recovered(_))) {
                         s.recovery = Some(Recovery::Missed(Miss::TooMany));
@@ -424,7 +424,7 @@ impl Shard {
         // nothing, so nothing.
         if let Some(Recovery::Recovered(messages)) = &recovery {
             let bytes: usize = messages.iter().map(|m| m.frame(conn.form, metrics).len()).sum();
-            if bytes + conn.queued_bytes() + 256 + channel.len() > cfg.outbound_queue_bytes {
+            if bytes + conn.queued_bytes() + conn.held_bytes() + 256 + channel.len() > cfg.outbound_queue_bytes {
                 recovery = Some(Recovery::Missed(Miss::TooMany));
             }
         }
@@ -465,7 +465,7 @@ impl Shard {
             Check::Over(o) => return o,
         }
         if msg.is_notice() {
-            conn.notice(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics);
+            conn.notice(msg, frame, cfg.outbound_queue_bytes);
             return Offer::Queued;
         }
         conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics)
@@ -492,7 +492,7 @@ impl Shard {
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
             let offer = match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
                 Check::Pass if msg.is_notice() => {
-                    conn.notice(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics);
+                    conn.notice(msg, frame, cfg.outbound_queue_bytes);
                     continue;
                 }
                 Check::Pass => conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics),

@@ -391,21 +391,32 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Answer::Ready(Err(e)) => return refuse_subscription(shard, conn, &channel, created, &e, id),
                 Answer::Waiting(start) => {
                     // Live messages wait until the start is read.
-                    if created {
-                        if let Some(name) = conn.subs.borrow().iter().find(|c| ***c == *channel) {
-                            conn.hold(name);
-                        }
-                    }
+                    let token =
+                        if created { conn.subs.borrow().iter().find(|c| ***c == *channel).map(|name| conn.hold(name)) } else { None };
                     let (shard, conn, id) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned));
                     tokio::task::spawn_local(async move {
                         let r = start.await;
-                        let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
-                        if conn.out.borrow().closing().is_some() || !subscribed {
+                        if conn.out.borrow().closing().is_some() {
                             return;
                         }
+                        // Still this command's subscription: not unsubscribed
+                        // (nor subscribed again) meanwhile.
+                        let current = match token {
+                            Some(t) => conn.holding(&channel, t),
+                            None => conn.subs.borrow().iter().any(|c| **c == *channel),
+                        };
+                        let id = id.as_deref();
                         match r {
-                            Ok(start) => shard.start_subscription(&conn, &channel, start, created, reply(&channel, id.as_deref())),
-                            Err(e) => refuse_subscription(&shard, &conn, &channel, created, &e, id.as_deref()),
+                            Ok(start) if current => shard.start_subscription(&conn, &channel, start, created, reply(&channel, id)),
+                            // The command still gets its answer, and touches
+                            // nothing: nothing was replayed for it.
+                            Ok(start) => {
+                                let recovered = since.map(|_| false);
+                                shard
+                                    .send_to(&conn, json::reply_subscribed(&channel, start.epoch.as_str(), Some(start.top), recovered, id));
+                            }
+                            Err(e) if current => refuse_subscription(&shard, &conn, &channel, created, &e, id),
+                            Err(e) => error(&shard, &conn, e.code(), &format!("cannot subscribe to {channel:?}: {e}"), id),
                         }
                     });
                     return;

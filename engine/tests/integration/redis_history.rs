@@ -342,3 +342,34 @@ async fn a_crowd_recovering_one_channel_at_once_each_gets_its_own_range() {
         }
     }
 }
+
+/// subscribe, unsubscribe, subscribe sent at once, while the first start is
+/// still being read from Redis: every command is answered, and the
+/// subscription that stands delivers each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_resubscribes_answer_every_command_and_deliver_once() {
+    let redis = RedisServer::start(&[]);
+    let (a, b) = (node(&redis.url()), node(&redis.url()));
+    let mut c = ws(addr(&a), "/ws").await;
+    for round in 0..20u64 {
+        let ch = format!("flip-{round}");
+        send(&mut c, json!({"op": "subscribe", "channel": ch, "id": 1})).await;
+        send(&mut c, json!({"op": "unsubscribe", "channel": ch, "id": 2})).await;
+        send(&mut c, json!({"op": "subscribe", "channel": ch, "id": 3})).await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let r = next_json(&mut c).await;
+            assert!(r["op"] == "subscribed" || r["op"] == "unsubscribed", "{r}");
+            ids.push(r["id"].as_u64().unwrap());
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2, 3], "round {round}");
+        let p = b.publish(&ch, Payload::text("once")).await.unwrap();
+        let m = next_json(&mut c).await;
+        assert_eq!((m["channel"].as_str(), m["offset"].as_u64()), (Some(ch.as_str()), Some(p.offset)), "{m}");
+        // Nothing else for this channel: the next frame is the next round's.
+        send(&mut c, json!({"op": "unsubscribe", "channel": ch, "id": 4})).await;
+        let r = next_json(&mut c).await;
+        assert_eq!((r["op"].as_str(), r["id"].as_u64()), (Some("unsubscribed"), Some(4)), "a duplicate would come first: {r}");
+    }
+}

@@ -28,8 +28,12 @@ use crate::proto::json::Payload;
 use crate::router::{lock, stripe_of, Routed, Router};
 
 const STRIPES: usize = 16;
-/// Messages of one channel waiting for a fill, at most.
+/// Messages of one channel waiting for a fill, at most, and their bytes.
 pub(crate) const HELD_MAX: usize = 16_384;
+pub(crate) const HELD_MAX_BYTES: usize = 8 << 20;
+/// Bytes of messages waiting for fills on this node, at most. Past either
+/// bound a message is not kept: the fill reads it back from the stream.
+pub(crate) const HELD_BUDGET_BYTES: usize = 256 << 20;
 
 /// A message from Redis, not yet delivered.
 #[derive(Debug, Clone)]
@@ -50,8 +54,16 @@ struct Sub {
     confirmed: Option<Epoch>,
     /// The epoch and offset expected next, once known.
     expect: Option<(Epoch, u64)>,
-    /// A fill is running: what came from Redis meanwhile, in order.
+    /// A fill is running: what came from Redis meanwhile, in order, and
+    /// its bytes.
     held: Option<VecDeque<Incoming>>,
+    held_bytes: usize,
+    /// Identifies the running fill: a fill of an older entry or an
+    /// earlier fill does not touch this one.
+    fill_id: u64,
+    /// The position expected when Redis acknowledged the subscription,
+    /// in order with the messages (see [`Channels::at_top`]).
+    at_ack: Option<Option<(Epoch, u64)>>,
     /// Where the running fill must read up to once `held` is empty: the
     /// last message dropped because `held` was full, or the top read after
     /// a reconnect.
@@ -62,6 +74,8 @@ struct Sub {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Fill {
     pub channel: Arc<str>,
+    /// The fill's id in its channel's entry.
+    pub id: u64,
     pub epoch: Epoch,
     pub from: u64,
     pub to: u64,
@@ -102,6 +116,21 @@ type Stripe = Mutex<HashMap<Arc<str>, Sub>>;
 #[derive(Debug)]
 pub(crate) struct Channels {
     stripes: Box<[Stripe]>,
+    /// Bytes held behind fills, all channels together.
+    held_bytes: std::sync::atomic::AtomicUsize,
+    /// The last fill id given (ids are unique across entries).
+    fills: std::sync::atomic::AtomicU64,
+}
+
+impl Sub {
+    /// Starts fill `id`: later messages wait behind it.
+    fn next_fill(&mut self, id: u64) -> u64 {
+        self.fill_id = id;
+        if self.held.is_none() {
+            self.held = Some(VecDeque::new());
+        }
+        self.fill_id
+    }
 }
 
 /// Where a message stands against the position expected next.
@@ -118,7 +147,11 @@ fn classify(expect: Option<(Epoch, u64)>, epoch: Epoch, offset: u64) -> Option<R
 
 impl Channels {
     pub(crate) fn new() -> Channels {
-        Channels { stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect() }
+        Channels {
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            held_bytes: Default::default(),
+            fills: Default::default(),
+        }
     }
 
     fn stripe(&self, channel: &str) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Sub>> {
@@ -126,10 +159,11 @@ impl Channels {
     }
 
     /// The coordinator subscribes the node to `channel`: a new generation,
-    /// not confirmed yet. `fresh` (the node had no subscription) also
-    /// forgets the expected position: messages published before the
-    /// subscription are not a gap.
-    pub(crate) fn subscribe(&self, channel: &Arc<str>, fresh: bool) -> u64 {
+    /// not confirmed yet. A new entry expects nothing yet (what was
+    /// published before is no gap); an existing one (the subscription moved
+    /// or was lost while subscribers stayed) keeps its position, so what
+    /// was published meanwhile is filled.
+    pub(crate) fn subscribe(&self, channel: &Arc<str>) -> u64 {
         let mut map = self.stripe(channel);
         let sub = map.entry(Arc::clone(channel)).or_insert_with(|| Sub {
             name: Arc::clone(channel),
@@ -137,14 +171,24 @@ impl Channels {
             confirmed: None,
             expect: None,
             held: None,
+            held_bytes: 0,
+            fill_id: 0,
+            at_ack: None,
             dropped: None,
         });
         sub.gen += 1;
         sub.confirmed = None;
-        if fresh {
-            sub.expect = None;
-        }
+        sub.at_ack = None;
         sub.gen
+    }
+
+    /// Redis acknowledged subscription `gen`: from here on every message
+    /// reaches this node. Notes the position expected now, in order with
+    /// the messages, for [`Channels::at_top`].
+    pub(crate) fn acked(&self, channel: &str, gen: u64) {
+        if let Some(sub) = self.stripe(channel).get_mut(channel).filter(|s| s.gen == gen) {
+            sub.at_ack = Some(sub.expect);
+        }
     }
 
     /// The coordinator may unsubscribe the node from `channel` only if no
@@ -154,7 +198,9 @@ impl Channels {
         if router.has_interest(channel) {
             return false;
         }
-        map.remove(channel);
+        if let Some(sub) = map.remove(channel) {
+            self.release_held(sub.held_bytes);
+        }
         true
     }
 
@@ -172,14 +218,15 @@ impl Channels {
     }
 
     /// Subscription `gen` is in place and the channel is at `(epoch,
-    /// top)`, read after it: what was published while the node was not
-    /// subscribed (a lost connection) is a fill. Returns it, and whether
-    /// the offsets went back in the same epoch (Redis restored an older
-    /// snapshot: counted as a gap, nothing to fill).
+    /// top)`, read after Redis acknowledged it: what was published while
+    /// the node was not subscribed (a lost connection, a moved slot) is a
+    /// fill. Returns it, and whether the offsets went back in the same
+    /// epoch (Redis restored an older snapshot: counted as a gap, nothing
+    /// to fill). Messages delivered live since the acknowledgement (they
+    /// may be newer than `top`) are never delivered again.
     pub(crate) fn at_top(&self, channel: &str, gen: u64, epoch: Epoch, top: u64) -> (Option<Fill>, bool) {
         let mut map = self.stripe(channel);
         let Some(sub) = map.get_mut(channel) else { return (None, false) };
-        let name = Arc::clone(&sub.name);
         if sub.gen != gen {
             return (None, false);
         }
@@ -190,25 +237,38 @@ impl Channels {
             }
             return (None, false);
         }
-        let fill = match sub.expect {
+        let unchanged = sub.at_ack.is_some_and(|at| at == sub.expect);
+        let (from, announce) = match sub.expect {
             None => {
                 sub.expect = Some((epoch, top + 1));
                 return (None, false);
             }
-            Some((e, want)) if e == epoch && top + 1 < want => {
-                sub.expect = Some((epoch, top + 1));
-                return (None, true);
-            }
+            Some((e, want)) if e == epoch && top >= want => (want, false),
             Some((e, want)) if e == epoch => {
-                if top < want {
-                    return (None, false);
+                // Nothing came since the acknowledgement, yet the top is
+                // below what was delivered: Redis went back.
+                let back = unchanged && top + 1 < want;
+                if back {
+                    sub.expect = Some((epoch, top + 1));
                 }
-                Fill { channel: Arc::clone(&name), epoch, from: want, to: top, announce: false }
+                return (None, back);
             }
-            Some(_) => Fill { channel: name, epoch, from: 1, to: top, announce: true },
+            // Live messages of the new epoch would have started a fill.
+            Some(_) => (1, true),
         };
-        sub.held = Some(VecDeque::new());
+        let fill = Fill {
+            channel: Arc::clone(&sub.name),
+            id: sub.next_fill(self.fills.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1),
+            epoch,
+            from,
+            to: top,
+            announce,
+        };
         (Some(fill), false)
+    }
+
+    fn release_held(&self, bytes: usize) {
+        self.held_bytes.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Queues a message that came from Redis on every interested shard,
@@ -217,11 +277,18 @@ impl Channels {
     pub(crate) fn deliver(&self, router: &Router, channel: &str, m: &Incoming) -> Delivered {
         let mut map = self.stripe(channel);
         let Some(sub) = map.get_mut(channel) else { return Delivered::NoInterest };
-        if let Some(held) = &mut sub.held {
-            if held.len() >= HELD_MAX {
+        if sub.held.is_some() {
+            let len = m.payload.len() + 64;
+            let full = sub.held.as_ref().is_some_and(|h| h.len() >= HELD_MAX) || sub.held_bytes + len > HELD_MAX_BYTES;
+            let budget = self.held_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed) + len <= HELD_BUDGET_BYTES;
+            if full || !budget {
                 // Read back from the stream when the fill is done.
-                sub.dropped = Some((m.epoch, m.offset));
-            } else {
+                self.release_held(len);
+                if sub.dropped.is_none_or(|(e, o)| e != m.epoch || o < m.offset) {
+                    sub.dropped = Some((m.epoch, m.offset));
+                }
+            } else if let Some(held) = &mut sub.held {
+                sub.held_bytes += len;
                 held.push_back(m.clone());
             }
             return Delivered::Held;
@@ -229,7 +296,17 @@ impl Channels {
         match classify(sub.expect, m.epoch, m.offset) {
             None => Delivered::Duplicate,
             Some(Err((from, announce))) => {
-                let fill = Fill { channel: Arc::clone(&sub.name), epoch: m.epoch, from, to: m.offset - 1, announce };
+                let fill = Fill {
+                    channel: Arc::clone(&sub.name),
+                    id: sub.next_fill(self.fills.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1),
+                    epoch: m.epoch,
+                    from,
+                    to: m.offset - 1,
+                    announce,
+                };
+                let len = m.payload.len() + 64;
+                self.held_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                sub.held_bytes = len;
                 sub.held = Some(VecDeque::from([m.clone()]));
                 Delivered::Gap(fill)
             }
@@ -250,9 +327,9 @@ impl Channels {
     /// Queues one message of a fill (a notice, a message read from the
     /// stream) on every interested shard. `None` once the channel has no
     /// subscribers here (the fill stops).
-    pub(crate) fn deliver_filled(&self, router: &Router, msg: &Arc<Message>) -> Option<Routed> {
+    pub(crate) fn deliver_filled(&self, router: &Router, fill: &Fill, msg: &Arc<Message>) -> Option<Routed> {
         let map = self.stripe(&msg.channel);
-        map.get(&*msg.channel)?;
+        map.get(&*msg.channel).filter(|s| s.fill_id == fill.id && s.held.is_some())?;
         match router.dispatch(&msg.channel, || Arc::clone(msg)) {
             Routed::NoInterest => None,
             r => Some(r),
@@ -263,7 +340,7 @@ impl Channels {
     /// meanwhile, until it finds another gap (the next fill) or is done.
     pub(crate) fn drain(&self, router: &Router, fill: &Fill) -> Step {
         let mut map = self.stripe(&fill.channel);
-        let Some(sub) = map.get_mut(&*fill.channel) else { return Step::Done };
+        let Some(sub) = map.get_mut(&*fill.channel).filter(|s| s.fill_id == fill.id && s.held.is_some()) else { return Step::Done };
         let name = Arc::clone(&sub.name);
         if sub.expect.is_none_or(|(e, want)| e != fill.epoch || want <= fill.to) {
             sub.expect = Some((fill.epoch, fill.to + 1));
@@ -274,29 +351,39 @@ impl Channels {
                 // Dropped while held: read back from the stream.
                 if let Some((epoch, offset)) = sub.dropped.take() {
                     if let Some(Err((from, announce))) = classify(sub.expect, epoch, offset + 1) {
-                        return Step::Fill(Fill { channel: name, epoch, from, to: offset, announce });
+                        return Step::Fill(Fill { channel: name, id: fill.id, epoch, from, to: offset, announce });
                     }
                 }
                 sub.held = None;
+                self.release_held(std::mem::take(&mut sub.held_bytes));
                 return Step::Done;
             };
             match classify(sub.expect, m.epoch, m.offset) {
                 None => {
-                    held.pop_front();
+                    if let Some(m) = held.pop_front() {
+                        let len = m.payload.len() + 64;
+                        sub.held_bytes -= len;
+                        self.release_held(len);
+                    }
                 }
                 Some(Err((from, announce))) => {
-                    return Step::Fill(Fill { channel: name, epoch: m.epoch, from, to: m.offset - 1, announce });
+                    return Step::Fill(Fill { channel: name, id: fill.id, epoch: m.epoch, from, to: m.offset - 1, announce });
                 }
                 Some(Ok(())) => {
                     let (epoch, offset, payload) = (m.epoch, m.offset, m.payload.clone());
                     match router.dispatch(&name, || Arc::new(Message::new(Arc::clone(&name), epoch, offset, payload))) {
                         Routed::NoInterest => {
                             sub.held = None;
+                            self.release_held(std::mem::take(&mut sub.held_bytes));
                             return Step::Done;
                         }
                         Routed::Full => return Step::Full,
                         Routed::Queued => {
-                            held.pop_front();
+                            if let Some(m) = held.pop_front() {
+                                let len = m.payload.len() + 64;
+                                sub.held_bytes -= len;
+                                self.release_held(len);
+                            }
                             sub.expect = Some((epoch, offset + 1));
                         }
                     }
@@ -306,10 +393,11 @@ impl Channels {
     }
 
     /// Gives up a fill (the channel has no subscribers here any more).
-    pub(crate) fn abandon(&self, channel: &str) {
-        if let Some(sub) = self.stripe(channel).get_mut(channel) {
+    pub(crate) fn abandon(&self, fill: &Fill) {
+        if let Some(sub) = self.stripe(&fill.channel).get_mut(&*fill.channel).filter(|s| s.fill_id == fill.id) {
             sub.held = None;
             sub.dropped = None;
+            self.release_held(std::mem::take(&mut sub.held_bytes));
         }
     }
 }
@@ -355,6 +443,18 @@ mod tests {
         std::iter::from_fn(|| r.inbox(shard).pop()).map(|m| (m.kind, m.offset)).collect()
     }
 
+    fn msg(ch: &Arc<str>, epoch: Epoch, offset: u64) -> Arc<Message> {
+        Arc::new(Message::new(Arc::clone(ch), epoch, offset, Payload::text("x")))
+    }
+
+    /// Delivers what the stream gave for `fill`, then what waited.
+    fn finish(t: &Channels, r: &Router, fill: &Fill, read: &[Arc<Message>]) -> Step {
+        for m in &fill_messages(fill, read).0 {
+            assert_eq!(t.deliver_filled(r, fill, m), Some(Routed::Queued));
+        }
+        t.drain(r, fill)
+    }
+
     const P: Kind = Kind::Publication;
 
     #[test]
@@ -366,24 +466,21 @@ mod tests {
         assert_eq!(t.deliver(&r, "a", &inc(e1, 1)), Delivered::NoInterest, "not subscribed");
         r.subscribe("a", 0).unwrap();
         r.subscribe("a", 1).unwrap();
-        t.subscribe(&a, true);
+        t.subscribe(&a);
         assert_eq!(t.deliver(&r, "a", &inc(e1, 5)), Delivered::Queued, "the first message sets the baseline");
         assert_eq!(t.deliver(&r, "a", &inc(e1, 6)), Delivered::Queued);
         assert_eq!(t.deliver(&r, "a", &inc(e1, 6)), Delivered::Duplicate);
-        let fill = Fill { channel: Arc::clone(&a), epoch: e1, from: 7, to: 8, announce: false };
-        assert_eq!(t.deliver(&r, "a", &inc(e1, 9)), Delivered::Gap(fill.clone()), "7 and 8 are missing");
+        let Delivered::Gap(fill) = t.deliver(&r, "a", &inc(e1, 9)) else { panic!("7 and 8 are missing") };
+        assert_eq!((fill.from, fill.to, fill.announce), (7, 8, false));
         assert_eq!(t.deliver(&r, "a", &inc(e1, 10)), Delivered::Held);
         assert_eq!(drained(&r, 1), vec![(P, 5), (P, 6)], "nothing after the gap yet");
         // The stream still holds 8 only.
-        let read = [Arc::new(Message::new(Arc::clone(&a), e1, 8, Payload::text("x")))];
-        let (msgs, found, lost) = fill_messages(&fill, &read);
+        let (_, found, lost) = fill_messages(&fill, &[msg(&a, e1, 8)]);
         assert_eq!((found, lost), (1, 1));
-        for m in &msgs {
-            assert_eq!(t.deliver_filled(&r, m), Some(Routed::Queued));
-        }
-        assert_eq!(t.drain(&r, &fill), Step::Done);
+        assert_eq!(finish(&t, &r, &fill, &[msg(&a, e1, 8)]), Step::Done);
         assert_eq!(drained(&r, 0)[2..], [(Kind::Lagged { to: 7 }, 7), (P, 8), (P, 9), (P, 10)]);
         assert_eq!(t.deliver(&r, "a", &inc(e1, 11)), Delivered::Queued, "live again");
+        assert_eq!(t.held_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing held any more");
     }
 
     #[test]
@@ -392,16 +489,12 @@ mod tests {
         let t = Channels::new();
         let a: Arc<str> = "a".into();
         r.subscribe("a", 0).unwrap();
-        t.subscribe(&a, true);
+        t.subscribe(&a);
         let (e1, e2) = (Epoch::random(), Epoch::random());
         assert_eq!(t.deliver(&r, "a", &inc(e1, 3)), Delivered::Queued);
         let Delivered::Gap(fill) = t.deliver(&r, "a", &inc(e2, 2)) else { panic!("a new epoch is a gap") };
         assert_eq!((fill.epoch, fill.from, fill.to, fill.announce), (e2, 1, 1, true));
-        let read = [Arc::new(Message::new(Arc::clone(&a), e2, 1, Payload::text("x")))];
-        for m in &fill_messages(&fill, &read).0 {
-            t.deliver_filled(&r, m);
-        }
-        assert_eq!(t.drain(&r, &fill), Step::Done);
+        assert_eq!(finish(&t, &r, &fill, &[msg(&a, e2, 1)]), Step::Done);
         let got: Vec<(Kind, Epoch, u64)> = std::iter::from_fn(|| r.inbox(0).pop()).map(|m| (m.kind, m.epoch, m.offset)).collect();
         assert_eq!(got, vec![(P, e1, 3), (Kind::Epoch, e2, 0), (P, e2, 1), (P, e2, 2)]);
     }
@@ -412,24 +505,90 @@ mod tests {
         let t = Channels::new();
         let a: Arc<str> = "a".into();
         r.subscribe("a", 0).unwrap();
-        let g = t.subscribe(&a, true);
+        let g = t.subscribe(&a);
         let e = Epoch::random();
-        assert_eq!(t.at_top("a", g, e, 4), (None, false), "a fresh subscription starts at the top");
+        t.acked("a", g);
+        assert_eq!(t.at_top("a", g, e, 4), (None, false), "a new subscription starts at the top");
         assert_eq!(t.deliver(&r, "a", &inc(e, 3)), Delivered::Duplicate, "published before it");
         assert_eq!(t.deliver(&r, "a", &inc(e, 5)), Delivered::Queued);
         // The connection came back; 6 and 7 were published meanwhile.
-        let (fill, reset) = t.at_top("a", g, e, 7);
-        assert_eq!((fill.clone().map(|f| (f.from, f.to)), reset), (Some((6, 7)), false));
+        t.acked("a", g);
+        let (fill, back) = t.at_top("a", g, e, 7);
+        let fill = fill.expect("a fill");
+        assert_eq!((fill.from, fill.to, back), (6, 7, false));
         assert_eq!(t.deliver(&r, "a", &inc(e, 7)), Delivered::Held, "a late copy waits");
         assert_eq!(t.deliver(&r, "a", &inc(e, 8)), Delivered::Held);
-        let fill = fill.unwrap();
-        let read: Vec<_> = (6..=7).map(|o| Arc::new(Message::new(Arc::clone(&a), e, o, Payload::text("x")))).collect();
-        for m in &fill_messages(&fill, &read).0 {
-            t.deliver_filled(&r, m);
-        }
-        assert_eq!(t.drain(&r, &fill), Step::Done);
+        let read: Vec<_> = (6..=7).map(|o| msg(&a, e, o)).collect();
+        assert_eq!(finish(&t, &r, &fill, &read), Step::Done);
         assert_eq!(drained(&r, 0), vec![(P, 5), (P, 6), (P, 7), (P, 8)]);
+        // Redis came back from an older snapshot: nothing came since the
+        // acknowledgement and the top is below what was delivered.
+        t.acked("a", g);
         assert_eq!(t.at_top("a", g, e, 2), (None, true), "offsets went back: counted, nothing to fill");
+    }
+
+    #[test]
+    fn live_messages_newer_than_the_top_read_are_not_delivered_again() {
+        let r = Router::new(1, 64, 10);
+        let t = Channels::new();
+        let a: Arc<str> = "a".into();
+        r.subscribe("a", 0).unwrap();
+        let g = t.subscribe(&a);
+        let e = Epoch::random();
+        t.acked("a", g);
+        t.at_top("a", g, e, 100);
+        // The connection came back with nothing missed: the top read says
+        // 100, but 101 and 102 arrived live before its answer was handled.
+        t.acked("a", g);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 101)), Delivered::Queued);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 102)), Delivered::Queued);
+        assert_eq!(t.at_top("a", g, e, 100), (None, false), "no false rewind, nothing filled");
+        assert_eq!(t.deliver(&r, "a", &inc(e, 103)), Delivered::Queued, "still in order");
+        assert_eq!(drained(&r, 0), vec![(P, 101), (P, 102), (P, 103)]);
+    }
+
+    #[test]
+    fn a_subscription_moved_with_subscribers_keeps_its_place_and_fills_the_move() {
+        let r = Router::new(1, 64, 10);
+        let t = Channels::new();
+        let a: Arc<str> = "a".into();
+        r.subscribe("a", 0).unwrap();
+        let g1 = t.subscribe(&a);
+        let e = Epoch::random();
+        t.acked("a", g1);
+        t.at_top("a", g1, e, 0);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 1)), Delivered::Queued);
+        // A slot moved: subscribed again elsewhere, 2 and 3 published meanwhile.
+        let g2 = t.subscribe(&a);
+        t.acked("a", g2);
+        let (fill, _) = t.at_top("a", g2, e, 3);
+        let fill = fill.expect("the move is filled");
+        assert_eq!((fill.from, fill.to), (2, 3));
+    }
+
+    #[test]
+    fn a_fill_of_a_released_entry_does_not_touch_the_next_one() {
+        let r = Router::new(1, 64, 10);
+        let t = Channels::new();
+        let a: Arc<str> = "a".into();
+        r.subscribe("a", 0).unwrap();
+        t.subscribe(&a);
+        let e = Epoch::random();
+        t.deliver(&r, "a", &inc(e, 1));
+        let Delivered::Gap(old) = t.deliver(&r, "a", &inc(e, 5)) else { panic!() };
+        r.unsubscribe("a", 0);
+        assert!(t.release(&r, "a"));
+        r.subscribe("a", 0).unwrap();
+        t.subscribe(&a);
+        t.deliver(&r, "a", &inc(e, 20));
+        let Delivered::Gap(new) = t.deliver(&r, "a", &inc(e, 23)) else { panic!() };
+        assert_eq!(t.deliver_filled(&r, &old, &msg(&a, e, 2)), None, "the old fill stops");
+        assert_eq!(t.drain(&r, &old), Step::Done);
+        t.abandon(&old);
+        assert_eq!(t.deliver(&r, "a", &inc(e, 24)), Delivered::Held, "the new fill still holds");
+        assert_eq!(finish(&t, &r, &new, &[msg(&a, e, 21), msg(&a, e, 22)]), Step::Done);
+        let got: Vec<u64> = drained(&r, 0).into_iter().map(|(_, o)| o).collect();
+        assert_eq!(got, vec![1, 20, 21, 22, 23, 24]);
     }
 
     #[test]
@@ -437,7 +596,7 @@ mod tests {
         let r = Router::new(1, 1, 10);
         let t = Channels::new();
         r.subscribe("a", 0).unwrap();
-        t.subscribe(&"a".into(), true);
+        t.subscribe(&"a".into());
         let e = Epoch::random();
         assert_eq!(t.deliver(&r, "a", &inc(e, 1)), Delivered::Queued);
         assert_eq!(t.deliver(&r, "a", &inc(e, 2)), Delivered::Full);
@@ -452,9 +611,9 @@ mod tests {
         let a: Arc<str> = "a".into();
         r.subscribe("a", 0).unwrap();
         let (e1, e2) = (Epoch::random(), Epoch::random());
-        let g1 = t.subscribe(&a, true);
+        let g1 = t.subscribe(&a);
         assert_eq!(t.confirmed("a"), None, "not confirmed yet");
-        let g2 = t.subscribe(&a, true);
+        let g2 = t.subscribe(&a);
         t.confirm("a", g1, Some(e1));
         assert_eq!(t.confirmed("a"), None, "a late confirmation of an older subscription is ignored");
         t.confirm("a", g2, Some(e2));

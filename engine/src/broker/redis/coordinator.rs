@@ -221,7 +221,7 @@ impl Coordinator {
                 },
                 Some(node) => {
                     let moved = have.is_none_or(|old| self.nodes[old].send(NodeCmd::Unsubscribe(Arc::clone(&name))));
-                    let gen = shared.channels.subscribe(&name, have.is_none());
+                    let gen = shared.channels.subscribe(&name);
                     self.assigned.insert(Arc::clone(&name), node);
                     moved && self.nodes[node].send(NodeCmd::Subscribe(name, gen))
                 }

@@ -196,9 +196,11 @@ impl Shared {
     /// of one channel starting together share reads: while one read runs,
     /// the next ones wait, and one more read then serves them all (from the
     /// oldest position asked). A reconnect storm costs a few reads per
-    /// channel, and the replayed messages are shared and encoded once.
+    /// channel, and the replayed messages are shared and encoded once. The
+    /// reads run in a task of their own on the calling shard's runtime, so
+    /// a start waits for its own read only.
     async fn start_snapshot(
-        &self,
+        self: &Arc<Self>,
         channel: &Arc<str>,
         since: Option<Position>,
         shard: Option<usize>,
@@ -211,7 +213,8 @@ impl Shared {
             !std::mem::replace(&mut group.running, true)
         };
         if lead {
-            self.lead_reads(channel, shard).await;
+            let (shared, channel) = (Arc::clone(self), Arc::clone(channel));
+            tokio::spawn(async move { shared.lead_reads(&channel, shard).await });
         }
         rx.await.unwrap_or_else(|_| Err(HistoryError::Unavailable("the read was abandoned (shutting down)".into())))
     }
@@ -247,11 +250,12 @@ impl Shared {
             let asked = batch.iter().find_map(|(s, _)| s.map(|p| p.epoch));
             let offsets: Vec<u64> = batch.iter().filter_map(|(s, _)| s.filter(|p| Some(p.epoch) == asked).map(|p| p.offset)).collect();
             let what = match (asked, offsets.iter().min()) {
-                (Some(epoch), Some(&offset)) => Read::After {
+                (Some(epoch), Some(&offset)) => Read::Recent {
                     since: Position { epoch, offset },
                     count: self.recovery_max,
                     // All at one position: read nothing when too many were
-                    // missed. Several: read from the oldest for the others.
+                    // missed. Several: the last recovery_max after the
+                    // oldest, all that any of them can recover.
                     capped: offsets.iter().all(|&o| o == offset),
                 },
                 _ => Read::Top,
@@ -267,8 +271,9 @@ impl Shared {
                 }
             }
             if !again.is_empty() {
+                // First in the next read, which asks their epoch.
                 if let Some(group) = crate::router::lock(&self.starts).get_mut(channel) {
-                    group.waiting.extend(again);
+                    group.waiting.splice(0..0, again);
                 }
             }
         }

@@ -32,6 +32,8 @@ if KEYS[4] then
   end
 end
 local o = redis.call('HINCRBY', KEYS[1], 'o', 1)
+-- Integers as digits (Lua's default number format is %.14g).
+local n = string.format('%d', o)
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
@@ -42,16 +44,19 @@ if ARGV[3] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 if ARGV[5] ~= '0' then
   local t = redis.call('TIME')
   local ms = t[1] * 1000 + math.floor(t[2] / 1000)
-  local add = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], o .. '-0', 'd', ARGV[2], 't', ms}
+  local add = {'XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], n .. '-0', 'd', ARGV[2], 't', string.format('%d', ms)}
   local r = redis.pcall(unpack(add))
   if type(r) == 'table' and r.err then
+    -- The stream holds ids past this epoch's counter (written by hand?):
+    -- it is not this epoch's history any more.
+    redis.log(redis.LOG_WARNING, 'herald: history stream ' .. KEYS[3] .. ' out of order, emptied: ' .. r.err)
     redis.call('DEL', KEYS[3])
     redis.call(unpack(add))
   end
   redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
-redis.call(ARGV[4], KEYS[2], 'h1|' .. e .. '|' .. o .. '|' .. ARGV[2])
-if KEYS[4] then redis.call('SET', KEYS[4], o .. '|' .. e, 'PX', ARGV[7]) end
+redis.call(ARGV[4], KEYS[2], 'h1|' .. e .. '|' .. n .. '|' .. ARGV[2])
+if KEYS[4] then redis.call('SET', KEYS[4], n .. '|' .. e, 'PX', ARGV[7]) end
 return {o, e, 0}
 ";
 
@@ -69,10 +74,15 @@ local entries = {}
 if count > 0 then
   if ARGV[6] == 'latest' then
     entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', count)
-  elseif ARGV[6] == 'after' and ARGV[3] == e then
+  elseif (ARGV[6] == 'after' or ARGV[6] == 'recent') and ARGV[3] == e then
     local since = tonumber(ARGV[4])
     if since < o and (ARGV[7] == '0' or o - since <= count) then
-      entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', count)
+      local from = string.format('%d', since + 1) .. '-0'
+      if ARGV[6] == 'after' then
+        entries = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', count)
+      else
+        entries = redis.call('XREVRANGE', KEYS[2], '+', from, 'COUNT', count)
+      end
     end
   end
 end
@@ -147,9 +157,12 @@ impl Limits {
 pub(crate) enum Read {
     /// The epoch and top only.
     Top,
-    /// Messages after `since`, at most `count`; with `capped`, none unless
-    /// all of them (top − since) fit in `count`.
+    /// Messages after `since`, the first `count` of them; with `capped`,
+    /// none unless all of them (top − since) fit in `count`.
     After { since: Position, count: usize, capped: bool },
+    /// Messages after `since`, the last `count` of them (what a
+    /// subscriber at or after `since` can recover); with `capped` as above.
+    Recent { since: Position, count: usize, capped: bool },
     /// The latest `count` messages.
     Latest(usize),
 }
@@ -247,6 +260,7 @@ impl Scripts {
         let (since, count, mode, capped) = match what {
             Read::Top => (None, 0, "top", false),
             Read::After { since, count, capped } => (Some(since), count, "after", capped),
+            Read::Recent { since, count, capped } => (Some(since), count, "recent", capped),
             Read::Latest(count) => (None, count, "latest", false),
         };
         let count = if l.history_size == 0 { 0 } else { count };
@@ -270,7 +284,8 @@ impl Scripts {
         let mut history = VecDeque::with_capacity(entries.len());
         for entry in entries {
             let (id, fields) = redis::from_redis_value::<(String, Vec<Bytes>)>(entry)?;
-            let offset = id.split_once('-').and_then(|(o, _)| o.parse::<u64>().ok()).ok_or(ScriptError::Answer("a stream id"))?;
+            let offset =
+                id.split_once('-').and_then(|(o, _)| o.parse::<u64>().ok()).filter(|o| *o > 0).ok_or(ScriptError::Answer("a stream id"))?;
             let (mut data, mut at) = (None, 0u64);
             for pair in fields.chunks_exact(2) {
                 match &pair[0][..] {
@@ -286,7 +301,7 @@ impl Scripts {
             }
             history.push_back(Arc::new(Message::new(Arc::clone(channel), epoch, offset, payload)));
         }
-        if mode == "latest" {
+        if mode == "latest" || mode == "recent" {
             history.make_contiguous().reverse();
         }
         Ok(Snapshot { epoch, top, history })

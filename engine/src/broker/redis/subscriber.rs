@@ -303,6 +303,7 @@ impl Subscriber {
                 if live.confirmed.insert(Arc::clone(ch)) {
                     shared.metrics.subscribed.fetch_add(1, Ordering::Relaxed);
                 }
+                shared.channels.acked(ch, gen);
                 self.confirm_later(Arc::clone(ch), gen, Rc::clone(&live.alive));
             }
             b"sunsubscribe" | b"unsubscribe" => {
@@ -376,9 +377,6 @@ fn start_fill(shared: &Arc<Shared>, fill: Fill) {
     tokio::task::spawn_local(run_fill(Arc::clone(shared), fill));
 }
 
-/// Read attempts of a fill before what it could not read counts as lost.
-const FILL_READS: u32 = 5;
-
 /// Reads each gap of a channel from its stream and delivers it (with an
 /// epoch notice first when the epoch is new, `lagged` for what the stream
 /// lost), then what waited behind it; next gaps found in what waited are
@@ -386,7 +384,10 @@ const FILL_READS: u32 = 5;
 async fn run_fill(shared: Arc<Shared>, mut fill: Fill) {
     let m = &shared.metrics;
     loop {
-        let read = read_range(&shared, &fill).await;
+        let Some(read) = read_range(&shared, &fill).await else {
+            shared.channels.abandon(&fill);
+            return;
+        };
         let (messages, found, lost) = fill_messages(&fill, &read);
         m.filled.fetch_add(found, Ordering::Relaxed);
         m.missed.fetch_add(lost, Ordering::Relaxed);
@@ -398,9 +399,9 @@ async fn run_fill(shared: Arc<Shared>, mut fill: Fill) {
         }
         for msg in &messages {
             loop {
-                match shared.channels.deliver_filled(&shared.router, msg) {
+                match shared.channels.deliver_filled(&shared.router, &fill, msg) {
                     None => {
-                        shared.channels.abandon(&fill.channel);
+                        shared.channels.abandon(&fill);
                         return;
                     }
                     Some(Routed::Full) => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -422,11 +423,13 @@ async fn run_fill(shared: Arc<Shared>, mut fill: Fill) {
     }
 }
 
-/// The messages of `fill`'s range the stream holds (none when it cannot be
-/// read after [`FILL_READS`] attempts).
-async fn read_range(shared: &Shared, fill: &Fill) -> Vec<Arc<crate::message::Message>> {
+/// The messages of `fill`'s range the stream holds. A read that fails
+/// (Redis away) is retried while the channel has subscribers here, the
+/// messages behind it waiting (bounded): a failure to read is not a loss.
+/// `None` once nobody here wants the channel.
+async fn read_range(shared: &Shared, fill: &Fill) -> Option<Vec<Arc<crate::message::Message>>> {
     if fill.from > fill.to {
-        return Vec::new();
+        return Some(Vec::new());
     }
     let what = Read::After {
         since: crate::message::Position { epoch: fill.epoch, offset: fill.from - 1 },
@@ -434,16 +437,16 @@ async fn read_range(shared: &Shared, fill: &Fill) -> Vec<Arc<crate::message::Mes
         capped: false,
     };
     let mut backoff = Backoff::default();
-    for _ in 0..FILL_READS {
+    while shared.router.has_interest(&fill.channel) {
         if let Some(p) = shared.publisher.get() {
             match shared.scripts.read(p, &fill.channel, what).await {
-                Ok(snap) => return snap.history.into_iter().collect(),
+                Ok(snap) => return Some(snap.history.into_iter().collect()),
                 Err(e) => tracing::debug!(channel = %fill.channel, error = %e, "cannot read a channel's stream; retrying"),
             }
         }
         tokio::time::sleep(backoff.next()).await;
     }
-    Vec::new()
+    None
 }
 
 async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, LinkError> {

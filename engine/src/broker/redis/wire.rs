@@ -91,6 +91,10 @@ pub(crate) fn parse_body(body: &Bytes) -> Option<(Epoch, u64, Payload)> {
     let rest = rest.get(8..)?.strip_prefix(b"|")?;
     let bar = rest.iter().position(|&b| b == b'|')?;
     let offset: u64 = std::str::from_utf8(&rest[..bar]).ok()?.parse().ok()?;
+    // Offsets start at 1; the last one has no successor.
+    if offset == 0 || offset == u64::MAX {
+        return None;
+    }
     let start = body.len() - rest.len() + bar + 1;
     Some((epoch, offset, parse_tail(&body.slice(start..))?))
 }
@@ -131,7 +135,15 @@ mod tests {
         let (e, o, p) = parse_body(&body).unwrap();
         assert_eq!((e.as_str(), o, p.as_bytes(), p.is_json()), ("abcd1234", 17, &b"{\"a\":1}"[..], true));
         assert_eq!(p.as_bytes().as_ptr(), body[16..].as_ptr());
-        for bad in [&b"h2|abcd1234|1|tx"[..], b"h1|abcd|1|tx", b"h1|abcd1234|x|tx", b"h1|abcd1234|1|qx", b"h1|abcd1234|1|t\xff"] {
+        for bad in [
+            &b"h2|abcd1234|1|tx"[..],
+            b"h1|abcd1234|0|tx",
+            b"h1|abcd1234|18446744073709551615|tx",
+            b"h1|abcd|1|tx",
+            b"h1|abcd1234|x|tx",
+            b"h1|abcd1234|1|qx",
+            b"h1|abcd1234|1|t\xff",
+        ] {
             assert!(parse_body(&Bytes::copy_from_slice(bad)).is_none(), "{bad:?}");
         }
     }
