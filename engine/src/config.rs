@@ -137,6 +137,13 @@ pub struct Config {
     /// carry CORS headers. Requests without `Origin` (not from a browser
     /// page) are not affected. Default `["*"]`.
     pub allowed_origins: Vec<String>,
+    /// Connection tokens (`[auth]`): with it, every connection is bound to
+    /// a user and every subscribe and publish is checked against the
+    /// token's grants. Default: none (everything open, as in v1).
+    pub auth: Option<AuthConfig>,
+    /// The server API key: with it, `POST /publish/…` and `GET /history/…`
+    /// need `Authorization: Bearer <api_key>`. Default: none (open).
+    pub api_key: Option<crate::auth::Secret>,
     /// The `redis` broker: `redis://[user:password@]host:port`. Every
     /// publish then goes through this Redis, and every node using it serves
     /// the same channels. Default: none (the local broker).
@@ -154,6 +161,31 @@ pub struct Config {
     /// (the next publish then starts a new epoch); 0 keeps it forever.
     /// Default 7 days.
     pub redis_counter_ttl_ms: u64,
+}
+
+/// `[auth]`: how connection tokens (JWTs) are verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The secret of HS256/384/512 tokens.
+    pub hmac_secret: Option<crate::auth::Secret>,
+    /// A PEM public key (RSA, EC P-256/P-384, Ed25519) for RS*, PS*, ES*,
+    /// EdDSA tokens.
+    pub public_key_file: Option<String>,
+    /// When set, a token's `aud` must be this.
+    pub audience: Option<String>,
+    /// When set, a token's `iss` must be this.
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
+    pub leeway_s: u64,
+    /// Longer tokens are refused. Default 8192.
+    pub max_token_bytes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> AuthConfig {
+        AuthConfig { hmac_secret: None, public_key_file: None, audience: None, issuer: None, leeway_s: 30, max_token_bytes: 8192 }
+    }
 }
 
 impl Default for Config {
@@ -186,6 +218,8 @@ impl Default for Config {
             redis: None,
             redis_cluster: Vec::new(),
             allowed_origins: vec!["*".to_string()],
+            auth: None,
+            api_key: None,
             redis_prefix: "herald:".into(),
             redis_timeout_ms: 2_000,
             redis_counter_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -286,6 +320,24 @@ impl Config {
         client_publish: bool);
     setter!(/// Sets [`Config::echo`].
         echo: bool);
+    /// Verifies connection tokens signed with this HMAC secret (HS256/384/512).
+    pub fn auth_hmac_secret(&mut self, secret: impl Into<String>) -> &mut Self {
+        self.auth.get_or_insert_with(AuthConfig::default).hmac_secret = Some(crate::auth::Secret::new(secret));
+        self
+    }
+
+    /// Sets [`Config::auth`].
+    pub fn auth(&mut self, auth: AuthConfig) -> &mut Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Sets [`Config::api_key`].
+    pub fn api_key(&mut self, key: impl Into<String>) -> &mut Self {
+        self.api_key = Some(crate::auth::Secret::new(key));
+        self
+    }
+
     /// Sets [`Config::allowed_origins`].
     pub fn allowed_origins<S: Into<String>>(&mut self, origins: impl IntoIterator<Item = S>) -> &mut Self {
         self.allowed_origins = origins.into_iter().map(Into::into).collect();
@@ -370,6 +422,13 @@ impl Config {
         check(c.idle_timeout_ms >= 1, "idle_timeout_ms must be at least 1")?;
         check(c.sse_keepalive_ms >= 1, "sse_keepalive_ms must be at least 1")?;
         check(c.redis.is_none() || c.redis_cluster.is_empty(), "set redis or redis_cluster, not both")?;
+        if let Some(a) = &c.auth {
+            check(a.hmac_secret.is_some() || a.public_key_file.is_some(), "[auth] needs hmac_secret or public_key_file")?;
+            check(a.hmac_secret.as_ref().is_none_or(|s| s.expose().len() >= 16), "[auth] hmac_secret must be at least 16 bytes")?;
+            check(a.max_token_bytes >= 256, "[auth] max_token_bytes must be at least 256")?;
+            check(a.leeway_s <= 600, "[auth] leeway_s must be at most 600")?;
+        }
+        check(c.api_key.as_ref().is_none_or(|k| k.expose().len() >= 16), "api_key must be at least 16 bytes")?;
         check(!c.allowed_origins.is_empty(), "allowed_origins must list at least one origin (\"*\" allows all)")?;
         for o in &c.allowed_origins {
             let host = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));

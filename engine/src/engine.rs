@@ -23,6 +23,8 @@ pub(crate) struct Engine {
     pub(crate) metrics: Metrics,
     pub(crate) router: Arc<Router>,
     pub(crate) broker: Broker,
+    /// The token verifier, when `[auth]` is set.
+    pub(crate) auth: Option<crate::auth::Auth>,
     pub(crate) controls: Box<[mpsc::Sender<Control>]>,
     open: Arc<AtomicUsize>,
     rr: AtomicUsize,
@@ -48,6 +50,7 @@ impl Engine {
         config: Config,
         router: Arc<Router>,
         broker: Broker,
+        auth: Option<crate::auth::Auth>,
         controls: Box<[mpsc::Sender<Control>]>,
         local_addr: Option<SocketAddr>,
         done: Vec<oneshot::Receiver<()>>,
@@ -56,6 +59,7 @@ impl Engine {
             metrics: Metrics::new(config.shards),
             router,
             broker,
+            auth,
             controls,
             open: Arc::new(AtomicUsize::new(0)),
             rr: AtomicUsize::new(0),
@@ -209,5 +213,9 @@ impl Upstream for Engine {
 
     fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Pending<Result<Page, HistoryError>> {
         self.broker.history(&self.router, channel, since, limit, shard::current(self).map(|s| s.id))
+    }
+
+    fn auth(&self) -> Option<&crate::auth::Auth> {
+        self.auth.as_ref()
     }
 }

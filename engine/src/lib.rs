@@ -50,6 +50,7 @@
 #![warn(missing_docs)]
 
 mod accept;
+pub mod auth;
 mod broker;
 pub mod config;
 mod engine;
@@ -69,8 +70,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use auth::Identity;
 pub use broker::BrokerError;
-pub use config::{Config, ConfigError, SlowConsumerPolicy};
+pub use config::{AuthConfig, Config, ConfigError, SlowConsumerPolicy};
 pub use http::{Body, BodyError};
 pub use message::{BrokerDown, Epoch, Position, PublishError, Published, Uncertain};
 pub use proto::json::{InvalidJson, Payload};
@@ -95,6 +97,9 @@ pub enum StartError {
     /// The configured broker cannot be used.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The `[auth]` key cannot be used.
+    #[error(transparent)]
+    Key(#[from] auth::KeyError),
     /// Binding the listener or starting a shard thread failed.
     #[error("{what}: {source}")]
     Io {
@@ -142,9 +147,16 @@ impl Herald {
         let n = config.shards;
         let router = Arc::new(Router::new(n, config.shard_queue_capacity, config.max_channels));
         let broker = Broker::from_config(&config, &router)?;
+        let auth = config.auth.as_ref().map(auth::Auth::from_config).transpose()?;
+        if config.api_key.is_none() && local_addr.is_some_and(|a| !a.ip().is_loopback()) {
+            tracing::warn!(
+                listen = %config.listen,
+                "no api_key: POST /publish and GET /history are open to anyone who reaches this address (see docs/security.md)"
+            );
+        }
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(CONTROL_QUEUE)).unzip();
         let (done_tx, done_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        let engine = Arc::new(Engine::new(config, router, broker, senders.into_boxed_slice(), local_addr, done_rx));
+        let engine = Arc::new(Engine::new(config, router, broker, auth, senders.into_boxed_slice(), local_addr, done_rx));
         engine.broker.start().map_err(|source| StartError::Io { what: "cannot start the broker thread".into(), source })?;
         for (id, (rx, done)) in receivers.into_iter().zip(done_tx).enumerate() {
             let up: Arc<dyn Upstream> = Arc::clone(&engine) as Arc<dyn Upstream>;

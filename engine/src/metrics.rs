@@ -51,10 +51,14 @@ pub(crate) enum Disconnect {
     IoError = 7,
     /// The broker (Redis) could not start an SSE stream's subscriptions.
     Unavailable = 8,
+    /// The connection's token expired without a refresh (close 4001).
+    TokenExpired = 9,
+    /// A refresh carried another user's token (close 4003).
+    UserChanged = 10,
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 9] = [
+    const ALL: [Disconnect; 11] = [
         Disconnect::Client,
         Disconnect::SlowConsumer,
         Disconnect::IdleTimeout,
@@ -64,6 +68,8 @@ impl Disconnect {
         Disconnect::Shutdown,
         Disconnect::IoError,
         Disconnect::Unavailable,
+        Disconnect::TokenExpired,
+        Disconnect::UserChanged,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -76,6 +82,8 @@ impl Disconnect {
             Disconnect::Shutdown => "shutdown",
             Disconnect::IoError => "io_error",
             Disconnect::Unavailable => "broker_unavailable",
+            Disconnect::TokenExpired => "token_expired",
+            Disconnect::UserChanged => "user_changed",
         }
     }
 }
@@ -122,7 +130,9 @@ pub(crate) struct ShardMetrics {
     /// Recoveries by outcome: recovered, then each [`crate::broker::Miss`].
     pub recoveries: [Counter; 5],
     pub replayed: Counter,
-    pub disconnects: [Counter; 9],
+    pub disconnects: [Counter; 11],
+    /// Tokens verified: accepted, refused, expired.
+    pub auth: [Counter; 3],
     pub errors: [Counter; ErrorCode::ALL.len()],
     pub publish_overloaded: Counter,
     pub publish_to_write: Histogram,
@@ -219,6 +229,11 @@ impl Metrics {
         head(&mut out, "herald_errors_total", "counter", "Requests and commands refused, by error code.");
         for c in ErrorCode::ALL {
             let _ = writeln!(out, "herald_errors_total{{code=\"{}\"}} {}", c.as_str(), self.sum(|s| &s.errors[c.index()]));
+        }
+
+        head(&mut out, "herald_auth_total", "counter", "Connection tokens verified, by result.");
+        for (i, result) in ["ok", "refused", "expired"].iter().enumerate() {
+            let _ = writeln!(out, "herald_auth_total{{result=\"{result}\"}} {}", self.sum(|s| &s.auth[i]));
         }
 
         head(&mut out, "herald_recoveries_total", "counter", "Subscribes with a position, by outcome.");

@@ -103,6 +103,18 @@ struct Args {
     /// Use the `redis-cluster` broker (sharded pub/sub) with these seed URLs.
     #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',')]
     redis_cluster: Option<Vec<String>>,
+    /// The server API key: POST /publish and GET /history then need
+    /// `Authorization: Bearer <key>` (prefer the variable: flags show in `ps`).
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Verify connection tokens (JWT, HS256/384/512) signed with this secret
+    /// (sets `[auth] hmac_secret`; prefer the variable or the file).
+    #[arg(long, env = "HERALD_AUTH_HMAC_SECRET", hide_env_values = true)]
+    auth_hmac_secret: Option<String>,
+    /// Verify connection tokens (RS*, PS*, ES*, EdDSA) with this PEM public
+    /// key (sets `[auth] public_key_file`).
+    #[arg(long, env = "HERALD_AUTH_PUBLIC_KEY_FILE")]
+    auth_public_key_file: Option<String>,
     /// Origins whose pages may use Herald (comma separated; `*` = all).
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Option<Vec<String>>,
@@ -168,6 +180,15 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if let Some(urls) = &args.redis_cluster {
         c.redis_cluster = urls.clone();
         c.redis = None;
+    }
+    if let Some(k) = &args.api_key {
+        c.api_key = Some(herald::auth::Secret::new(k.clone()));
+    }
+    if let Some(s) = &args.auth_hmac_secret {
+        c.auth_hmac_secret(s.clone());
+    }
+    if let Some(f) = &args.auth_public_key_file {
+        c.auth.get_or_insert_with(herald::AuthConfig::default).public_key_file = Some(f.clone());
     }
     if let Some(o) = &args.allowed_origins {
         c.allowed_origins = o.clone();

@@ -104,6 +104,20 @@ fn preflight(origin: HeaderValue) -> Response<Body> {
     r
 }
 
+/// With `api_key` set, the refusal of a request without it (compared in
+/// constant time); `None` to go on.
+fn api_key<B>(engine: &Engine, req: &Request<B>) -> Option<Response<Body>> {
+    let key = engine.config.api_key.as_ref()?;
+    let given = query::bearer(req).unwrap_or("");
+    if crate::auth::secrets_equal(given.as_bytes(), key.expose().as_bytes()) {
+        return None;
+    }
+    let msg = "this endpoint needs the API key (Authorization: Bearer …)";
+    let mut r = refuse(engine, StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg);
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
+}
+
 async fn route<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
 where
     B: http_body::Body + Send + 'static,
@@ -115,8 +129,14 @@ where
         (&Method::GET, "/ws") => ws::upgrade(engine, req, false).await,
         (&Method::GET, "/echo") if engine.config.echo => ws::upgrade(engine, req, true).await,
         (&Method::GET, "/sse") => sse::open(engine, req).await,
-        (&Method::POST, p) if p.starts_with("/publish/") => publish::publish(engine, req).await,
-        (&Method::GET, p) if p.starts_with("/history/") => history::history(engine, req).await,
+        (&Method::POST, p) if p.starts_with("/publish/") => match api_key(&engine, &req) {
+            Some(r) => r,
+            None => publish::publish(engine, req).await,
+        },
+        (&Method::GET, p) if p.starts_with("/history/") => match api_key(&engine, &req) {
+            Some(r) => r,
+            None => history::history(engine, req).await,
+        },
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
         (_, "/ws" | "/sse" | "/healthz" | "/metrics") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),

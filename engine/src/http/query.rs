@@ -9,6 +9,7 @@ use super::serve::PermitSlot;
 use crate::engine::Engine;
 use crate::proto::{channel, truncate_str, ErrorCode};
 use crate::shard::conn::Format;
+use crate::shard::Access;
 use crate::shard::Permit;
 
 /// `channel` (repeatable) and `format` from a query string.
@@ -55,6 +56,51 @@ pub(crate) fn parse_query(engine: &Engine, query: Option<&str>) -> Result<Query,
         return Err(refuse(engine, StatusCode::BAD_REQUEST, ErrorCode::Limit, &msg));
     }
     Ok(Query { channels, format })
+}
+
+/// Who a `/ws` or `/sse` request is: the identity an embedder put in its
+/// extensions, else a verified token (`Authorization: Bearer`, or the
+/// `token` query parameter), else anonymous with `[auth]` set, else open.
+/// A bad token is 401 before anything is opened; a channel of the query
+/// the identity may not subscribe to is 403.
+#[allow(clippy::result_large_err)]
+pub(crate) fn identify<B>(engine: &Engine, req: &Request<B>, channels: &[String]) -> Result<Access, Response<Body>> {
+    let access = match req.extensions().get::<crate::auth::Identity>() {
+        Some(id) => Access::User(id.clone()),
+        None => match &engine.auth {
+            None => Access::Open,
+            Some(auth) => match bearer(req).map(str::to_owned).or_else(|| query_param(req, "token")) {
+                None => Access::Anonymous,
+                Some(token) => match auth.verify(&token) {
+                    Ok(id) => {
+                        engine.metrics_here().auth[0].inc();
+                        Access::User(id)
+                    }
+                    Err(e) => {
+                        let expired = e == crate::auth::TokenError::Expired;
+                        engine.metrics_here().auth[if expired { 2 } else { 1 }].inc();
+                        return Err(refuse(engine, StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &format!("token refused: {e}")));
+                    }
+                },
+            },
+        },
+    };
+    if let Some(ch) = channels.iter().find(|c| !access.may_subscribe(c)) {
+        let msg = format!("not allowed to subscribe to {:?}", truncate_str(ch, 64));
+        return Err(refuse(engine, StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg));
+    }
+    Ok(access)
+}
+
+/// The value of an `Authorization: Bearer …` header.
+pub(crate) fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    let v = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, value) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| value.trim())
+}
+
+fn query_param<B>(req: &Request<B>, name: &str) -> Option<String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// The TCP connection's permit (standalone), or a new one (embedded).

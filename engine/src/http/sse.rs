@@ -7,7 +7,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::Body;
-use super::query::{parse_query, take_permit, Query};
+use super::query::{identify, parse_query, take_permit, Query};
 use super::{error_response, refuse, shutting_down};
 use crate::engine::Engine;
 use crate::message::Position;
@@ -34,6 +34,10 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     });
     let since: Option<Vec<Position>> =
         last_id.as_deref().map(|s| s.split(',').map(|p| Position::parse(p.trim()).unwrap_or_else(Position::nowhere)).collect());
+    let access = match identify(&engine, &req, &channels) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let permit = match take_permit(&engine, &req) {
         Ok(p) => p,
         Err(r) => return r,
@@ -43,7 +47,7 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     let (tx, rx) = oneshot::channel();
     let (target, _) = engine.pick_shard();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, permit) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, access, permit) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 tokio::task::spawn_local(sse::pump(Rc::clone(shard), conn, frames_tx, abort_tx));

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::body::Body;
-use super::query::{parse_query, take_permit, Query};
+use super::query::{identify, parse_query, take_permit, Query};
 use super::{error_response, refuse, shutting_down};
 use crate::engine::Engine;
 use crate::metrics::Disconnect;
@@ -39,6 +39,10 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
         }
         Err(e) => return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e.to_string()),
     };
+    let access = match identify(&engine, &req, &channels) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
     let permit = match take_permit(&engine, &req) {
         Ok(p) => p,
         Err(r) => return r,
@@ -46,7 +50,7 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
     let (target, local) = engine.pick_shard();
     let (tx, rx) = oneshot::channel();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, permit) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, access, permit) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 let shard = Rc::clone(shard);

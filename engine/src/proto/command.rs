@@ -6,6 +6,7 @@
 //! {"op":"unsubscribe","channel":"news"}
 //! {"op":"publish","channel":"news","data":<any JSON>}
 //! {"op":"history","channel":"news","since":"k3x9a0qz:17","limit":100}
+//! {"op":"auth","token":"<JWT>"}
 //! ```
 
 use std::borrow::Cow;
@@ -48,6 +49,11 @@ pub enum Command<'a> {
         since: Option<Cow<'a, str>>,
         /// At most this many messages (at least 1).
         limit: Option<u64>,
+    },
+    /// Authenticate the connection, or refresh its token.
+    Auth {
+        /// The connection token (not checked here).
+        token: Cow<'a, str>,
     },
 }
 
@@ -92,6 +98,8 @@ struct Wire<'a> {
     limit: Option<u64>,
     #[serde(borrow)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -122,9 +130,13 @@ pub fn parse(input: &str, max_payload: usize) -> Parsed<'_> {
 
 fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandError> {
     let op = wire.op.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"op\""))?;
-    let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish" | "history");
+    let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish" | "history" | "auth");
     if !known {
         return Err(CommandError::new(ErrorCode::UnknownOp, format!("unknown op {:?}", super::truncate_str(&op, 64))));
+    }
+    if op == "auth" {
+        let token = wire.token.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"token\""))?;
+        return Ok(Command::Auth { token });
     }
     let channel = wire.channel.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"channel\""))?;
     channel::validate(&channel).map_err(|e| CommandError::new(ErrorCode::BadChannel, e.to_string()))?;

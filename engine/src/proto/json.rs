@@ -433,6 +433,16 @@ pub(crate) fn epoch_notice(form: Form, channel: &str, epoch: &str) -> Option<Byt
     }
 }
 
+/// `{"op":"authed","user":…,"expires_at":…}` (`expires_at` when the
+/// identity expires), plus `id` when given.
+pub(crate) fn reply_authed(user: &str, expires_at: Option<u64>, id: Option<&str>) -> Bytes {
+    let mut r = Reply::new("authed").str_field("user", user);
+    if let Some(at) = expires_at {
+        r = r.raw_field("expires_at", itoa::Buffer::new().format(at));
+    }
+    r.id(id).frame()
+}
+
 /// `{"op":"error","code":…,"message":…}`, plus `id` when given.
 pub fn reply_error(code: ErrorCode, message: &str, id: Option<&str>) -> Bytes {
     Reply::new("error").str_field("code", code.as_str()).str_field("message", message).id(id).frame()

@@ -58,11 +58,13 @@ pub enum ErrorCode {
     Overloaded,
     /// The broker behind the server is unreachable; retry.
     Unavailable,
+    /// No valid token or API key was given where one is needed.
+    Unauthorized,
 }
 
 impl ErrorCode {
     /// Every code, in a fixed order (metrics use it).
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownOp,
         ErrorCode::BadChannel,
@@ -71,6 +73,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::Overloaded,
         ErrorCode::Unavailable,
+        ErrorCode::Unauthorized,
     ];
 
     /// The code as it appears on the wire.
@@ -84,6 +87,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 

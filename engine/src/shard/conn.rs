@@ -195,6 +195,43 @@ fn count_delivery(metrics: &ShardMetrics, transport: Transport, len: usize, at: 
     metrics.publish_to_write.record(now.saturating_duration_since(at));
 }
 
+/// What a connection may subscribe to and publish to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// No `[auth]`, no identity from the embedder: everything, as in v1.
+    Open,
+    /// `[auth]` is set and no token was given (yet): nothing.
+    Anonymous,
+    /// A user's grants.
+    User(crate::auth::Identity),
+}
+
+impl Access {
+    pub(crate) fn may_subscribe(&self, channel: &str) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Anonymous => false,
+            Access::User(id) => id.may_subscribe(channel),
+        }
+    }
+
+    pub(crate) fn may_publish(&self, channel: &str) -> bool {
+        match self {
+            Access::Open => true,
+            Access::Anonymous => false,
+            Access::User(id) => id.may_publish(channel),
+        }
+    }
+
+    /// When the connection's token expires, if it has one.
+    pub(crate) fn expires_at(&self) -> Option<u64> {
+        match self {
+            Access::User(id) => id.expires_at(),
+            _ => None,
+        }
+    }
+}
+
 /// A new subscription's place in its channel's live messages.
 #[derive(Debug)]
 enum Seam {
@@ -231,6 +268,10 @@ pub(crate) struct Conn {
     pub subs: RefCell<Vec<Arc<str>>>,
     /// Publish commands waiting for the broker's answer.
     pub in_flight: Cell<u32>,
+    /// Who the connection is, and so what it may do.
+    pub access: RefCell<Access>,
+    /// An expiry watcher runs for this connection.
+    pub watched: Cell<bool>,
     /// The connection's socket, when it is a plain TCP stream the shard can
     /// write to itself: fan-out then writes message frames from its own
     /// loop instead of waking the connection's task for each.
@@ -261,6 +302,8 @@ impl Conn {
             out: RefCell::new(Outbound::default()),
             subs: RefCell::new(Vec::new()),
             in_flight: Cell::new(0),
+            access: RefCell::new(Access::Open),
+            watched: Cell::new(false),
             direct: RefCell::new(None),
             flush_due: Cell::new(false),
             seams: RefCell::new(Vec::new()),

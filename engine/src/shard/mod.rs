@@ -35,6 +35,7 @@ use crate::message::{Epoch, Message, Position, PublishFuture};
 use crate::metrics::{Disconnect, Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::proto::ErrorCode;
+pub(crate) use conn::Access;
 use conn::{Check, Conn, Format, Offer, Pending, Transport};
 use inbox::Inbox;
 
@@ -61,6 +62,8 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn starting_point(&self, channel: &str, since: Option<Position>) -> Answer<Result<Start, HistoryError>>;
     /// A page of the channel's history.
     fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Answer<Result<Page, HistoryError>>;
+    /// The token verifier, when `[auth]` is set.
+    fn auth(&self) -> Option<&crate::auth::Auth>;
 }
 
 /// Messages fanned out per turn before the shard writes and lets other
@@ -198,6 +201,7 @@ impl Shard {
         format: Format,
         channels: &[String],
         since: Option<Vec<Position>>,
+        access: Access,
         permit: Permit,
     ) -> Result<Rc<Conn>, OpenError> {
         if self.draining() {
@@ -219,6 +223,8 @@ impl Shard {
             Transport::Ws => self.metrics().ws_opened.inc(),
             Transport::Sse => self.metrics().sse_opened.inc(),
         }
+        *conn.access.borrow_mut() = access;
+        self.watch_expiry(&conn);
         for ch in channels {
             if let Err(e) = self.subscribe(&conn, ch) {
                 self.remove_conn(&conn, Disconnect::Client);
@@ -323,6 +329,40 @@ impl Shard {
                 (format == Format::Json).then(|| crate::proto::json::sse_subscribed(ch, epoch.as_str(), top, recovered))
             });
         }
+    }
+
+    /// Ends `conn` when its token expires (plus the leeway) without a
+    /// refresh: a WebSocket is closed with 4001 `token expired`, an SSE
+    /// stream ends. One watcher per connection, holding it weakly.
+    pub(crate) fn watch_expiry(self: &Rc<Self>, conn: &Rc<Conn>) {
+        if conn.access.borrow().expires_at().is_none() || conn.watched.replace(true) {
+            return;
+        }
+        let leeway = self.up.auth().map_or(0, crate::auth::Auth::leeway_s);
+        let (shard, weak) = (Rc::clone(self), Rc::downgrade(conn));
+        tokio::task::spawn_local(async move {
+            loop {
+                let deadline = {
+                    let Some(conn) = weak.upgrade() else { return };
+                    if conn.out.borrow().closing().is_some() {
+                        return;
+                    }
+                    let Some(exp) = conn.access.borrow().expires_at() else {
+                        conn.watched.set(false);
+                        return;
+                    };
+                    let (deadline, now) = (exp.saturating_add(leeway), crate::auth::unix_now());
+                    if now >= deadline {
+                        shard.metrics().auth[2].inc();
+                        let last = (conn.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(4001, "token expired"));
+                        conn.close(Disconnect::TokenExpired, Pending::Keep, last);
+                        return;
+                    }
+                    deadline - now
+                };
+                tokio::time::sleep(Duration::from_secs(deadline)).await;
+            }
+        });
     }
 
     /// Removes a finished connection from the shard.

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::conn::{Conn, Format, Pending, MAX_IOV};
+use super::conn::{Access, Conn, Format, Pending, MAX_IOV};
 use super::Shard;
 use crate::broker::{HistoryError, Pending as Answer};
 use crate::config::{Config, COMMAND_OVERHEAD_BYTES};
@@ -372,6 +372,9 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
+            if !conn.access.borrow().may_subscribe(&channel) {
+                return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to subscribe to {channel:?}"), id);
+            }
             let created = match shard.subscribe(conn, &channel) {
                 Ok(created) => created,
                 Err(e) => return error(shard, conn, ErrorCode::Limit, &e.to_string(), id),
@@ -428,6 +431,9 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
+            if !conn.access.borrow().may_subscribe(&channel) {
+                return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the history of {channel:?}"), id);
+            }
             let max = cfg.recovery_max;
             let Some(limit) = limit.map_or(Some(max), |l| usize::try_from(l).ok().filter(|l| *l <= max)) else {
                 return error(shard, conn, ErrorCode::BadRequest, &format!("\"limit\" must be from 1 to {max}"), id);
@@ -452,6 +458,30 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 }
             }
         }
+        Ok(Command::Auth { token }) => {
+            let Some(auth) = shard.up.auth() else {
+                return error(shard, conn, ErrorCode::BadRequest, "this server verifies no tokens ([auth] is not set)", id);
+            };
+            let identity = match auth.verify(&token) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    let expired = e == crate::auth::TokenError::Expired;
+                    shard.metrics().auth[if expired { 2 } else { 1 }].inc();
+                    return error(shard, conn, ErrorCode::Unauthorized, &format!("token refused: {e}"), id);
+                }
+            };
+            let other = matches!(&*conn.access.borrow(), Access::User(old) if old.user() != identity.user());
+            if other {
+                shard.metrics().auth[1].inc();
+                conn.close(Disconnect::UserChanged, Pending::Keep, Some(frame::encode_close(4003, "user changed")));
+                return;
+            }
+            shard.metrics().auth[0].inc();
+            let reply = json::reply_authed(identity.user(), identity.expires_at(), id);
+            *conn.access.borrow_mut() = Access::User(identity);
+            shard.watch_expiry(conn);
+            reply
+        }
         Ok(Command::Unsubscribe { channel }) => {
             shard.unsubscribe(conn, &channel);
             json::reply_unsubscribed(&channel, id)
@@ -459,6 +489,9 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
         Ok(Command::Publish { channel, data, idempotency_key }) => {
             if !cfg.client_publish {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
+            }
+            if !conn.access.borrow().may_publish(&channel) {
+                return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to publish to {channel:?}"), id);
             }
             if conn.in_flight.get() >= MAX_PUBLISHES_IN_FLIGHT {
                 let msg = format!("more than {MAX_PUBLISHES_IN_FLIGHT} publishes are waiting for the broker on this connection");

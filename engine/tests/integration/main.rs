@@ -1,6 +1,7 @@
 //! Integration tests over real sockets: Herald on port 0, independent
 //! clients (tokio-tungstenite, raw TCP, Python `websockets`).
 
+mod auth;
 mod broker;
 mod browser;
 mod churn;
