@@ -144,6 +144,10 @@ pub struct Config {
     /// The server API key: with it, `POST /publish/…` and `GET /history/…`
     /// need `Authorization: Bearer <api_key>`. Default: none (open).
     pub api_key: Option<crate::auth::Secret>,
+    /// `[namespaces.NAME]`: options of the channels named `NAME:…`;
+    /// `[namespaces.default]` applies to the others. Options a namespace
+    /// does not set come from the top level. Default: none.
+    pub namespaces: std::collections::BTreeMap<String, Namespace>,
     /// The `redis` broker: `redis://[user:password@]host:port`. Every
     /// publish then goes through this Redis, and every node using it serves
     /// the same channels. Default: none (the local broker).
@@ -161,6 +165,68 @@ pub struct Config {
     /// (the next publish then starts a new epoch); 0 keeps it forever.
     /// Default 7 days.
     pub redis_counter_ttl_ms: u64,
+}
+
+/// `[namespaces.NAME]`: the options of one namespace's channels; an option
+/// left out takes the top-level setting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Namespace {
+    /// Messages of history per channel (0: none).
+    pub history_size: Option<usize>,
+    /// Seconds a message stays in history.
+    pub history_ttl_s: Option<u64>,
+    /// Whether WebSocket clients may publish (still within their grants).
+    pub client_publish: Option<bool>,
+    /// With `[auth]`: any connection, with or without a token, may
+    /// subscribe to (and read the history of) these channels. Default false.
+    pub anonymous: bool,
+}
+
+/// The namespace options in effect for a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Rules {
+    pub history_size: usize,
+    pub history_ttl_s: u64,
+    pub client_publish: bool,
+    pub anonymous: bool,
+}
+
+/// The rules of every namespace, resolved once.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelRules {
+    default: Rules,
+    named: std::collections::HashMap<String, Rules>,
+}
+
+impl ChannelRules {
+    pub(crate) fn from_config(c: &Config) -> ChannelRules {
+        let top =
+            Rules { history_size: c.history_size, history_ttl_s: c.history_ttl_s, client_publish: c.client_publish, anonymous: false };
+        let resolve = |n: &Namespace| Rules {
+            history_size: n.history_size.unwrap_or(top.history_size),
+            history_ttl_s: n.history_ttl_s.unwrap_or(top.history_ttl_s),
+            client_publish: n.client_publish.unwrap_or(top.client_publish),
+            anonymous: n.anonymous,
+        };
+        let default = c.namespaces.get("default").map_or(top, resolve);
+        let named = c.namespaces.iter().filter(|(k, _)| *k != "default").map(|(k, n)| (k.clone(), resolve(n))).collect();
+        ChannelRules { default, named }
+    }
+
+    /// The rules of `channel`: its namespace's (the part before the first
+    /// `:`), else the default's.
+    pub(crate) fn of(&self, channel: &str) -> &Rules {
+        match channel.split_once(':') {
+            Some((ns, _)) if !self.named.is_empty() => self.named.get(ns).unwrap_or(&self.default),
+            _ => &self.default,
+        }
+    }
+
+    /// The longest history TTL of any namespace, in seconds.
+    pub(crate) fn max_ttl_s(&self) -> u64 {
+        self.named.values().map(|r| r.history_ttl_s).fold(self.default.history_ttl_s, u64::max)
+    }
 }
 
 /// `[auth]`: how connection tokens (JWTs) are verified.
@@ -220,6 +286,7 @@ impl Default for Config {
             allowed_origins: vec!["*".to_string()],
             auth: None,
             api_key: None,
+            namespaces: std::collections::BTreeMap::new(),
             redis_prefix: "herald:".into(),
             redis_timeout_ms: 2_000,
             redis_counter_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -401,11 +468,18 @@ impl Config {
         check(c.history_size <= 100_000, "history_size must be at most 100000")?;
         check(c.history_ttl_s >= 1, "history_ttl_s must be at least 1")?;
         check(c.recovery_max >= 1 && c.recovery_max <= 100_000, "recovery_max must be between 1 and 100000")?;
+        for (name, n) in &c.namespaces {
+            let ok = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+            check(ok, &format!("namespace {name:?}: a name is 1 to 64 of A-Z a-z 0-9 _ - ."))?;
+            check(n.history_size.is_none_or(|s| s <= 100_000), &format!("namespaces.{name}.history_size must be at most 100000"))?;
+            check(n.history_ttl_s.is_none_or(|t| t >= 1), &format!("namespaces.{name}.history_ttl_s must be at least 1"))?;
+        }
         // The counter and epoch must outlive the history stream, or a
         // channel would restart its offsets while history still holds them.
+        let max_ttl = ChannelRules::from_config(&c).max_ttl_s();
         check(
-            c.redis_counter_ttl_ms == 0 || c.redis_counter_ttl_ms >= c.history_ttl_s.saturating_mul(1000),
-            "redis_counter_ttl_ms must be 0 (never) or at least history_ttl_s × 1000 (the counter must outlive the history)",
+            c.redis_counter_ttl_ms == 0 || c.redis_counter_ttl_ms >= max_ttl.saturating_mul(1000),
+            "redis_counter_ttl_ms must be 0 (never) or at least the longest history_ttl_s × 1000 (the counter must outlive the history)",
         )?;
         check(c.idempotency_max_keys >= 64, "idempotency_max_keys must be at least 64")?;
         check(c.outbound_queue_bytes >= 1024, "outbound_queue_bytes must be at least 1024")?;

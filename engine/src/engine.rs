@@ -25,6 +25,8 @@ pub(crate) struct Engine {
     pub(crate) broker: Broker,
     /// The token verifier, when `[auth]` is set.
     pub(crate) auth: Option<crate::auth::Auth>,
+    /// The namespaces' rules.
+    pub(crate) rules: crate::config::ChannelRules,
     pub(crate) controls: Box<[mpsc::Sender<Control>]>,
     open: Arc<AtomicUsize>,
     rr: AtomicUsize,
@@ -57,6 +59,7 @@ impl Engine {
     ) -> Engine {
         Engine {
             metrics: Metrics::new(config.shards),
+            rules: crate::config::ChannelRules::from_config(&config),
             router,
             broker,
             auth,
@@ -217,5 +220,9 @@ impl Upstream for Engine {
 
     fn auth(&self) -> Option<&crate::auth::Auth> {
         self.auth.as_ref()
+    }
+
+    fn rules(&self) -> &crate::config::ChannelRules {
+        &self.rules
     }
 }

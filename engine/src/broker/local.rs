@@ -66,11 +66,10 @@ fn trim(h: &mut VecDeque<Arc<Message>>) {
 }
 
 /// How much history the broker keeps and replays.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct HistoryLimits {
-    /// Entries per channel; 0: no history.
-    pub size: usize,
-    pub ttl: Duration,
+    /// Each channel's history size and TTL, by namespace.
+    pub rules: Arc<crate::config::ChannelRules>,
     /// Bytes per stripe.
     pub stripe_bytes: usize,
     /// Messages one recovery replays at most.
@@ -84,8 +83,7 @@ pub(crate) struct HistoryLimits {
 impl HistoryLimits {
     pub(crate) fn from_config(c: &Config) -> HistoryLimits {
         HistoryLimits {
-            size: c.history_size,
-            ttl: Duration::from_secs(c.history_ttl_s),
+            rules: Arc::new(crate::config::ChannelRules::from_config(c)),
             stripe_bytes: c.history_max_bytes / STRIPES,
             recovery_max: c.recovery_max,
             idempotency_window: Duration::from_secs(c.idempotency_window_s),
@@ -101,6 +99,9 @@ struct Counter {
     next_offset: u64,
     /// The channel's last messages, oldest first, offsets contiguous.
     history: VecDeque<Arc<Message>>,
+    /// Its namespace's history size (0: none) and TTL.
+    size: usize,
+    ttl: Duration,
 }
 
 impl Counter {
@@ -182,9 +183,9 @@ impl Stripe {
     }
 
     /// Drops the channel's entries older than the TTL.
-    fn expire(&mut self, name: &str, limits: &HistoryLimits, stats: &HistoryStats, now: Instant) {
+    fn expire(&mut self, name: &str, stats: &HistoryStats, now: Instant) {
         let Some(c) = self.map.get_mut(name) else { return };
-        let (n, bytes) = expire_ring(&mut c.history, limits.ttl, now);
+        let (n, bytes) = expire_ring(&mut c.history, c.ttl, now);
         stats.evicted(Evicted::Ttl, n);
         self.forget(stats, n, bytes);
     }
@@ -196,13 +197,13 @@ impl Stripe {
         let added = cost(&msg);
         c.history.push_back(msg);
         let (mut n, mut bytes) = (0, 0);
-        while c.history.len() > limits.size {
+        while c.history.len() > c.size {
             if let Some(m) = c.history.pop_front() {
                 n += 1;
                 bytes += cost(&m);
             }
         }
-        let (expired, expired_bytes) = expire_ring(&mut c.history, limits.ttl, now);
+        let (expired, expired_bytes) = expire_ring(&mut c.history, c.ttl, now);
         self.order.push_back(key);
         self.entries += 1;
         self.bytes += added;
@@ -279,7 +280,9 @@ impl LocalBroker {
             }
             self.len.fetch_add(1, Ordering::Relaxed);
             let name: Arc<str> = name.into();
-            st.map.insert(Arc::clone(&name), Counter { name, epoch: Epoch::random(), next_offset: 1, history: VecDeque::new() });
+            let rules = self.limits.rules.of(&name);
+            let (size, ttl) = (rules.history_size, Duration::from_secs(rules.history_ttl_s));
+            st.map.insert(Arc::clone(&name), Counter { name, epoch: Epoch::random(), next_offset: 1, history: VecDeque::new(), size, ttl });
         }
         true
     }
@@ -360,7 +363,7 @@ impl LocalBroker {
         }
         c.next_offset += 1;
         let published = Published { channel: Arc::clone(&c.name), offset, epoch: c.epoch };
-        if self.limits.size > 0 {
+        if c.size > 0 {
             let now = msg.published_at;
             st.push(msg, &self.limits, &self.stats, now);
         }
@@ -381,7 +384,7 @@ impl LocalBroker {
         if !self.ensure(router, &mut st, stripe, channel, evict) {
             return None;
         }
-        st.expire(channel, &self.limits, &self.stats, now);
+        st.expire(channel, &self.stats, now);
         st.map.get(channel).map(f)
     }
 
@@ -390,11 +393,11 @@ impl LocalBroker {
     /// then. Read under the lock that publishes take, so every later
     /// message has a higher offset and reaches the subscriber live.
     pub(crate) fn start(&self, router: &Router, channel: &str, since: Option<Position>, now: Instant) -> Option<Start> {
-        let limits = self.limits;
+        let limits = &self.limits;
         self.with_counter(router, channel, now, true, |c| Start {
             epoch: c.epoch,
             top: c.top(),
-            recovery: since.map(|p| recover(c.epoch, c.top(), &c.history, p, limits.size, limits.recovery_max)),
+            recovery: since.map(|p| recover(c.epoch, c.top(), &c.history, p, c.size, limits.recovery_max)),
         })
     }
 
@@ -440,9 +443,10 @@ mod tests {
     use crate::broker::{Miss, Recovery};
 
     fn limits(size: usize, stripe_bytes: usize, recovery_max: usize) -> HistoryLimits {
+        let mut c = Config::default();
+        c.history_size(size).history_ttl_s(300);
         HistoryLimits {
-            size,
-            ttl: Duration::from_secs(300),
+            rules: Arc::new(crate::config::ChannelRules::from_config(&c)),
             stripe_bytes,
             recovery_max,
             idempotency_window: Duration::from_secs(300),

@@ -85,7 +85,7 @@ pub(crate) fn identify<B>(engine: &Engine, req: &Request<B>, channels: &[String]
             },
         },
     };
-    if let Some(ch) = channels.iter().find(|c| !access.may_subscribe(c)) {
+    if let Some(ch) = channels.iter().find(|c| !access.may_subscribe(&engine.rules, c)) {
         let msg = format!("not allowed to subscribe to {:?}", truncate_str(ch, 64));
         return Err(refuse(engine, StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg));
     }

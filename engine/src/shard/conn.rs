@@ -207,11 +207,15 @@ pub(crate) enum Access {
 }
 
 impl Access {
-    pub(crate) fn may_subscribe(&self, channel: &str) -> bool {
+    /// Whether the connection may subscribe to (and read the history of)
+    /// `channel`: its grants, or its namespace is `anonymous` (never for a
+    /// user channel).
+    pub(crate) fn may_subscribe(&self, rules: &crate::config::ChannelRules, channel: &str) -> bool {
+        let open_to_all = || rules.of(channel).anonymous && !channel.starts_with("user:");
         match self {
             Access::Open => true,
-            Access::Anonymous => false,
-            Access::User(id) => id.may_subscribe(channel),
+            Access::Anonymous => open_to_all(),
+            Access::User(id) => id.may_subscribe(channel) || open_to_all(),
         }
     }
 

@@ -64,6 +64,8 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn history(&self, channel: &str, since: Option<Position>, limit: usize) -> Answer<Result<Page, HistoryError>>;
     /// The token verifier, when `[auth]` is set.
     fn auth(&self) -> Option<&crate::auth::Auth>;
+    /// The namespaces' rules.
+    fn rules(&self) -> &crate::config::ChannelRules;
 }
 
 /// Messages fanned out per turn before the shard writes and lets other

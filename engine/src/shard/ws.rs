@@ -372,7 +372,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
-            if !conn.access.borrow().may_subscribe(&channel) {
+            if !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to subscribe to {channel:?}"), id);
             }
             let created = match shard.subscribe(conn, &channel) {
@@ -431,7 +431,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
-            if !conn.access.borrow().may_subscribe(&channel) {
+            if !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the history of {channel:?}"), id);
             }
             let max = cfg.recovery_max;
@@ -487,7 +487,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             json::reply_unsubscribed(&channel, id)
         }
         Ok(Command::Publish { channel, data, idempotency_key }) => {
-            if !cfg.client_publish {
+            if !shard.up.rules().of(&channel).client_publish {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
             }
             if !conn.access.borrow().may_publish(&channel) {

@@ -16,6 +16,7 @@ mod history;
 mod hostile;
 mod interop;
 mod limits;
+mod namespaces;
 mod origins;
 mod redis_history;
 mod shutdown;

@@ -373,3 +373,23 @@ async fn quick_resubscribes_answer_every_command_and_deliver_once() {
         assert_eq!((r["op"].as_str(), r["id"].as_u64()), (Some("unsubscribed"), Some(4)), "a duplicate would come first: {r}");
     }
 }
+
+/// A namespace's history size applies to its channels' streams in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_redis_each_namespace_keeps_its_own_stream_size() {
+    let redis = RedisServer::start(&[]);
+    let cfg = |c: &mut herald::Config| {
+        c.redis(redis.url()).redis_timeout(Duration::from_millis(1000));
+        c.namespaces.insert("live".into(), herald::config::Namespace { history_size: Some(0), ..Default::default() });
+    };
+    let a = ready(start(2, cfg));
+    for ch in ["live:score", "doc"] {
+        a.publish(ch, Payload::text("x")).await.unwrap();
+    }
+    let exists = |ch: &str| redis.query::<u64>(&["EXISTS", &format!("herald:{{{ch}}}:history")]).unwrap();
+    assert_eq!((exists("live:score"), exists("doc")), (0, 1), "no stream for a namespace without history");
+    let mut c = ws(addr(&a), "/ws").await;
+    let r = subscribe_since(&mut c, "live:score", "zzzzzzzz:0", 1).await;
+    assert_eq!(r["recovered"].as_bool(), Some(false), "{r}");
+    assert_eq!(metric(&a.metrics_text(), "herald_recoveries_total{outcome=\"off\"}"), 1, "history is off there");
+}

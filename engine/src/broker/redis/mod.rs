@@ -448,8 +448,9 @@ impl RedisBroker {
             if confirmed.await.is_none() {
                 return Err(HistoryError::Unavailable("Redis did not confirm the subscription in time; retry".into()));
             }
-            let snap = shared.start_snapshot(&channel.into(), since, shard).await?;
-            let size = shared.scripts.limits().history_size;
+            let name: Arc<str> = channel.into();
+            let snap = shared.start_snapshot(&name, since, shard).await?;
+            let size = shared.scripts.limits().history(&name).0;
             let recovery = since.map(|p| crate::broker::recover(snap.epoch, snap.top, &snap.history, p, size, shared.recovery_max));
             Ok(Start { epoch: snap.epoch, top: snap.top, recovery })
         }

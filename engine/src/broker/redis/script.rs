@@ -131,22 +131,29 @@ impl Publisher {
 }
 
 /// What the scripts are told of the configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Limits {
     /// The counter's expiry after the channel's last publish (0: never).
     pub counter_ttl_ms: u64,
-    /// Messages kept in a channel's stream, at least (0: none).
-    pub history_size: usize,
-    pub history_ttl_ms: u64,
+    /// Each channel's history: messages kept in its stream, at least (0:
+    /// none), and for how long, by namespace.
+    pub rules: crate::config::ChannelRules,
     pub idempotency_window_ms: u64,
+}
+
+impl Limits {
+    /// `channel`'s history size and TTL in ms.
+    pub(crate) fn history(&self, channel: &str) -> (usize, u64) {
+        let r = self.rules.of(channel);
+        (r.history_size, r.history_ttl_s.saturating_mul(1000).max(1))
+    }
 }
 
 impl Limits {
     pub(crate) fn from_config(c: &crate::config::Config) -> Limits {
         Limits {
             counter_ttl_ms: c.redis_counter_ttl_ms,
-            history_size: c.history_size,
-            history_ttl_ms: c.history_ttl_s.saturating_mul(1000).max(1),
+            rules: crate::config::ChannelRules::from_config(c),
             idempotency_window_ms: c.idempotency_window_s.saturating_mul(1000).max(1),
         }
     }
@@ -220,6 +227,7 @@ impl Scripts {
         key: Option<&str>,
     ) -> Result<(Published, bool), PublishError> {
         let l = &self.limits;
+        let (size, ttl_ms) = l.history(channel);
         let mut inv = self.publish.prepare_invoke();
         inv.key(self.names.meta_key(channel)).key(self.names.channel(channel)).key(self.names.stream_key(channel));
         if let Some(key) = key {
@@ -229,8 +237,8 @@ impl Scripts {
             .arg(wire::encode_tail(payload))
             .arg(l.counter_ttl_ms)
             .arg(if self.sharded { "SPUBLISH" } else { "PUBLISH" })
-            .arg(l.history_size)
-            .arg(l.history_ttl_ms)
+            .arg(size)
+            .arg(ttl_ms)
             .arg(l.idempotency_window_ms);
         match tokio::time::timeout(self.timeout, publisher.invoke::<(u64, String, u8)>(&inv)).await {
             Ok(Ok((offset, epoch, repeat))) => match Epoch::parse(epoch.as_bytes()) {
@@ -263,7 +271,8 @@ impl Scripts {
             Read::Recent { since, count, capped } => (Some(since), count, "recent", capped),
             Read::Latest(count) => (None, count, "latest", false),
         };
-        let count = if l.history_size == 0 { 0 } else { count };
+        let (size, ttl_ms) = l.history(channel);
+        let count = if size == 0 { 0 } else { count };
         let mut inv = self.read.prepare_invoke();
         inv.key(self.names.meta_key(channel))
             .key(self.names.stream_key(channel))
@@ -280,7 +289,7 @@ impl Scripts {
                 Err(_) => return Err(ScriptError::Timeout(self.timeout.as_millis())),
             };
         let epoch = Epoch::parse(epoch.as_bytes()).ok_or(ScriptError::Answer("the channel's epoch in Redis is malformed"))?;
-        let oldest = now_ms.saturating_sub(l.history_ttl_ms);
+        let oldest = now_ms.saturating_sub(ttl_ms);
         let mut history = VecDeque::with_capacity(entries.len());
         for entry in entries {
             let (id, fields) = redis::from_redis_value::<(String, Vec<Bytes>)>(entry)?;
