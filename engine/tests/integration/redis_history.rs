@@ -393,3 +393,30 @@ async fn through_redis_each_namespace_keeps_its_own_stream_size() {
     assert_eq!(r["recovered"].as_bool(), Some(false), "{r}");
     assert_eq!(metric(&a.metrics_text(), "herald_recoveries_total{outcome=\"off\"}"), 1, "history is off there");
 }
+
+/// "Send this to user 42" through Redis: the user's devices on two nodes
+/// both get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_channel_reaches_the_users_devices_on_every_node() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    const SECRET: &str = "a-test-secret-of-32-bytes-or-so!";
+    let redis = RedisServer::start(&[]);
+    let cfg = |c: &mut herald::Config| {
+        c.redis(redis.url()).redis_timeout(Duration::from_millis(1000)).auth_hmac_secret(SECRET);
+    };
+    let (a, b) = (ready(start(2, cfg)), ready(start(2, cfg)));
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let token =
+        encode(&Header::new(Algorithm::HS256), &json!({"sub": "42", "exp": exp}), &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+    let mut phone = ws(addr(&a), &format!("/ws?token={token}")).await;
+    let mut laptop = ws(addr(&b), &format!("/ws?token={token}")).await;
+    for device in [&mut phone, &mut laptop] {
+        let r = command(device, json!({"op": "subscribe", "channel": "user:42"})).await;
+        assert_eq!(r["op"], "subscribed", "{r}");
+    }
+    let p = b.publish("user:42", Payload::text("sync")).await.unwrap();
+    for device in [&mut phone, &mut laptop] {
+        let m = next_json(device).await;
+        assert_eq!((m["channel"].as_str(), m["offset"].as_u64()), (Some("user:42"), Some(p.offset)), "{m}");
+    }
+}
