@@ -121,9 +121,31 @@ pub enum TokenError {
     /// Its `sub` is not a user id.
     #[error("the token's sub is not a user id (1 to 128 characters of the channel alphabet, no ':')")]
     BadSubject,
-    /// Anything else: signature, format, `nbf`, `aud`, `iss`, claims.
+    /// Not a JWT, or its claims are missing or of the wrong type.
     #[error("{0}")]
-    Invalid(String),
+    Malformed(String),
+    /// The signature does not verify with the configured key.
+    #[error("bad signature")]
+    BadSignature,
+    /// Well signed, but `nbf`, `aud` or `iss` says no.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl TokenError {
+    /// Labels of `herald_auth_total{result}`, by index.
+    pub(crate) const RESULTS: [&'static str; 7] = ["ok", "missing", "malformed", "bad_signature", "wrong_algorithm", "expired", "rejected"];
+
+    /// This refusal's index in [`TokenError::RESULTS`].
+    pub(crate) fn result(&self) -> usize {
+        match self {
+            TokenError::TooLong(_) | TokenError::BadSubject | TokenError::Malformed(_) => 2,
+            TokenError::BadSignature => 3,
+            TokenError::Algorithm(_) => 4,
+            TokenError::Expired => 5,
+            TokenError::Rejected(_) => 6,
+        }
+    }
 }
 
 /// The server's token verifier.
@@ -198,7 +220,7 @@ impl Auth {
         if token.len() > self.max_token_bytes {
             return Err(TokenError::TooLong(self.max_token_bytes));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Invalid(format!("not a JWT: {e}")))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(format!("not a JWT: {e}")))?;
         let alg = header.alg;
         let hmac = matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
         let key = match (&self.hmac, &self.public) {
@@ -209,17 +231,29 @@ impl Auth {
         let mut v = Validation::new(alg);
         v.leeway = self.leeway_s;
         v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must be in the token, not only
+        // match when present.
+        let mut required = vec!["exp", "sub"];
         match &self.audience {
-            Some(a) => v.set_audience(&[a]),
+            Some(a) => {
+                v.set_audience(&[a]);
+                required.push("aud");
+            }
             None => v.validate_aud = false,
         }
         if let Some(i) = &self.issuer {
             v.set_issuer(&[i]);
+            required.push("iss");
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-            _ => TokenError::Invalid(format!("token refused: {e}")),
+        v.set_required_spec_claims(&required);
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => TokenError::Expired,
+                K::InvalidSignature => TokenError::BadSignature,
+                K::ImmatureSignature | K::InvalidAudience | K::InvalidIssuer => TokenError::Rejected(e.to_string()),
+                _ => TokenError::Malformed(e.to_string()),
+            }
         })?;
         let c = data.claims;
         let id_ok = (1..=128).contains(&c.sub.len()) && !c.sub.contains(':') && crate::proto::channel::validate(&c.sub).is_ok();

@@ -131,8 +131,12 @@ pub(crate) struct ShardMetrics {
     pub recoveries: [Counter; 5],
     pub replayed: Counter,
     pub disconnects: [Counter; 11],
-    /// Tokens verified: accepted, refused, expired.
-    pub auth: [Counter; 3],
+    /// Authentications by result ([`crate::auth::TokenError::RESULTS`]).
+    pub auth: [Counter; 7],
+    /// `auth` commands that refreshed a connection's token.
+    pub auth_refreshes: Counter,
+    /// Subscribes (and history reads), publishes refused by the grants.
+    pub forbidden: [Counter; 2],
     pub errors: [Counter; ErrorCode::ALL.len()],
     pub publish_overloaded: Counter,
     pub publish_to_write: Histogram,
@@ -231,9 +235,20 @@ impl Metrics {
             let _ = writeln!(out, "herald_errors_total{{code=\"{}\"}} {}", c.as_str(), self.sum(|s| &s.errors[c.index()]));
         }
 
-        head(&mut out, "herald_auth_total", "counter", "Connection tokens verified, by result.");
-        for (i, result) in ["ok", "refused", "expired"].iter().enumerate() {
+        head(&mut out, "herald_auth_total", "counter", "Authentications (connects with [auth], auth commands), by result.");
+        for (i, result) in crate::auth::TokenError::RESULTS.iter().enumerate() {
             let _ = writeln!(out, "herald_auth_total{{result=\"{result}\"}} {}", self.sum(|s| &s.auth[i]));
+        }
+        head(&mut out, "herald_auth_refreshes_total", "counter", "auth commands that refreshed a connection's token.");
+        let _ = writeln!(out, "herald_auth_refreshes_total {}", self.sum(|s| &s.auth_refreshes));
+        head(
+            &mut out,
+            "herald_forbidden_total",
+            "counter",
+            "Subscribes (and history reads) and publishes refused by a connection's grants.",
+        );
+        for (i, action) in ["subscribe", "publish"].iter().enumerate() {
+            let _ = writeln!(out, "herald_forbidden_total{{action=\"{action}\"}} {}", self.sum(|s| &s.forbidden[i]));
         }
 
         head(&mut out, "herald_recoveries_total", "counter", "Subscribes with a position, by outcome.");

@@ -70,15 +70,17 @@ pub(crate) fn identify<B>(engine: &Engine, req: &Request<B>, channels: &[String]
         None => match &engine.auth {
             None => Access::Open,
             Some(auth) => match bearer(req).map(str::to_owned).or_else(|| query_param(req, "token")) {
-                None => Access::Anonymous,
+                None => {
+                    engine.metrics_here().auth[1].inc();
+                    Access::Anonymous
+                }
                 Some(token) => match auth.verify(&token) {
                     Ok(id) => {
                         engine.metrics_here().auth[0].inc();
                         Access::User(id)
                     }
                     Err(e) => {
-                        let expired = e == crate::auth::TokenError::Expired;
-                        engine.metrics_here().auth[if expired { 2 } else { 1 }].inc();
+                        engine.metrics_here().auth[e.result()].inc();
                         return Err(refuse(engine, StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &format!("token refused: {e}")));
                     }
                 },
@@ -86,6 +88,7 @@ pub(crate) fn identify<B>(engine: &Engine, req: &Request<B>, channels: &[String]
         },
     };
     if let Some(ch) = channels.iter().find(|c| !access.may_subscribe(&engine.rules, c)) {
+        engine.metrics_here().forbidden[0].inc();
         let msg = format!("not allowed to subscribe to {:?}", truncate_str(ch, 64));
         return Err(refuse(engine, StatusCode::FORBIDDEN, ErrorCode::Forbidden, &msg));
     }

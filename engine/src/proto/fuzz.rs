@@ -80,3 +80,32 @@ pub fn encoders(data: &[u8]) {
     assert_eq!(v["data"].as_str(), Some(text));
     assert_eq!(v["offset"].as_u64(), Some(7));
 }
+
+/// Connection tokens and grants, the parts Herald owns around the JWT
+/// crate: any text as a token gets an identity or an error, never a
+/// panic, and an accepted one names a valid user; grants made from any
+/// text never open another user's channel. Input: grant patterns
+/// (comma separated), a newline, a token.
+pub fn tokens(data: &[u8]) {
+    use std::sync::OnceLock;
+    static AUTH: OnceLock<crate::auth::Auth> = OnceLock::new();
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let (grants, token) = text.split_once('\n').unwrap_or((text, text));
+    let id = crate::auth::Identity::new("42").subscribe(grants.split(',')).publish(grants.split(','));
+    for ch in grants.split(',').chain(["user:43", "user:42"]) {
+        if let Some(user) = ch.strip_prefix("user:") {
+            assert_eq!(id.may_subscribe(ch), user == "42", "{ch:?}");
+        }
+    }
+    let auth = AUTH.get_or_init(|| {
+        let c = crate::config::AuthConfig {
+            hmac_secret: Some(crate::auth::Secret::new("a-fuzzing-secret-of-some-length")),
+            max_token_bytes: 4096,
+            ..Default::default()
+        };
+        crate::auth::Auth::from_config(&c).expect("an HMAC key")
+    });
+    if let Ok(identity) = auth.verify(token) {
+        assert!(crate::proto::channel::validate(identity.user()).is_ok() && !identity.user().contains(':'));
+    }
+}

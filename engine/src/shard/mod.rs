@@ -355,7 +355,7 @@ impl Shard {
                     };
                     let (deadline, now) = (exp.saturating_add(leeway), crate::auth::unix_now());
                     if now >= deadline {
-                        shard.metrics().auth[2].inc();
+                        shard.metrics().auth[5].inc();
                         let last = (conn.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(4001, "token expired"));
                         conn.close(Disconnect::TokenExpired, Pending::Keep, last);
                         return;

@@ -373,6 +373,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
             if !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
+                shard.metrics().forbidden[0].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to subscribe to {channel:?}"), id);
             }
             let created = match shard.subscribe(conn, &channel) {
@@ -432,6 +433,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
             if !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
+                shard.metrics().forbidden[0].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the history of {channel:?}"), id);
             }
             let max = cfg.recovery_max;
@@ -465,18 +467,20 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             let identity = match auth.verify(&token) {
                 Ok(identity) => identity,
                 Err(e) => {
-                    let expired = e == crate::auth::TokenError::Expired;
-                    shard.metrics().auth[if expired { 2 } else { 1 }].inc();
+                    shard.metrics().auth[e.result()].inc();
                     return error(shard, conn, ErrorCode::Unauthorized, &format!("token refused: {e}"), id);
                 }
             };
             let other = matches!(&*conn.access.borrow(), Access::User(old) if old.user() != identity.user());
             if other {
-                shard.metrics().auth[1].inc();
+                shard.metrics().auth[6].inc();
                 conn.close(Disconnect::UserChanged, Pending::Keep, Some(frame::encode_close(4003, "user changed")));
                 return;
             }
             shard.metrics().auth[0].inc();
+            if matches!(&*conn.access.borrow(), Access::User(_)) {
+                shard.metrics().auth_refreshes.inc();
+            }
             let reply = json::reply_authed(identity.user(), identity.expires_at(), id);
             *conn.access.borrow_mut() = Access::User(identity);
             shard.watch_expiry(conn);
@@ -491,6 +495,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
             }
             if !conn.access.borrow().may_publish(&channel) {
+                shard.metrics().forbidden[1].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to publish to {channel:?}"), id);
             }
             if conn.in_flight.get() >= MAX_PUBLISHES_IN_FLIGHT {

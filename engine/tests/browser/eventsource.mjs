@@ -3,13 +3,14 @@
 // EventSource on <origin>/sse?channel=<channel>. The page is <origin>/healthz
 // (same origin as the server), or <page-origin>/ when a third argument is
 // given: a page on another origin, which first reads <origin>/history/<channel>
-// with fetch (CORS). Every event becomes one JSON line on stdout. Runs until
-// stdin closes.
+// with fetch (CORS). A fourth argument is a connection token, sent as a
+// browser must: the `token` query parameter of the EventSource URL. Every
+// event becomes one JSON line on stdout. Runs until stdin closes.
 //
-//   node eventsource.mjs http://127.0.0.1:8080 news [http://127.0.0.1:3000]
+//   node eventsource.mjs http://127.0.0.1:8080 news [http://127.0.0.1:3000 [token]]
 import { chromium } from 'playwright-core';
 
-const [origin, channel, pageOrigin] = process.argv.slice(2);
+const [origin, channel, pageOrigin, token] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
@@ -17,7 +18,7 @@ const browser = await chromium.launch({
 const page = await browser.newPage();
 await page.exposeFunction('report', (e) => process.stdout.write(JSON.stringify(e) + '\n'));
 await page.goto(pageOrigin ? `${pageOrigin}/` : `${origin}/healthz`);
-await page.evaluate(async ([server, ch, crossOrigin]) => {
+await page.evaluate(async ([server, ch, crossOrigin, tok]) => {
   const base = crossOrigin ? server : '';
   if (crossOrigin) {
     try {
@@ -27,12 +28,13 @@ await page.evaluate(async ([server, ch, crossOrigin]) => {
       report({ type: 'history', status: 0, error: String(e) });
     }
   }
-  const es = new EventSource(`${base}/sse?channel=${encodeURIComponent(ch)}`);
+  const auth = tok ? `&token=${encodeURIComponent(tok)}` : '';
+  const es = new EventSource(`${base}/sse?channel=${encodeURIComponent(ch)}${auth}`);
   es.onopen = () => report({ type: 'open' });
   es.onmessage = (e) => report({ type: 'message', id: e.lastEventId, data: e.data });
   es.addEventListener('subscribed', (e) => report({ type: 'subscribed', data: e.data }));
   es.onerror = () => report({ type: 'error', state: es.readyState });
-}, [origin, channel, Boolean(pageOrigin)]);
+}, [origin, channel, Boolean(pageOrigin), token ?? '']);
 process.stdin.on('end', async () => {
   await browser.close();
   process.exit(0);

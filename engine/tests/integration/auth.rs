@@ -30,6 +30,13 @@ fn user_42() -> String {
     token(json!({"sub": "42", "subscribe": ["news", "chat:*"], "publish": ["chat:*"]}))
 }
 
+/// A token with the audience and issuer of `bad_tokens_are_refused_before_anything_opens`.
+fn aud_iss(mut claims: Value) -> String {
+    claims["aud"] = json!("my-app");
+    claims["iss"] = json!("https://auth.example");
+    token(claims)
+}
+
 fn secured(tweak: impl FnOnce(&mut Config)) -> Herald {
     start(2, |c| {
         c.auth_hmac_secret(SECRET).api_key("the-api-key-of-this-test");
@@ -85,27 +92,38 @@ async fn a_connection_may_do_what_its_token_grants_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_refused_before_anything_opens() {
     let h = secured(|c| {
-        c.auth.as_mut().unwrap().max_token_bytes = 1024;
+        let auth = c.auth.as_mut().unwrap();
+        auth.max_token_bytes = 1024;
+        auth.audience = Some("my-app".into());
+        auth.issuer = Some("https://auth.example".into());
     });
     let a = addr(&h);
     let wrong_key = encode(
         &Header::new(Algorithm::HS256),
-        &json!({"sub": "42", "exp": now() + 60}),
+        &json!({"sub": "42", "exp": now() + 60, "aud": "my-app", "iss": "https://auth.example"}),
         &EncodingKey::from_secret(b"another secret, 32 bytes long.."),
     )
     .unwrap();
-    let expired = token(json!({"sub": "42", "exp": now() - 3600}));
-    let no_sub = token(json!({"exp": now() + 60}));
-    let bad_sub = token(json!({"sub": "a:b"}));
-    let future = token(json!({"sub": "42", "nbf": now() + 3600}));
+    let expired = aud_iss(json!({"sub": "42", "exp": now() - 3600}));
+    let no_sub = aud_iss(json!({"exp": now() + 60}));
+    let bad_sub = aud_iss(json!({"sub": "a:b"}));
+    let future = aud_iss(json!({"sub": "42", "nbf": now() + 3600}));
+    let no_aud = token(json!({"sub": "42", "iss": "https://auth.example"}));
+    let other_aud = token(json!({"sub": "42", "aud": "someone-else", "iss": "https://auth.example"}));
+    let other_iss = token(json!({"sub": "42", "aud": "my-app", "iss": "https://evil.example"}));
+    let wrong_type = aud_iss(json!({"sub": "42", "subscribe": "news"}));
     // An unsigned token ("alg": "none").
     let b64 = |s: &str| base64_url(s.as_bytes());
     let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"42","exp":{}}}"#, now() + 60)));
-    let long = token(json!({"sub": "42", "subscribe": vec!["x".repeat(50); 40]}));
+    let long = aud_iss(json!({"sub": "42", "subscribe": vec!["x".repeat(50); 40]}));
     for (name, t, why) in [
-        ("wrong key", &wrong_key, "InvalidSignature"),
+        ("wrong key", &wrong_key, "bad signature"),
         ("expired", &expired, "expired"),
         ("no sub", &no_sub, "token refused"),
+        ("no audience", &no_aud, "token refused"),
+        ("another audience", &other_aud, "InvalidAudience"),
+        ("another issuer", &other_iss, "InvalidIssuer"),
+        ("grants of the wrong type", &wrong_type, "token refused"),
         ("bad sub", &bad_sub, "not a user id"),
         ("not yet valid", &future, "ImmatureSignature"),
         ("alg none", &none, "not a JWT"),
@@ -130,24 +148,32 @@ async fn bad_tokens_are_refused_before_anything_opens() {
             assert!(!body.contains(t.as_str()) || t == "garbage", "the token is never echoed: {body}");
         }
     }
-    assert_eq!(metric(&h.metrics_text(), "herald_auth_total{result=\"expired\"}"), 2);
+    let m = h.metrics_text();
+    for (result, n) in [("expired", 2), ("bad_signature", 2), ("rejected", 6), ("wrong_algorithm", 0)] {
+        assert_eq!(metric(&m, &format!("herald_auth_total{{result=\"{result}\"}}")), n, "{result}");
+    }
+    assert!(metric(&m, "herald_auth_total{result=\"malformed\"}") >= 12);
     // Good tokens, in the header and in the query; a channel outside the
     // grants in the query is 403.
-    let bearer = format!("Bearer {}", user_42());
+    let good = aud_iss(json!({"sub": "42", "subscribe": ["news", "chat:*"]}));
+    let bearer = format!("Bearer {good}");
     let mut sse = Sse::open_with(a, "/sse?channel=news", &[("authorization", &bearer)]).await;
     assert_eq!(sse.next_event().await.unwrap().0, "subscribed");
-    let mut sse = Sse::open(a, &format!("channel=news&token={}", user_42())).await;
+    let mut sse = Sse::open(a, &format!("channel=news&token={good}")).await;
     let (event, _, _) = sse.next_event().await.unwrap();
     assert_eq!(event, "subscribed");
-    let (status, _, body) = http(a, "GET", &format!("/sse?channel=sport&token={}", user_42()), &[], b"").await;
+    let (status, _, body) = http(a, "GET", &format!("/sse?channel=sport&token={good}"), &[], b"").await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!((status, v["message"].as_str()), (403, Some("not allowed to subscribe to \"sport\"")), "{body}");
     let (status, _, _) = http(a, "GET", "/sse?channel=news", &[], b"").await;
     assert_eq!(status, 403, "anonymous: nothing");
     // With the query's token, a WebSocket subscribes to what it grants.
-    let mut c = ws(a, &format!("/ws?channel=chat:a&token={}", user_42())).await;
+    let mut c = ws(a, &format!("/ws?channel=chat:a&token={good}")).await;
     let r = command(&mut c, json!({"op": "subscribe", "channel": "sport"})).await;
     assert_eq!(code(&r), Some("forbidden"));
+    let m = h.metrics_text();
+    assert_eq!(metric(&m, "herald_forbidden_total{action=\"subscribe\"}"), 3, "two queries and a command");
+    assert!(metric(&m, "herald_auth_total{result=\"missing\"}") >= 1);
 }
 
 /// "Send this to user 42": every connection of that user gets it, and
@@ -213,6 +239,7 @@ async fn an_expired_token_closes_the_connection_and_a_refresh_keeps_it() {
     let mut c = ws(a, &format!("/ws?channel=news&token={soon}")).await;
     let r = command(&mut c, json!({"op": "auth", "token": token(json!({"sub": "42", "subscribe": ["news", "more"]})), "id": 1})).await;
     assert_eq!(r["op"], "authed");
+    assert_eq!(metric(&h.metrics_text(), "herald_auth_refreshes_total"), 1);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let r = command(&mut c, json!({"op": "subscribe", "channel": "more", "id": 2})).await;
     assert_eq!(r["op"], "subscribed", "the new token's grants apply: {r}");
@@ -242,6 +269,19 @@ async fn public_keys_verify_ed25519_and_es256_tokens_and_refuse_others() {
         assert_eq!(status, 401, "{alg:?}: {body}");
         assert!(body.contains("not accepted by this server's keys"), "{body}");
     }
+    // Algorithm confusion: an HS256 token whose secret is the server's RSA
+    // public key (a classic attack on servers that take the header's word).
+    let rsa = format!("{FIXTURES}/jwt-rsa.pub");
+    let h = start(1, |c| {
+        c.auth(AuthConfig { public_key_file: Some(rsa.clone()), ..AuthConfig::default() });
+    });
+    let pem = std::fs::read(&rsa).unwrap();
+    let claims = json!({"sub": "42", "exp": now() + 60, "subscribe": ["*"]});
+    let forged = encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(&pem)).unwrap();
+    let (status, _, body) = http(addr(&h), "GET", &format!("/sse?channel=news&token={forged}"), &[], b"").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("HS256 is not accepted"), "{body}");
+    assert_eq!(metric(&h.metrics_text(), "herald_auth_total{result=\"wrong_algorithm\"}"), 1);
     let bad = AuthConfig { public_key_file: Some(format!("{FIXTURES}/README")), ..AuthConfig::default() };
     let mut c = Config::default();
     c.auth(bad);

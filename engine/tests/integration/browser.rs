@@ -56,6 +56,11 @@ struct Browser {
 impl Browser {
     /// A page of `origin` (the server's), or of `page_origin`, another one.
     fn open(origin: &str, channel: &str, page_origin: Option<&str>) -> Browser {
+        Browser::open_with_token(origin, channel, page_origin, None)
+    }
+
+    /// As [`Browser::open`], the EventSource carrying a connection token.
+    fn open_with_token(origin: &str, channel: &str, page_origin: Option<&str>, token: Option<&str>) -> Browser {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
         assert!(
             std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
@@ -65,6 +70,7 @@ impl Browser {
             .arg(format!("{dir}/eventsource.mjs"))
             .args([origin, channel])
             .args(page_origin)
+            .args(token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -158,21 +164,27 @@ async fn chromium_eventsource_recovers_with_last_event_id() {
 }
 
 /// A page on another origin: allowed, it reads history with fetch and its
-/// EventSource recovers as a same-origin one does; not allowed, the browser
-/// gets neither.
+/// EventSource, carrying the user's token in its URL, recovers as a
+/// same-origin one does; not allowed, the browser gets neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_on_another_origin_reads_history_and_recovers_when_allowed() {
     let pages = page_server().await;
     let page_origin = format!("http://{pages}");
     let allowed = page_origin.clone();
+    // With [auth]: the page's EventSource carries the user's token.
+    const SECRET: &str = "a-test-secret-of-32-bytes-or-so!";
     let h = start(2, move |c| {
-        c.allowed_origins([allowed]);
+        c.allowed_origins([allowed]).auth_hmac_secret(SECRET);
     });
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let claims = serde_json::json!({"sub": "42", "exp": exp, "subscribe": ["room"]});
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let token = jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
     let a = addr(&h);
     assert_eq!(publish(a, "room", "0", true).await.0, 200);
     let proxy = Proxy::start(a).await;
     let server = format!("http://{}", proxy.addr);
-    let mut b = Browser::open(&server, "room", Some(&page_origin));
+    let mut b = Browser::open_with_token(&server, "room", Some(&page_origin), Some(&token));
     let hist = b.next_of("history").await;
     assert_eq!(hist["status"], 200, "{hist}");
     let body: Value = serde_json::from_str(hist["body"].as_str().unwrap()).unwrap();
@@ -180,6 +192,7 @@ async fn chromium_on_another_origin_reads_history_and_recovers_when_allowed() {
     recovers_after_a_cut(&mut b, a, &proxy).await;
     drop(b.child.stdin.take());
     let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
+    assert!(metric(&h.metrics_text(), "herald_auth_total{result=\"ok\"}") >= 2, "the first stream and its reconnect");
 
     // The same page, with Herald allowing another origin only.
     let h2 = start(2, |c| {

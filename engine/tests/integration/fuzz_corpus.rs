@@ -21,9 +21,13 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 #[test]
 fn the_fuzz_corpus_replays_cleanly() {
     use herald::proto::fuzz;
-    for (target, f) in
-        [("command", fuzz::command as fn(&[u8])), ("frames", fuzz::frames), ("resp", fuzz::resp), ("encoders", fuzz::encoders)]
-    {
+    for (target, f) in [
+        ("command", fuzz::command as fn(&[u8])),
+        ("frames", fuzz::frames),
+        ("resp", fuzz::resp),
+        ("encoders", fuzz::encoders),
+        ("tokens", fuzz::tokens),
+    ] {
         let n = replay(target, f);
         eprintln!("{target}: {n} inputs");
     }
