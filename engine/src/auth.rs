@@ -136,14 +136,21 @@ impl TokenError {
     /// Labels of `herald_auth_total{result}`, by index.
     pub(crate) const RESULTS: [&'static str; 7] = ["ok", "missing", "malformed", "bad_signature", "wrong_algorithm", "expired", "rejected"];
 
+    /// Indices in [`TokenError::RESULTS`] of the results that are not a
+    /// refused token's own.
+    pub(crate) const OK: usize = 0;
+    pub(crate) const MISSING: usize = 1;
+    pub(crate) const EXPIRED: usize = 5;
+    pub(crate) const REJECTED: usize = 6;
+
     /// This refusal's index in [`TokenError::RESULTS`].
     pub(crate) fn result(&self) -> usize {
         match self {
             TokenError::TooLong(_) | TokenError::BadSubject | TokenError::Malformed(_) => 2,
             TokenError::BadSignature => 3,
             TokenError::Algorithm(_) => 4,
-            TokenError::Expired => 5,
-            TokenError::Rejected(_) => 6,
+            TokenError::Expired => TokenError::EXPIRED,
+            TokenError::Rejected(_) => TokenError::REJECTED,
         }
     }
 }

@@ -71,12 +71,12 @@ pub(crate) fn identify<B>(engine: &Engine, req: &Request<B>, channels: &[String]
             None => Access::Open,
             Some(auth) => match bearer(req).map(str::to_owned).or_else(|| query_param(req, "token")) {
                 None => {
-                    engine.metrics_here().auth[1].inc();
+                    engine.metrics_here().auth[crate::auth::TokenError::MISSING].inc();
                     Access::Anonymous
                 }
                 Some(token) => match auth.verify(&token) {
                     Ok(id) => {
-                        engine.metrics_here().auth[0].inc();
+                        engine.metrics_here().auth[crate::auth::TokenError::OK].inc();
                         Access::User(id)
                     }
                     Err(e) => {
@@ -102,7 +102,8 @@ pub(crate) fn bearer<B>(req: &Request<B>) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| value.trim())
 }
 
-fn query_param<B>(req: &Request<B>, name: &str) -> Option<String> {
+/// The first value of query parameter `name`.
+pub(crate) fn query_param<B>(req: &Request<B>, name: &str) -> Option<String> {
     form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 

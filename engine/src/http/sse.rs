@@ -7,7 +7,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::Body;
-use super::query::{identify, parse_query, take_permit, Query};
+use super::query::{identify, parse_query, query_param, take_permit, Query};
 use super::{error_response, refuse, shutting_down};
 use crate::engine::Engine;
 use crate::message::Position;
@@ -29,9 +29,8 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     // The position to resume from: the `Last-Event-ID` a reconnecting
     // EventSource sends, else the `last_event_id` parameter of a first
     // connect. One that is not a position is no position (recovered: false).
-    let last_id = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| {
-        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).find(|(k, _)| k == "last_event_id").map(|(_, v)| v.into_owned())
-    });
+    let last_id =
+        req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| query_param(&req, "last_event_id"));
     let since: Option<Vec<Position>> =
         last_id.as_deref().map(|s| s.split(',').map(|p| Position::parse(p.trim()).unwrap_or_else(Position::nowhere)).collect());
     let access = match identify(&engine, &req, &channels) {

@@ -256,14 +256,12 @@ impl Shard {
             answers.push(self.up.starting_point(ch, *s));
         }
         if answers.iter().all(|a| matches!(a, Answer::Ready(_))) {
-            let starts = answers.into_iter().map(|a| match a {
-                Answer::Ready(r) => r,
-                Answer::Waiting(_) => Err(HistoryError::ChannelLimit),
-            });
-            let starts: Result<Vec<Start>, HistoryError> = starts.collect();
-            if let Ok(starts) = starts {
-                self.finish_sse(conn, format, channels, &sinces, starts);
+            let mut starts = Vec::with_capacity(n);
+            for a in answers {
+                let Answer::Ready(Ok(start)) = a else { return };
+                starts.push(start);
             }
+            self.finish_sse(conn, format, channels, &sinces, starts);
             return;
         }
         for name in conn.subs.borrow().iter() {
@@ -355,7 +353,7 @@ impl Shard {
                     };
                     let (deadline, now) = (exp.saturating_add(leeway), crate::auth::unix_now());
                     if now >= deadline {
-                        shard.metrics().auth[5].inc();
+                        shard.metrics().auth[crate::auth::TokenError::EXPIRED].inc();
                         let last = (conn.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(4001, "token expired"));
                         conn.close(Disconnect::TokenExpired, Pending::Keep, last);
                         return;
@@ -489,28 +487,27 @@ impl Shard {
             }
         }
         for m in &held {
-            self.deliver(conn, m);
+            self.offer_live(conn, m, m.frame(conn.form, metrics));
         }
         if !held.is_empty() && conn.take_flush_due() {
             conn.out.borrow_mut().wake();
         }
     }
 
-    /// Offers one live message (or notice) to `conn` past its seam; true if
-    /// the connection overflowed (it must leave the index).
-    fn deliver(&self, conn: &Conn, msg: &Arc<Message>) -> Offer {
+    /// Offers one live message (or notice), whose frame for `conn` is
+    /// `frame`, to `conn` past its seam. `None` when nothing was offered as
+    /// a message: skipped or held by the seam, or queued as a notice.
+    fn offer_live(&self, conn: &Conn, msg: &Arc<Message>, frame: &bytes::Bytes) -> Option<Offer> {
         let (cfg, metrics) = (self.config(), self.metrics());
-        let frame = msg.frame(conn.form, metrics);
         match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
-            Check::Pass => {}
-            Check::Skip | Check::Held => return Offer::Dropped,
-            Check::Over(o) => return o,
+            Check::Pass if msg.is_notice() => {
+                conn.notice(msg, frame, cfg.outbound_queue_bytes);
+                None
+            }
+            Check::Pass => Some(conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics)),
+            Check::Skip | Check::Held => None,
+            Check::Over(o) => Some(o),
         }
-        if msg.is_notice() {
-            conn.notice(msg, frame, cfg.outbound_queue_bytes);
-            return Offer::Queued;
-        }
-        conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics)
     }
 
     /// Queues a reply or control frame for `conn` under the configured
@@ -527,20 +524,11 @@ impl Shard {
         let Some(subs) = index.get(&*msg.channel) else { return };
         let conns = self.conns.borrow();
         let metrics = self.metrics();
-        let cfg = self.config();
         let mut forms: [Option<&bytes::Bytes>; 6] = [None; 6];
         for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
             let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
-            let offer = match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
-                Check::Pass if msg.is_notice() => {
-                    conn.notice(msg, frame, cfg.outbound_queue_bytes);
-                    continue;
-                }
-                Check::Pass => conn.offer(msg, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics),
-                Check::Skip | Check::Held => continue,
-                Check::Over(o) => o,
-            };
+            let Some(offer) = self.offer_live(conn, msg, frame) else { continue };
             match offer {
                 Offer::Overflow => self.overflowed.borrow_mut().push(key),
                 Offer::Queued if conn.take_flush_due() => dirty.push(Rc::clone(conn)),

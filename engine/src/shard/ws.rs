@@ -473,11 +473,11 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             };
             let other = matches!(&*conn.access.borrow(), Access::User(old) if old.user() != identity.user());
             if other {
-                shard.metrics().auth[6].inc();
+                shard.metrics().auth[crate::auth::TokenError::REJECTED].inc();
                 conn.close(Disconnect::UserChanged, Pending::Keep, Some(frame::encode_close(4003, "user changed")));
                 return;
             }
-            shard.metrics().auth[0].inc();
+            shard.metrics().auth[crate::auth::TokenError::OK].inc();
             if matches!(&*conn.access.borrow(), Access::User(_)) {
                 shard.metrics().auth_refreshes.inc();
             }

@@ -133,12 +133,7 @@ async fn bad_tokens_are_refused_before_anything_opens() {
         for path in [format!("/sse?channel=news&token={t}"), format!("/ws?token={t}")] {
             let mut headers = vec![];
             if path.starts_with("/ws") {
-                headers.extend([
-                    ("upgrade", "websocket"),
-                    ("connection", "upgrade"),
-                    ("sec-websocket-version", "13"),
-                    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-                ]);
+                headers.extend(WS_UPGRADE);
             }
             let (status, _, body) = http(a, "GET", &path, &headers, b"").await;
             assert_eq!(status, 401, "{name} on {path}: {body}");

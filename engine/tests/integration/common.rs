@@ -145,6 +145,14 @@ pub async fn send(ws: &mut Ws, v: Value) {
     ws.send(Message::Text(v.to_string().into())).await.unwrap();
 }
 
+/// The request headers of a WebSocket upgrade, for [`http`].
+pub const WS_UPGRADE: [(&str, &str); 4] = [
+    ("upgrade", "websocket"),
+    ("connection", "upgrade"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
 /// Sends a command and returns the reply.
 pub async fn command(ws: &mut Ws, v: Value) -> Value {
     send(ws, v).await;

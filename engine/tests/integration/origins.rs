@@ -49,12 +49,7 @@ async fn a_page_of_another_origin_is_refused_and_changes_nothing() {
     for (method, path) in [("GET", "/ws?channel=news"), ("GET", "/sse?channel=news"), ("POST", "/publish/news"), ("GET", "/history/news")] {
         let mut headers = evil.to_vec();
         if path.starts_with("/ws") {
-            headers.extend([
-                ("upgrade", "websocket"),
-                ("connection", "upgrade"),
-                ("sec-websocket-version", "13"),
-                ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ]);
+            headers.extend(WS_UPGRADE);
         }
         let (status, head, body) = http(a, method, path, &headers, b"evil").await;
         assert_eq!(status, 403, "{method} {path}: {head}");

@@ -122,7 +122,27 @@ pub(crate) struct Channels {
     fills: std::sync::atomic::AtomicU64,
 }
 
+/// What a held message counts against the held bounds.
+fn held_len(m: &Incoming) -> usize {
+    m.payload.len() + 64
+}
+
 impl Sub {
+    /// Makes the running fill read up to `(epoch, offset)` when what waits
+    /// behind it is delivered.
+    fn read_back_to(&mut self, epoch: Epoch, offset: u64) {
+        if self.dropped.is_none_or(|(e, o)| e != epoch || o < offset) {
+            self.dropped = Some((epoch, offset));
+        }
+    }
+
+    /// Takes the first held message off, with its bytes; returns them.
+    fn unhold_front(&mut self) -> usize {
+        let len = self.held.as_mut().and_then(VecDeque::pop_front).map_or(0, |m| held_len(&m));
+        self.held_bytes -= len;
+        len
+    }
+
     /// Starts fill `id`: later messages wait behind it.
     fn next_fill(&mut self, id: u64) -> u64 {
         self.fill_id = id;
@@ -232,9 +252,7 @@ impl Channels {
         }
         if sub.held.is_some() {
             // A fill is running: it reads up to the top when it is done.
-            if sub.dropped.is_none_or(|(e, o)| e != epoch || o < top) {
-                sub.dropped = Some((epoch, top));
-            }
+            sub.read_back_to(epoch, top);
             return (None, false);
         }
         let unchanged = sub.at_ack.is_some_and(|at| at == sub.expect);
@@ -278,15 +296,13 @@ impl Channels {
         let mut map = self.stripe(channel);
         let Some(sub) = map.get_mut(channel) else { return Delivered::NoInterest };
         if sub.held.is_some() {
-            let len = m.payload.len() + 64;
+            let len = held_len(m);
             let full = sub.held.as_ref().is_some_and(|h| h.len() >= HELD_MAX) || sub.held_bytes + len > HELD_MAX_BYTES;
             let budget = self.held_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed) + len <= HELD_BUDGET_BYTES;
             if full || !budget {
                 // Read back from the stream when the fill is done.
                 self.release_held(len);
-                if sub.dropped.is_none_or(|(e, o)| e != m.epoch || o < m.offset) {
-                    sub.dropped = Some((m.epoch, m.offset));
-                }
+                sub.read_back_to(m.epoch, m.offset);
             } else if let Some(held) = &mut sub.held {
                 sub.held_bytes += len;
                 held.push_back(m.clone());
@@ -304,7 +320,7 @@ impl Channels {
                     to: m.offset - 1,
                     announce,
                 };
-                let len = m.payload.len() + 64;
+                let len = held_len(m);
                 self.held_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
                 sub.held_bytes = len;
                 sub.held = Some(VecDeque::from([m.clone()]));
@@ -354,17 +370,13 @@ impl Channels {
                         return Step::Fill(Fill { channel: name, id: fill.id, epoch, from, to: offset, announce });
                     }
                 }
-                sub.held = None;
-                self.release_held(std::mem::take(&mut sub.held_bytes));
+                self.end_fill(sub);
                 return Step::Done;
             };
             match classify(sub.expect, m.epoch, m.offset) {
                 None => {
-                    if let Some(m) = held.pop_front() {
-                        let len = m.payload.len() + 64;
-                        sub.held_bytes -= len;
-                        self.release_held(len);
-                    }
+                    let len = sub.unhold_front();
+                    self.release_held(len);
                 }
                 Some(Err((from, announce))) => {
                     return Step::Fill(Fill { channel: name, id: fill.id, epoch: m.epoch, from, to: m.offset - 1, announce });
@@ -373,17 +385,13 @@ impl Channels {
                     let (epoch, offset, payload) = (m.epoch, m.offset, m.payload.clone());
                     match router.dispatch(&name, || Arc::new(Message::new(Arc::clone(&name), epoch, offset, payload))) {
                         Routed::NoInterest => {
-                            sub.held = None;
-                            self.release_held(std::mem::take(&mut sub.held_bytes));
+                            self.end_fill(sub);
                             return Step::Done;
                         }
                         Routed::Full => return Step::Full,
                         Routed::Queued => {
-                            if let Some(m) = held.pop_front() {
-                                let len = m.payload.len() + 64;
-                                sub.held_bytes -= len;
-                                self.release_held(len);
-                            }
+                            let len = sub.unhold_front();
+                            self.release_held(len);
                             sub.expect = Some((epoch, offset + 1));
                         }
                     }
@@ -395,10 +403,15 @@ impl Channels {
     /// Gives up a fill (the channel has no subscribers here any more).
     pub(crate) fn abandon(&self, fill: &Fill) {
         if let Some(sub) = self.stripe(&fill.channel).get_mut(&*fill.channel).filter(|s| s.fill_id == fill.id) {
-            sub.held = None;
             sub.dropped = None;
-            self.release_held(std::mem::take(&mut sub.held_bytes));
+            self.end_fill(sub);
         }
+    }
+
+    /// Back to live delivery: nothing held any more.
+    fn end_fill(&self, sub: &mut Sub) {
+        sub.held = None;
+        self.release_held(std::mem::take(&mut sub.held_bytes));
     }
 }
 
