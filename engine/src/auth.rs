@@ -70,6 +70,13 @@ impl Identity {
         self
     }
 
+    /// Ends the identity's validity at `exp` (Unix seconds): the
+    /// connection is closed then (4001) unless refreshed.
+    pub fn expiring_at(mut self, exp: u64) -> Identity {
+        self.expires_at = Some(exp);
+        self
+    }
+
     /// The user id.
     pub fn user(&self) -> &str {
         &self.user

@@ -148,6 +148,14 @@ pub struct Config {
     /// `[namespaces.default]` applies to the others. Options a namespace
     /// does not set come from the top level. Default: none.
     pub namespaces: std::collections::BTreeMap<String, Namespace>,
+    /// `[proxy]`: the application's hooks (connect, subscribe, publish),
+    /// called over HTTP before a connection, a subscribe or a publish
+    /// takes effect. Default: none.
+    pub proxy: Option<ProxyConfig>,
+    /// Seconds a node's presence entries live in Redis without a refresh
+    /// (each node refreshes every third of it): a node that dies stops
+    /// counting in presence within it. Default 60.
+    pub presence_ttl_s: u64,
     /// The `redis` broker: `redis://[user:password@]host:port`. Every
     /// publish then goes through this Redis, and every node using it serves
     /// the same channels. Default: none (the local broker).
@@ -181,6 +189,45 @@ pub struct Namespace {
     /// With `[auth]`: any connection, with or without a token, may
     /// subscribe to (and read the history of) these channels. Default false.
     pub anonymous: bool,
+    /// Keep who is subscribed to each channel (the `presence` command,
+    /// `GET /presence/…`). Default false.
+    pub presence: bool,
+    /// With `presence`: subscribers get `join` and `leave` events when a
+    /// user's first connection subscribes and its last one leaves.
+    /// Default false.
+    pub join_leave: bool,
+    /// Subscribes are decided by the application's subscribe hook
+    /// (`[proxy] subscribe_url`) instead of the grants. Default false.
+    pub subscribe_proxy: bool,
+    /// Client publishes go through the application's publish hook
+    /// (`[proxy] publish_url`), which may refuse or rewrite them.
+    /// Default false.
+    pub publish_proxy: bool,
+}
+
+/// `[proxy]`: where the application's hooks are, and how long to wait.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Called for every `/ws` and `/sse` connection: answers the user and
+    /// the grants (standing in for a token). Default: none.
+    pub connect_url: Option<String>,
+    /// Called for subscribes on namespaces with `subscribe_proxy`.
+    pub subscribe_url: Option<String>,
+    /// Called for client publishes on namespaces with `publish_proxy`.
+    pub publish_url: Option<String>,
+    /// Deadline of one call; past it the client gets `unavailable`.
+    /// Default 1,000 ms.
+    pub timeout_ms: u64,
+    /// Calls waiting at once on this node; past it a call is not made and
+    /// the client gets `unavailable`. Default 1,000.
+    pub max_in_flight: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig { connect_url: None, subscribe_url: None, publish_url: None, timeout_ms: 1000, max_in_flight: 1000 }
+    }
 }
 
 /// The namespace options in effect for a channel.
@@ -190,6 +237,10 @@ pub(crate) struct Rules {
     pub history_ttl_s: u64,
     pub client_publish: bool,
     pub anonymous: bool,
+    pub presence: bool,
+    pub join_leave: bool,
+    pub subscribe_proxy: bool,
+    pub publish_proxy: bool,
 }
 
 /// The rules of every namespace, resolved once.
@@ -201,13 +252,25 @@ pub(crate) struct ChannelRules {
 
 impl ChannelRules {
     pub(crate) fn from_config(c: &Config) -> ChannelRules {
-        let top =
-            Rules { history_size: c.history_size, history_ttl_s: c.history_ttl_s, client_publish: c.client_publish, anonymous: false };
+        let top = Rules {
+            history_size: c.history_size,
+            history_ttl_s: c.history_ttl_s,
+            client_publish: c.client_publish,
+            anonymous: false,
+            presence: false,
+            join_leave: false,
+            subscribe_proxy: false,
+            publish_proxy: false,
+        };
         let resolve = |n: &Namespace| Rules {
             history_size: n.history_size.unwrap_or(top.history_size),
             history_ttl_s: n.history_ttl_s.unwrap_or(top.history_ttl_s),
             client_publish: n.client_publish.unwrap_or(top.client_publish),
             anonymous: n.anonymous,
+            presence: n.presence,
+            join_leave: n.presence && n.join_leave,
+            subscribe_proxy: n.subscribe_proxy,
+            publish_proxy: n.publish_proxy,
         };
         let default = c.namespaces.get("default").map_or(top, resolve);
         let named = c.namespaces.iter().filter(|(k, _)| *k != "default").map(|(k, n)| (k.clone(), resolve(n))).collect();
@@ -287,6 +350,8 @@ impl Default for Config {
             auth: None,
             api_key: None,
             namespaces: std::collections::BTreeMap::new(),
+            proxy: None,
+            presence_ttl_s: 60,
             redis_prefix: "herald:".into(),
             redis_timeout_ms: 2_000,
             redis_counter_ttl_ms: 7 * 24 * 3600 * 1000,
@@ -405,6 +470,22 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::proxy`].
+    pub fn proxy(&mut self, proxy: ProxyConfig) -> &mut Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// Sets the options of namespace `name` (`"default"`: channels of no
+    /// configured namespace).
+    pub fn namespace(&mut self, name: impl Into<String>, ns: Namespace) -> &mut Self {
+        self.namespaces.insert(name.into(), ns);
+        self
+    }
+
+    setter!(/// Sets [`Config::presence_ttl_s`].
+        presence_ttl_s: u64);
+
     /// Sets [`Config::allowed_origins`].
     pub fn allowed_origins<S: Into<String>>(&mut self, origins: impl IntoIterator<Item = S>) -> &mut Self {
         self.allowed_origins = origins.into_iter().map(Into::into).collect();
@@ -473,6 +554,21 @@ impl Config {
             check(ok, &format!("namespace {name:?}: a name is 1 to 64 of A-Z a-z 0-9 _ - ."))?;
             check(n.history_size.is_none_or(|s| s <= 100_000), &format!("namespaces.{name}.history_size must be at most 100000"))?;
             check(n.history_ttl_s.is_none_or(|t| t >= 1), &format!("namespaces.{name}.history_ttl_s must be at least 1"))?;
+            check(!n.join_leave || n.presence, &format!("namespaces.{name}.join_leave needs presence = true"))?;
+            let url = |f: fn(&ProxyConfig) -> &Option<String>| c.proxy.as_ref().is_some_and(|p| f(p).is_some());
+            check(
+                !n.subscribe_proxy || url(|p| &p.subscribe_url),
+                &format!("namespaces.{name}.subscribe_proxy needs [proxy] subscribe_url"),
+            )?;
+            check(!n.publish_proxy || url(|p| &p.publish_url), &format!("namespaces.{name}.publish_proxy needs [proxy] publish_url"))?;
+        }
+        if let Some(p) = &c.proxy {
+            for url in [&p.connect_url, &p.subscribe_url, &p.publish_url].into_iter().flatten() {
+                let ok = url.starts_with("http://") && url.parse::<http::Uri>().is_ok_and(|u| u.host().is_some());
+                check(ok, &format!("[proxy] {url:?} must be an http://host[:port]/path URL (TLS is not supported)"))?;
+            }
+            check(p.timeout_ms >= 1, "[proxy] timeout_ms must be at least 1")?;
+            check(p.max_in_flight >= 1, "[proxy] max_in_flight must be at least 1")?;
         }
         // The counter and epoch must outlive the history stream, or a
         // channel would restart its offsets while history still holds them.
@@ -481,6 +577,7 @@ impl Config {
             c.redis_counter_ttl_ms == 0 || c.redis_counter_ttl_ms >= max_ttl.saturating_mul(1000),
             "redis_counter_ttl_ms must be 0 (never) or at least the longest history_ttl_s × 1000 (the counter must outlive the history)",
         )?;
+        check(c.presence_ttl_s >= 3, "presence_ttl_s must be at least 3")?;
         check(c.idempotency_max_keys >= 64, "idempotency_max_keys must be at least 64")?;
         check(c.outbound_queue_bytes >= 1024, "outbound_queue_bytes must be at least 1024")?;
         // The JSON escaping of a text payload can make its frame up to six

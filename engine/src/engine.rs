@@ -27,6 +27,12 @@ pub(crate) struct Engine {
     pub(crate) auth: Option<crate::auth::Auth>,
     /// The namespaces' rules.
     pub(crate) rules: crate::config::ChannelRules,
+    /// The application's hooks, when `[proxy]` is set.
+    pub(crate) proxy: Option<crate::proxy::Proxy>,
+    /// When the engine started (`uptime_s` of `/api/stats`).
+    pub(crate) started: std::time::Instant,
+    /// Server API calls by call and result (ok, error).
+    api_calls: [[crate::metrics::Counter; 2]; 5],
     pub(crate) controls: Box<[mpsc::Sender<Control>]>,
     open: Arc<AtomicUsize>,
     rr: AtomicUsize,
@@ -38,6 +44,44 @@ pub(crate) struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("shards", &self.config.shards).field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+/// The server API's calls, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ApiCall {
+    Broadcast = 0,
+    Disconnect = 1,
+    Unsubscribe = 2,
+    Channels = 3,
+    Stats = 4,
+}
+
+impl ApiCall {
+    const LABELS: [&'static str; 5] = ["broadcast", "disconnect", "unsubscribe", "channels", "stats"];
+}
+
+/// A server API command that every node carries out for its own
+/// connections.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum NodeCommand {
+    Disconnect { user: String },
+    Unsubscribe { user: String, channel: String },
+}
+
+impl NodeCommand {
+    /// The command as it travels between nodes.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<NodeCommand> {
+        let cmd: NodeCommand = serde_json::from_slice(bytes).ok()?;
+        match &cmd {
+            NodeCommand::Unsubscribe { channel, .. } if crate::proto::channel::validate(channel).is_err() => None,
+            _ => Some(cmd),
+        }
     }
 }
 
@@ -60,6 +104,9 @@ impl Engine {
         Engine {
             metrics: Metrics::new(config.shards),
             rules: crate::config::ChannelRules::from_config(&config),
+            proxy: config.proxy.as_ref().map(|p| crate::proxy::Proxy::from_config(p, config.max_message_bytes)),
+            started: std::time::Instant::now(),
+            api_calls: Default::default(),
             router,
             broker,
             auth,
@@ -125,6 +172,58 @@ impl Engine {
         self.send_control(target, Control::Run(Box::new(f))).await
     }
 
+    /// Runs `f` on every shard and collects what each returns (shards that
+    /// are stopping give nothing).
+    pub(crate) async fn on_every_shard<T: Send + 'static>(&self, f: impl Fn(&Rc<Shard>) -> T + Clone + Send + 'static) -> Vec<T> {
+        let mut answers = Vec::with_capacity(self.controls.len());
+        for id in 0..self.controls.len() {
+            let (tx, rx) = oneshot::channel();
+            let f = f.clone();
+            if self.on_shard(id, move |s| drop(tx.send(f(s)))).await.is_ok() {
+                answers.push(rx);
+            }
+        }
+        let mut out = Vec::with_capacity(answers.len());
+        for rx in answers {
+            if let Ok(t) = rx.await {
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    /// Carries out `cmd` for this node's connections; returns how many it
+    /// touched.
+    pub(crate) async fn run_here(&self, cmd: &NodeCommand) -> usize {
+        match cmd {
+            NodeCommand::Disconnect { user } => {
+                let user: Arc<str> = user.as_str().into();
+                self.on_every_shard(move |s| s.disconnect_user(&user)).await.into_iter().sum()
+            }
+            NodeCommand::Unsubscribe { user, channel } => {
+                let (user, channel): (Arc<str>, Arc<str>) = (user.as_str().into(), channel.as_str().into());
+                self.on_every_shard(move |s| s.unsubscribe_user(&user, &channel)).await.into_iter().sum()
+            }
+        }
+    }
+
+    /// Counts a server API call by its answer's status, and returns it.
+    pub(crate) fn api_done(&self, call: ApiCall, r: http::Response<crate::http::Body>) -> http::Response<crate::http::Body> {
+        self.api_calls[call as usize][usize::from(!r.status().is_success())].inc();
+        r
+    }
+
+    fn render_api(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ =
+            writeln!(out, "# HELP herald_api_calls_total Server API calls, by method and result.\n# TYPE herald_api_calls_total counter");
+        for (i, method) in ApiCall::LABELS.iter().enumerate() {
+            for (j, result) in ["ok", "error"].iter().enumerate() {
+                let _ = writeln!(out, "herald_api_calls_total{{method=\"{method}\",result=\"{result}\"}} {}", self.api_calls[i][j].get());
+            }
+        }
+    }
+
     fn check_publish(&self, channel: &str, payload: &Payload) -> Result<(), PublishError> {
         crate::proto::channel::validate(channel)?;
         if payload.len() > self.config.max_message_bytes {
@@ -175,6 +274,10 @@ impl Engine {
         }
         let mut out = self.metrics.render(&gauges, self.broker.reconnects());
         self.broker.render(&mut out);
+        if let Some(p) = &self.proxy {
+            p.render(&mut out);
+        }
+        self.render_api(&mut out);
         out
     }
 }
@@ -224,5 +327,9 @@ impl Upstream for Engine {
 
     fn rules(&self) -> &crate::config::ChannelRules {
         &self.rules
+    }
+
+    fn proxy(&self) -> Option<&crate::proxy::Proxy> {
+        self.proxy.as_ref()
     }
 }

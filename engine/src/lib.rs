@@ -58,6 +58,7 @@ mod http;
 mod message;
 mod metrics;
 pub mod proto;
+mod proxy;
 mod router;
 mod shard;
 
@@ -72,7 +73,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use auth::Identity;
 pub use broker::BrokerError;
-pub use config::{AuthConfig, Config, ConfigError, SlowConsumerPolicy};
+pub use config::{AuthConfig, Config, ConfigError, Namespace, ProxyConfig, SlowConsumerPolicy};
 pub use http::{Body, BodyError};
 pub use message::{BrokerDown, Epoch, Position, PublishError, Published, Uncertain};
 pub use proto::json::{InvalidJson, Payload};
@@ -151,12 +152,24 @@ impl Herald {
         if config.api_key.is_none() && local_addr.is_some_and(|a| !a.ip().is_loopback()) {
             tracing::warn!(
                 listen = %config.listen,
-                "no api_key: POST /publish and GET /history are open to anyone who reaches this address (see docs/security.md)"
+                "no api_key: POST /publish, GET /history, /presence and /api/* are open to anyone who reaches this address (see docs/security.md)"
             );
         }
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(CONTROL_QUEUE)).unzip();
         let (done_tx, done_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
         let engine = Arc::new(Engine::new(config, router, broker, auth, senders.into_boxed_slice(), local_addr, done_rx));
+        let weak = Arc::downgrade(&engine);
+        engine.broker.on_command(Box::new(move |bytes| {
+            let Some(cmd) = engine::NodeCommand::decode(bytes) else {
+                tracing::debug!("unreadable server API command from another node");
+                return;
+            };
+            if let Some(engine) = weak.upgrade() {
+                tokio::spawn(async move {
+                    engine.run_here(&cmd).await;
+                });
+            }
+        }));
         engine.broker.start().map_err(|source| StartError::Io { what: "cannot start the broker thread".into(), source })?;
         for (id, (rx, done)) in receivers.into_iter().zip(done_tx).enumerate() {
             let up: Arc<dyn Upstream> = Arc::clone(&engine) as Arc<dyn Upstream>;

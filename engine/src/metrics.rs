@@ -55,10 +55,13 @@ pub(crate) enum Disconnect {
     TokenExpired = 9,
     /// A refresh carried another user's token (close 4003).
     UserChanged = 10,
+    /// `POST /api/disconnect` of the connection's user (close 4002), or
+    /// `/api/unsubscribe` of an SSE stream's last channel.
+    ServerApi = 11,
 }
 
 impl Disconnect {
-    const ALL: [Disconnect; 11] = [
+    pub(crate) const ALL: [Disconnect; 12] = [
         Disconnect::Client,
         Disconnect::SlowConsumer,
         Disconnect::IdleTimeout,
@@ -70,8 +73,9 @@ impl Disconnect {
         Disconnect::Unavailable,
         Disconnect::TokenExpired,
         Disconnect::UserChanged,
+        Disconnect::ServerApi,
     ];
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Disconnect::Client => "client",
             Disconnect::SlowConsumer => "slow_consumer",
@@ -84,6 +88,7 @@ impl Disconnect {
             Disconnect::Unavailable => "broker_unavailable",
             Disconnect::TokenExpired => "token_expired",
             Disconnect::UserChanged => "user_changed",
+            Disconnect::ServerApi => "server_api",
         }
     }
 }
@@ -107,6 +112,45 @@ impl Histogram {
         self.buckets[i].inc();
         self.sum_ns.add(d.as_nanos() as u64);
     }
+
+    /// Its lines of a Prometheus histogram `name`; `labels` are put before
+    /// `le` (each followed by a comma).
+    pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
+        render_histogram(out, name, labels, std::slice::from_ref(self));
+    }
+
+    /// Per-bucket counts (not cumulative), the last above every bound.
+    pub(crate) fn counts(all: &[&Histogram]) -> ([u64; BUCKETS_US.len() + 1], f64) {
+        let mut counts = [0; BUCKETS_US.len() + 1];
+        for h in all {
+            for (c, b) in counts.iter_mut().zip(&h.buckets) {
+                *c += b.get();
+            }
+        }
+        (counts, all.iter().map(|h| h.sum_ns.get()).sum::<u64>() as f64 / 1e9)
+    }
+
+    /// The buckets' upper bounds in seconds.
+    pub(crate) fn bounds_s() -> impl Iterator<Item = f64> {
+        BUCKETS_US.iter().map(|&b| b as f64 / 1e6)
+    }
+}
+
+/// The sum of `parts` as Prometheus histogram `name`.
+fn render_histogram(out: &mut String, name: &str, labels: &str, parts: &[Histogram]) {
+    let refs: Vec<&Histogram> = parts.iter().collect();
+    let (counts, sum_s) = Histogram::counts(&refs);
+    let mut cumulative = 0;
+    for (i, le) in BUCKETS_US.iter().enumerate() {
+        cumulative += counts[i];
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
+    }
+    cumulative += counts[BUCKETS_US.len()];
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+    let plain = labels.trim_end_matches(',');
+    let braces = if plain.is_empty() { String::new() } else { format!("{{{plain}}}") };
+    let _ = writeln!(out, "{name}_sum{braces} {sum_s}");
+    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
 
 /// One shard's counters (or the global slot's).
@@ -130,7 +174,7 @@ pub(crate) struct ShardMetrics {
     /// Recoveries by outcome: recovered, then each [`crate::broker::Miss`].
     pub recoveries: [Counter; 5],
     pub replayed: Counter,
-    pub disconnects: [Counter; 11],
+    pub disconnects: [Counter; 12],
     /// Authentications by result ([`crate::auth::TokenError::RESULTS`]).
     pub auth: [Counter; 7],
     /// `auth` commands that refreshed a connection's token.
@@ -172,6 +216,39 @@ impl Metrics {
 
     fn sum(&self, f: impl Fn(&ShardMetrics) -> &Counter) -> u64 {
         self.slots.iter().map(|s| f(s).get()).sum()
+    }
+
+    /// The node's numbers for `GET /api/stats` (totals since start).
+    pub(crate) fn stats(&self) -> serde_json::Value {
+        use serde_json::json;
+        let open = |o: fn(&ShardMetrics) -> &Counter, c: fn(&ShardMetrics) -> &Counter| self.sum(o).saturating_sub(self.sum(c));
+        let disconnects: serde_json::Map<String, serde_json::Value> =
+            Disconnect::ALL.iter().map(|d| (d.label().to_string(), self.sum(|s| &s.disconnects[*d as usize]).into())).collect();
+        let errors: serde_json::Map<String, serde_json::Value> =
+            ErrorCode::ALL.iter().map(|c| (c.as_str().to_string(), self.sum(|s| &s.errors[c.index()]).into())).collect();
+        let parts: Vec<&Histogram> = self.slots.iter().map(|s| &s.publish_to_write).collect();
+        let (counts, sum_s) = Histogram::counts(&parts);
+        let count: u64 = counts.iter().sum();
+        json!({
+            "connections": {"ws": open(|s| &s.ws_opened, |s| &s.ws_closed), "sse": open(|s| &s.sse_opened, |s| &s.sse_closed)},
+            "connections_total": {"ws": self.sum(|s| &s.ws_opened), "sse": self.sum(|s| &s.sse_opened)},
+            "subscriptions": open(|s| &s.subscriptions_added, |s| &s.subscriptions_removed),
+            "published": self.sum(|s| &s.published),
+            "delivered": {"ws": self.sum(|s| &s.delivered_ws), "sse": self.sum(|s| &s.delivered_sse)},
+            "bytes_delivered": self.sum(|s| &s.bytes_delivered),
+            "dropped": {"slow_consumer": self.sum(|s| &s.dropped_slow_consumer)},
+            "lagged_notices": self.sum(|s| &s.lagged_notices),
+            "publish_overloaded": self.sum(|s| &s.publish_overloaded),
+            "disconnects": disconnects,
+            "errors": errors,
+            "publish_to_write": {
+                "le_s": Histogram::bounds_s().collect::<Vec<_>>(),
+                "counts": &counts[..BUCKETS_US.len()],
+                "over": counts[BUCKETS_US.len()],
+                "sum_s": sum_s,
+                "count": count,
+            },
+        })
     }
 
     /// Renders the Prometheus text exposition.
@@ -275,14 +352,15 @@ impl Metrics {
             "histogram",
             "Time from a message's publish to its frame's write to a subscriber socket.",
         );
+        let parts: Vec<&Histogram> = self.slots.iter().map(|s| &s.publish_to_write).collect();
+        let (counts, sum_s) = Histogram::counts(&parts);
         let mut cumulative = 0;
         for (i, le) in BUCKETS_US.iter().enumerate() {
-            cumulative += self.sum(|s| &s.publish_to_write.buckets[i]);
+            cumulative += counts[i];
             let _ = writeln!(out, "herald_publish_to_write_seconds_bucket{{le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
         }
-        cumulative += self.sum(|s| &s.publish_to_write.buckets[BUCKETS_US.len()]);
+        cumulative += counts[BUCKETS_US.len()];
         let _ = writeln!(out, "herald_publish_to_write_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum_s = self.sum(|s| &s.publish_to_write.sum_ns) as f64 / 1e9;
         let _ = writeln!(out, "herald_publish_to_write_seconds_sum {sum_s}");
         let _ = writeln!(out, "herald_publish_to_write_seconds_count {cumulative}");
         out

@@ -118,6 +118,18 @@ struct Args {
     /// Origins whose pages may use Herald (comma separated; `*` = all).
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Option<Vec<String>>,
+    /// The application's connect hook (sets `[proxy] connect_url`).
+    #[arg(long, env = "HERALD_PROXY_CONNECT_URL")]
+    proxy_connect_url: Option<String>,
+    /// The application's subscribe hook (sets `[proxy] subscribe_url`).
+    #[arg(long, env = "HERALD_PROXY_SUBSCRIBE_URL")]
+    proxy_subscribe_url: Option<String>,
+    /// The application's publish hook (sets `[proxy] publish_url`).
+    #[arg(long, env = "HERALD_PROXY_PUBLISH_URL")]
+    proxy_publish_url: Option<String>,
+    /// Seconds a node's presence entries live in Redis without a refresh.
+    #[arg(long, env = "HERALD_PRESENCE_TTL_S")]
+    presence_ttl_s: Option<u64>,
     /// Prefix of Herald's Redis keys and channels.
     #[arg(long, env = "HERALD_REDIS_PREFIX")]
     redis_prefix: Option<String>,
@@ -193,6 +205,16 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if let Some(o) = &args.allowed_origins {
         c.allowed_origins = o.clone();
     }
+    for (url, field) in [
+        (&args.proxy_connect_url, (|p| &mut p.connect_url) as fn(&mut herald::ProxyConfig) -> &mut Option<String>),
+        (&args.proxy_subscribe_url, |p| &mut p.subscribe_url),
+        (&args.proxy_publish_url, |p| &mut p.publish_url),
+    ] {
+        if let Some(u) = url {
+            *field(c.proxy.get_or_insert_with(herald::ProxyConfig::default)) = Some(u.clone());
+        }
+    }
+    set!(presence_ttl_s);
     if let Some(p) = &args.redis_prefix {
         c.redis_prefix = p.clone();
     }

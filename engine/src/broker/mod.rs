@@ -24,6 +24,10 @@ use local::LocalBroker;
 pub use redis::BrokerError;
 use redis::RedisBroker;
 
+/// Where server API commands from other nodes go (the engine carries
+/// them out).
+pub(crate) type CommandSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Where a new subscription starts.
 #[derive(Debug)]
 pub(crate) struct Start {
@@ -276,6 +280,23 @@ impl Broker {
                 Pending::Ready(b.history(router, channel, since, limit, std::time::Instant::now()).ok_or(HistoryError::ChannelLimit))
             }
             Broker::Redis(r) => Pending::Waiting(Box::pin(r.history(channel.to_owned(), since, limit, shard))),
+        }
+    }
+
+    /// Sends a server API command (already carried out here) to every
+    /// other node: the number it reached (Redis brokers), `None` with the
+    /// local broker (there is no other node).
+    pub(crate) async fn send_command(&self, cmd: &[u8]) -> Result<Option<u64>, String> {
+        match self {
+            Broker::Local(_) => Ok(None),
+            Broker::Redis(r) => r.send_command(cmd).await.map(Some),
+        }
+    }
+
+    /// Where commands from other nodes go.
+    pub(crate) fn on_command(&self, sink: CommandSink) {
+        if let Broker::Redis(r) = self {
+            r.on_command(sink);
         }
     }
 

@@ -8,6 +8,7 @@
 //! out, so a client that sees `101` or the first SSE bytes is already
 //! subscribed. The upgraded socket is then moved onto that shard.
 
+mod api;
 pub(crate) mod body;
 mod history;
 mod publish;
@@ -136,6 +137,21 @@ where
         (&Method::GET, p) if p.starts_with("/history/") => match api_key(&engine, &req) {
             Some(r) => r,
             None => history::history(engine, req).await,
+        },
+        (_, p) if p.starts_with("/api/") => match api_key(&engine, &req) {
+            Some(r) => r,
+            None => match (req.method(), p) {
+                (&Method::POST, "/api/broadcast") => api::broadcast(engine, req).await,
+                (&Method::POST, "/api/disconnect") => api::user_command(engine, req, false).await,
+                (&Method::POST, "/api/unsubscribe") => api::user_command(engine, req, true).await,
+                (&Method::GET, "/api/channels") => api::channels(engine, req).await,
+                (&Method::GET, "/api/stats") => api::stats(engine).await,
+                (_, "/api/broadcast" | "/api/disconnect" | "/api/unsubscribe") => {
+                    error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST")
+                }
+                (_, "/api/channels" | "/api/stats") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+                _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+            },
         },
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),

@@ -28,10 +28,14 @@ impl PermitSlot {
 pub(crate) fn serve(engine: &Arc<Engine>, shard: &Rc<Shard>, stream: TcpStream, permit: Permit) {
     let cfg = &engine.config;
     let slot = PermitSlot(Arc::new(Mutex::new(Some(permit))));
+    let remote = stream.peer_addr().ok().map(super::query::RemoteAddr);
     let service = {
         let engine = Arc::clone(engine);
         hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(slot.clone());
+            if let Some(r) = remote {
+                req.extensions_mut().insert(r);
+            }
             let engine = Arc::clone(&engine);
             async move { Ok::<_, Infallible>(super::handle(engine, req).await) }
         })

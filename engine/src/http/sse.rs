@@ -7,7 +7,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::body::Body;
-use super::query::{identify, parse_query, query_param, take_permit, Query};
+use super::query::{admit, claim, parse_query, query_param, take_permit, Query};
 use super::{error_response, refuse, shutting_down};
 use crate::engine::Engine;
 use crate::message::Position;
@@ -33,7 +33,11 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
         req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned).or_else(|| query_param(&req, "last_event_id"));
     let since: Option<Vec<Position>> =
         last_id.as_deref().map(|s| s.split(',').map(|p| Position::parse(p.trim()).unwrap_or_else(Position::nowhere)).collect());
-    let access = match identify(&engine, &req, &channels) {
+    let claim = match claim(&engine, &req, "sse") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let access = match admit(&engine, claim, &channels).await {
         Ok(a) => a,
         Err(r) => return r,
     };

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::body::Body;
-use super::query::{identify, parse_query, take_permit, Query};
+use super::query::{admit, claim, parse_query, take_permit, Query};
 use super::{error_response, refuse, shutting_down};
 use crate::engine::Engine;
 use crate::metrics::Disconnect;
@@ -39,7 +39,11 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
         }
         Err(e) => return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &e.to_string()),
     };
-    let access = match identify(&engine, &req, &channels) {
+    let claim = match claim(&engine, &req, "ws") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let access = match admit(&engine, claim, &channels).await {
         Ok(a) => a,
         Err(r) => return r,
     };

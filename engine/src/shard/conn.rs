@@ -227,6 +227,14 @@ impl Access {
         }
     }
 
+    /// The connection's user, if it has one.
+    pub(crate) fn user(&self) -> Option<&str> {
+        match self {
+            Access::User(id) => Some(id.user()),
+            _ => None,
+        }
+    }
+
     /// When the connection's token expires, if it has one.
     pub(crate) fn expires_at(&self) -> Option<u64> {
         match self {

@@ -66,6 +66,8 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn auth(&self) -> Option<&crate::auth::Auth>;
     /// The namespaces' rules.
     fn rules(&self) -> &crate::config::ChannelRules;
+    /// The application's hooks, when `[proxy]` is set.
+    fn proxy(&self) -> Option<&crate::proxy::Proxy>;
 }
 
 /// Messages fanned out per turn before the shard writes and lets other
@@ -363,6 +365,46 @@ impl Shard {
                 tokio::time::sleep(Duration::from_secs(deadline)).await;
             }
         });
+    }
+
+    /// Closes every connection of `user` (a WebSocket with 4002
+    /// `disconnected`); returns how many.
+    pub(crate) fn disconnect_user(&self, user: &str) -> usize {
+        let conns: Vec<Rc<Conn>> =
+            self.conns.borrow().iter().filter(|(_, c)| c.access.borrow().user() == Some(user)).map(|(_, c)| Rc::clone(c)).collect();
+        for conn in &conns {
+            let last = (conn.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(4002, "disconnected"));
+            conn.close(Disconnect::ServerApi, Pending::Keep, last);
+        }
+        conns.len()
+    }
+
+    /// Unsubscribes every connection of `user` from `channel`: a
+    /// WebSocket is told (`unsubscribed`, no `id`), an SSE stream left
+    /// with no channel ends. Returns how many.
+    pub(crate) fn unsubscribe_user(&self, user: &str, channel: &str) -> usize {
+        let keys: Vec<usize> = match self.index.borrow().get(channel) {
+            Some(subs) => subs.iter().copied().collect(),
+            None => return 0,
+        };
+        let conns: Vec<Rc<Conn>> =
+            keys.iter().filter_map(|k| self.conns.borrow().get(*k).cloned()).filter(|c| c.access.borrow().user() == Some(user)).collect();
+        for conn in &conns {
+            self.unsubscribe(conn, channel);
+            match conn.transport {
+                Transport::Ws if conn.format == Format::Json => {
+                    self.send_to(conn, crate::proto::json::reply_unsubscribed(channel, None));
+                }
+                Transport::Sse if conn.subs.borrow().is_empty() => conn.close(Disconnect::ServerApi, Pending::Keep, None),
+                _ => {}
+            }
+        }
+        conns.len()
+    }
+
+    /// This shard's channels and their subscriber counts.
+    pub(crate) fn channel_counts(&self) -> Vec<(Arc<str>, usize)> {
+        self.index.borrow().iter().map(|(c, subs)| (Arc::clone(c), subs.len())).collect()
     }
 
     /// Removes a finished connection from the shard.

@@ -8,10 +8,12 @@
 //! received, so an idle connection holds no read buffer. Polling by hand
 //! (no `select!` over non-cancel-safe futures) keeps every step resumable.
 
+use std::borrow::Cow;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -372,60 +374,31 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
+            // The application decides on its namespaces, but a user
+            // channel stays its user's alone.
+            let hook = shard.up.rules().of(&channel).subscribe_proxy && !channel.starts_with("user:");
+            if hook {
+                let user = conn.access.borrow().user().map(str::to_owned);
+                let (shard, conn, id, channel) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned), channel.into_owned());
+                tokio::task::spawn_local(async move {
+                    let up = Arc::clone(&shard.up);
+                    let Some(proxy) = up.proxy() else { return };
+                    let r = proxy.subscribe(user.as_deref(), &channel).await;
+                    if conn.out.borrow().closing().is_some() {
+                        return;
+                    }
+                    match r {
+                        Ok(()) => subscribe(&shard, &conn, channel, since, id.as_deref()),
+                        Err(e) => hook_refused(&shard, &conn, 0, &format!("cannot subscribe to {channel:?}: {e}"), &e, id.as_deref()),
+                    }
+                });
+                return;
+            }
             if !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
                 shard.metrics().forbidden[0].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to subscribe to {channel:?}"), id);
             }
-            let created = match shard.subscribe(conn, &channel) {
-                Ok(created) => created,
-                Err(e) => return error(shard, conn, ErrorCode::Limit, &e.to_string(), id),
-            };
-            // A repeated subscribe answers as a plain one.
-            let since = since.filter(|_| created);
-            let channel = channel.into_owned();
-            let reply = move |channel: &str, id: Option<&str>| {
-                let channel = channel.to_owned();
-                let id = id.map(str::to_owned);
-                move |epoch: crate::message::Epoch, top, recovered| {
-                    Some(json::reply_subscribed(&channel, epoch.as_str(), Some(top), recovered, id.as_deref()))
-                }
-            };
-            match shard.up.starting_point(&channel, since) {
-                Answer::Ready(Ok(start)) => return shard.start_subscription(conn, &channel, start, created, reply(&channel, id)),
-                Answer::Ready(Err(e)) => return refuse_subscription(shard, conn, &channel, created, &e, id),
-                Answer::Waiting(start) => {
-                    // Live messages wait until the start is read.
-                    let token =
-                        if created { conn.subs.borrow().iter().find(|c| ***c == *channel).map(|name| conn.hold(name)) } else { None };
-                    let (shard, conn, id) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned));
-                    tokio::task::spawn_local(async move {
-                        let r = start.await;
-                        if conn.out.borrow().closing().is_some() {
-                            return;
-                        }
-                        // Still this command's subscription: not unsubscribed
-                        // (nor subscribed again) meanwhile.
-                        let current = match token {
-                            Some(t) => conn.holding(&channel, t),
-                            None => conn.subs.borrow().iter().any(|c| **c == *channel),
-                        };
-                        let id = id.as_deref();
-                        match r {
-                            Ok(start) if current => shard.start_subscription(&conn, &channel, start, created, reply(&channel, id)),
-                            // The command still gets its answer, and touches
-                            // nothing: nothing was replayed for it.
-                            Ok(start) => {
-                                let recovered = since.map(|_| false);
-                                shard
-                                    .send_to(&conn, json::reply_subscribed(&channel, start.epoch.as_str(), Some(start.top), recovered, id));
-                            }
-                            Err(e) if current => refuse_subscription(&shard, &conn, &channel, created, &e, id),
-                            Err(e) => error(&shard, &conn, e.code(), &format!("cannot subscribe to {channel:?}: {e}"), id),
-                        }
-                    });
-                    return;
-                }
-            }
+            return subscribe(shard, conn, channel.into_owned(), since, id);
         }
         Ok(Command::History { channel, since, limit }) => {
             let since = match parse_since(since.as_deref()) {
@@ -491,10 +464,12 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             json::reply_unsubscribed(&channel, id)
         }
         Ok(Command::Publish { channel, data, idempotency_key }) => {
-            if !shard.up.rules().of(&channel).client_publish {
+            let rules = shard.up.rules().of(&channel);
+            if !rules.client_publish {
                 return error(shard, conn, ErrorCode::Forbidden, "publishing from clients is disabled on this server", id);
             }
-            if !conn.access.borrow().may_publish(&channel) {
+            let hook = rules.publish_proxy;
+            if !hook && !conn.access.borrow().may_publish(&channel) {
                 shard.metrics().forbidden[1].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to publish to {channel:?}"), id);
             }
@@ -503,6 +478,33 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 return error(shard, conn, ErrorCode::Overloaded, &msg, id);
             }
             let payload = Payload::json_prevalidated(Bytes::copy_from_slice(data.as_bytes()));
+            if hook {
+                // The application sees the change first: it may refuse it,
+                // or store it and return the version to publish.
+                conn.in_flight.set(conn.in_flight.get() + 1);
+                let user = conn.access.borrow().user().map(str::to_owned);
+                let key = idempotency_key.map(Cow::into_owned);
+                let (shard, conn, id, channel) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned), channel.into_owned());
+                tokio::task::spawn_local(async move {
+                    let up = Arc::clone(&shard.up);
+                    let asked = match up.proxy() {
+                        Some(proxy) => {
+                            proxy.publish(user.as_deref(), &channel, std::str::from_utf8(payload.as_bytes()).unwrap_or("null")).await
+                        }
+                        None => Ok(None),
+                    };
+                    let r = match asked {
+                        Ok(data) => Ok(up.publish(&channel, data.unwrap_or(payload), key.as_deref()).await),
+                        Err(e) => Err(e),
+                    };
+                    conn.in_flight.set(conn.in_flight.get() - 1);
+                    match r {
+                        Ok(r) => published(&shard, &conn, r, id.as_deref()),
+                        Err(e) => hook_refused(&shard, &conn, 1, &format!("not published to {channel:?}: {e}"), &e, id.as_deref()),
+                    }
+                });
+                return;
+            }
             let mut publishing = shard.up.publish(&channel, payload, idempotency_key.as_deref());
             match publishing.ready() {
                 Some(r) => return published(shard, conn, r, id),
@@ -531,6 +533,67 @@ fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id:
             shard.send_to(conn, json::reply_published(&p.channel, p.offset, p.epoch.as_str(), id));
         }
         Err(e) => error(shard, conn, e.code(), &e.to_string(), id),
+    }
+}
+
+/// Answers a command a hook did not allow: `forbidden` (counted by
+/// `action`, 0 subscribe, 1 publish) when the application refused it, else
+/// `unavailable`.
+fn hook_refused(shard: &Shard, conn: &Conn, action: usize, message: &str, e: &crate::proxy::HookError, id: Option<&str>) {
+    if matches!(e, crate::proxy::HookError::Refused { .. }) {
+        shard.metrics().forbidden[action].inc();
+    }
+    error(shard, conn, e.code(), message, id);
+}
+
+/// Subscribes `conn` to `channel` (allowed already) and answers once the
+/// broker placed the subscription.
+fn subscribe(shard: &Rc<Shard>, conn: &Rc<Conn>, channel: String, since: Option<Position>, id: Option<&str>) {
+    let created = match shard.subscribe(conn, &channel) {
+        Ok(created) => created,
+        Err(e) => return error(shard, conn, ErrorCode::Limit, &e.to_string(), id),
+    };
+    // A repeated subscribe answers as a plain one.
+    let since = since.filter(|_| created);
+    let reply = move |channel: &str, id: Option<&str>| {
+        let channel = channel.to_owned();
+        let id = id.map(str::to_owned);
+        move |epoch: crate::message::Epoch, top, recovered| {
+            Some(json::reply_subscribed(&channel, epoch.as_str(), Some(top), recovered, id.as_deref()))
+        }
+    };
+    match shard.up.starting_point(&channel, since) {
+        Answer::Ready(Ok(start)) => shard.start_subscription(conn, &channel, start, created, reply(&channel, id)),
+        Answer::Ready(Err(e)) => refuse_subscription(shard, conn, &channel, created, &e, id),
+        Answer::Waiting(start) => {
+            // Live messages wait until the start is read.
+            let token = if created { conn.subs.borrow().iter().find(|c| ***c == *channel).map(|name| conn.hold(name)) } else { None };
+            let (shard, conn, id) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned));
+            tokio::task::spawn_local(async move {
+                let r = start.await;
+                if conn.out.borrow().closing().is_some() {
+                    return;
+                }
+                // Still this command's subscription: not unsubscribed
+                // (nor subscribed again) meanwhile.
+                let current = match token {
+                    Some(t) => conn.holding(&channel, t),
+                    None => conn.subs.borrow().iter().any(|c| **c == *channel),
+                };
+                let id = id.as_deref();
+                match r {
+                    Ok(start) if current => shard.start_subscription(&conn, &channel, start, created, reply(&channel, id)),
+                    // The command still gets its answer, and touches
+                    // nothing: nothing was replayed for it.
+                    Ok(start) => {
+                        let recovered = since.map(|_| false);
+                        shard.send_to(&conn, json::reply_subscribed(&channel, start.epoch.as_str(), Some(start.top), recovered, id));
+                    }
+                    Err(e) if current => refuse_subscription(&shard, &conn, &channel, created, &e, id),
+                    Err(e) => error(&shard, &conn, e.code(), &format!("cannot subscribe to {channel:?}: {e}"), id),
+                }
+            });
+        }
     }
 }
 

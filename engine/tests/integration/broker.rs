@@ -116,10 +116,12 @@ pub(crate) fn node(redis: &str) -> Herald {
 }
 
 /// Returns `h` once its publisher connection to Redis is up, so that a
-/// publish right away is not refused for a connection still being made.
+/// publish right away is not refused for a connection still being made,
+/// and its control channel's subscription too.
 pub(crate) fn ready(h: Herald) -> Herald {
     let deadline = std::time::Instant::now() + WAIT;
-    while metric(&h.metrics_text(), "herald_broker_publisher_up") == 0 {
+    let up = |m: &str| metric(m, "herald_broker_publisher_up") == 1 && metric(m, "herald_broker_control_up") == 1;
+    while !up(&h.metrics_text()) {
         assert!(std::time::Instant::now() < deadline, "the node did not connect to Redis");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -199,8 +201,9 @@ async fn a_node_is_subscribed_in_redis_only_while_it_has_subscribers() {
     assert_eq!(redis.subscribers("quiet", false), 1, "once per node, not per client");
     let on_b = subscribed_ws(&b, "quiet").await;
     assert_eq!(redis.subscribers("quiet", false), 2);
-    let channels: Vec<String> = redis.query(&["PUBSUB", "CHANNELS"]).unwrap();
-    assert_eq!(channels, vec!["herald:{quiet}".to_string()], "no node subscribes to a channel nobody wants");
+    let mut channels: Vec<String> = redis.query(&["PUBSUB", "CHANNELS"]).unwrap();
+    channels.sort();
+    assert_eq!(channels, ["herald:control", "herald:{quiet}"], "no node subscribes to a channel nobody wants");
     drop(first);
     // Once A has seen the client go, it had its chance to unsubscribe.
     wait_metric(&a, "herald_subscriptions", |v| v == 1).await;

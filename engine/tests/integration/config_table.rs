@@ -148,6 +148,10 @@ fn other_value(key: &str, default: &Value) -> (Option<String>, Value) {
                     "a-secret-of-at-least-16",
                     serde_json::json!({"hmac_secret": "<redacted>", "public_key_file": null, "audience": null, "issuer": null, "leeway_s": 30, "max_token_bytes": 8192}),
                 ),
+                "proxy" => (
+                    "http://127.0.0.1:9/publish",
+                    serde_json::json!({"connect_url": null, "subscribe_url": null, "publish_url": "http://127.0.0.1:9/publish", "timeout_ms": 1000, "max_in_flight": 1000}),
+                ),
                 "allowed_origins" => ("https://a.example,http://b:3000", serde_json::json!(["https://a.example", "http://b:3000"])),
                 _ => panic!("no test value for {key}: add one"),
             };

@@ -1,6 +1,7 @@
 //! Integration tests over real sockets: Herald on port 0, independent
 //! clients (tokio-tungstenite, raw TCP, Python `websockets`).
 
+mod api;
 mod auth;
 mod broker;
 mod browser;
@@ -13,6 +14,7 @@ mod errors;
 mod fanout;
 mod fuzz_corpus;
 mod history;
+mod hooks;
 mod hostile;
 mod interop;
 mod limits;

@@ -103,7 +103,9 @@ fn namespace_mistakes_are_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     for (text, want) in [
         ("[namespaces.chat]\nhistory_sise = 2\n", "unknown field `history_sise`"),
-        ("[namespaces.chat]\npresence = true\n", "unknown field `presence`"),
+        ("[namespaces.chat]\njoin_leave = true\n", "namespaces.chat.join_leave needs presence = true"),
+        ("[namespaces.chat]\npublish_proxy = true\n", "namespaces.chat.publish_proxy needs [proxy] publish_url"),
+        ("[proxy]\npublish_url = \"https://app/hook\"\n", "must be an http://host[:port]/path URL"),
         ("[namespaces.\"a:b\"]\nanonymous = true\n", "namespace \"a:b\""),
         ("[namespaces.chat]\nhistory_ttl_s = 0\n", "namespaces.chat.history_ttl_s must be at least 1"),
         ("redis_counter_ttl_ms = 60000\n[namespaces.chat]\nhistory_ttl_s = 3600\n", "the longest history_ttl_s"),

@@ -23,6 +23,7 @@
 //! Everything but publishing runs on one thread of its own (`herald-broker`).
 
 mod channels;
+mod control;
 mod coordinator;
 mod script;
 mod subscriber;
@@ -131,6 +132,14 @@ pub(crate) struct Shared {
     confirmed: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     metrics: BrokerMetrics,
+    /// This node's id among the nodes sharing the Redis (random at start).
+    node: Box<str>,
+    /// The control channel's subscription is up.
+    control_up: AtomicBool,
+    /// Where other nodes' server API commands go (the engine).
+    command_sink: OnceLock<crate::broker::CommandSink>,
+    /// Commands from other nodes carried out.
+    commands: AtomicU64,
 }
 
 impl Shared {
@@ -279,6 +288,21 @@ impl Shared {
         }
     }
 
+    /// A message of the control channel: another node's command goes to
+    /// the engine.
+    fn handle_command(&self, body: &[u8]) {
+        match control::decode(body) {
+            Some((node, _)) if node == &*self.node => {}
+            Some((_, cmd)) => {
+                self.commands.fetch_add(1, Ordering::Relaxed);
+                if let Some(sink) = self.command_sink.get() {
+                    sink(cmd);
+                }
+            }
+            None => tracing::debug!("unreadable message on the control channel"),
+        }
+    }
+
     /// Redis dropped `channel`'s subscription: route it again.
     fn lost(&self, channel: &Arc<str>) {
         if self.lost.push(Arc::clone(channel)).is_err() {
@@ -336,6 +360,10 @@ impl RedisBroker {
             confirmed: watch::channel(0).0,
             stop: watch::channel(false).0,
             metrics: BrokerMetrics::default(),
+            node: format!("{:016x}", fastrand::u64(..)).into(),
+            control_up: AtomicBool::new(false),
+            command_sink: OnceLock::new(),
+            commands: AtomicU64::new(0),
         };
         Ok(Some(RedisBroker { shared: Arc::new(shared), thread: Mutex::new(None) }))
     }
@@ -357,7 +385,10 @@ impl RedisBroker {
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, coordinator::run(shared));
+            local.block_on(&rt, async move {
+                tokio::task::spawn_local(control::run(Arc::clone(&shared)));
+                coordinator::run(shared).await;
+            });
             drop(local);
             drop(rt);
             let _ = ended_tx.send(());
@@ -378,6 +409,27 @@ impl RedisBroker {
                 tracing::warn!("the broker thread did not stop within 2 s");
             }
         }
+    }
+
+    /// Publishes a server API command on the control channel; the number
+    /// of other nodes subscribed to it that got it.
+    pub(crate) async fn send_command(&self, cmd: &[u8]) -> Result<u64, String> {
+        let p = self.shared.publisher.get().ok_or("not connected to Redis")?;
+        let body = control::encode(&self.shared.node, cmd);
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.shared.scripts.names.control_channel()).arg(body);
+        let reached: u64 = match p.clone() {
+            script::Publisher::Single(mut c) => publish.query_async(&mut c).await,
+            script::Publisher::Cluster(mut c) => publish.query_async(&mut c).await,
+        }
+        .map_err(|e| e.to_string())?;
+        let own = u64::from(self.shared.control_up.load(Ordering::Acquire));
+        Ok(reached.saturating_sub(own))
+    }
+
+    /// Where commands from other nodes go (set once).
+    pub(crate) fn on_command(&self, sink: crate::broker::CommandSink) {
+        let _ = self.shared.command_sink.set(sink);
     }
 
     /// A shard gained its node's first subscriber to `channel`, or lost the
@@ -552,6 +604,18 @@ impl RedisBroker {
             "counter",
             "Epoch changes seen under a subscription and announced to its subscribers.",
             &[("", g(&m.epochs))],
+        );
+        metric(
+            "herald_broker_commands_total",
+            "counter",
+            "Server API commands from other nodes carried out here (control channel).",
+            &[("", self.shared.commands.load(Ordering::Relaxed))],
+        );
+        metric(
+            "herald_broker_control_up",
+            "gauge",
+            "1 while this node is subscribed to the control channel.",
+            &[("", u64::from(self.shared.control_up.load(Ordering::Relaxed)))],
         );
         metric(
             "herald_broker_backpressure_total",

@@ -52,6 +52,11 @@ impl Names {
         format!("{}{{{channel}}}:idem:{key}", self.prefix)
     }
 
+    /// The Redis channel of the nodes' server API commands.
+    pub(crate) fn control_channel(&self) -> String {
+        format!("{}control", self.prefix)
+    }
+
     /// The Herald channel of a Redis channel name (`{prefix}{name}`).
     pub(crate) fn herald_channel<'a>(&self, redis_channel: &'a [u8]) -> Option<&'a str> {
         let rest = redis_channel.strip_prefix(self.prefix.as_bytes())?;
