@@ -29,10 +29,12 @@ pub(crate) struct Engine {
     pub(crate) rules: crate::config::ChannelRules,
     /// The application's hooks, when `[proxy]` is set.
     pub(crate) proxy: Option<crate::proxy::Proxy>,
+    /// Who is subscribed to the presence channels, on this node.
+    pub(crate) presence: Arc<crate::presence::Presence>,
     /// When the engine started (`uptime_s` of `/api/stats`).
     pub(crate) started: std::time::Instant,
     /// Server API calls by call and result (ok, error).
-    api_calls: [[crate::metrics::Counter; 2]; 5],
+    api_calls: [[crate::metrics::Counter; 2]; 6],
     pub(crate) controls: Box<[mpsc::Sender<Control>]>,
     open: Arc<AtomicUsize>,
     rr: AtomicUsize,
@@ -55,10 +57,11 @@ pub(crate) enum ApiCall {
     Unsubscribe = 2,
     Channels = 3,
     Stats = 4,
+    Presence = 5,
 }
 
 impl ApiCall {
-    const LABELS: [&'static str; 5] = ["broadcast", "disconnect", "unsubscribe", "channels", "stats"];
+    const LABELS: [&'static str; 6] = ["broadcast", "disconnect", "unsubscribe", "channels", "stats", "presence"];
 }
 
 /// A server API command that every node carries out for its own
@@ -92,10 +95,13 @@ impl NodeCommand {
 pub(crate) struct ShardGone;
 
 impl Engine {
+    // The parts `Herald::launch` made, each once.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Config,
         router: Arc<Router>,
         broker: Broker,
+        presence: Arc<crate::presence::Presence>,
         auth: Option<crate::auth::Auth>,
         controls: Box<[mpsc::Sender<Control>]>,
         local_addr: Option<SocketAddr>,
@@ -107,6 +113,7 @@ impl Engine {
             proxy: config.proxy.as_ref().map(|p| crate::proxy::Proxy::from_config(p, config.max_message_bytes)),
             started: std::time::Instant::now(),
             api_calls: Default::default(),
+            presence,
             router,
             broker,
             auth,
@@ -207,6 +214,77 @@ impl Engine {
         }
     }
 
+    /// A connection of `user` (none: anonymous) subscribed to `channel`
+    /// (`joined`), or its subscription ended. Presence channels only: the
+    /// node's table, then (local broker) a join or leave event for the
+    /// user's first or last connection, or (Redis) the write into Redis,
+    /// which announces them to every node.
+    pub(crate) fn presence_changed(&self, channel: &Arc<str>, user: Option<&str>, joined: bool) {
+        let rules = self.rules.of(channel);
+        if !rules.presence {
+            return;
+        }
+        let first_or_last = if joined { self.presence.add(channel, user) } else { self.presence.remove(channel, user) };
+        let delta = if joined { 1 } else { -1 };
+        let shard = shard::current(self).map(|s| s.id);
+        match self.broker.presence_update(channel, user.unwrap_or(""), delta, rules.join_leave, shard) {
+            Some(write) => {
+                let presence = Arc::clone(&self.presence);
+                tokio::spawn(async move {
+                    if let Err(e) = write.await {
+                        presence.errors.inc();
+                        tracing::debug!(error = %e, "cannot write presence into Redis");
+                    }
+                });
+            }
+            None => {
+                let (Some(user), true, true) = (user, first_or_last, rules.join_leave) else { return };
+                let event = || Arc::new(crate::message::Message::presence(Arc::clone(channel), user, joined));
+                match self.router.dispatch(channel, event) {
+                    crate::router::Routed::Queued if joined => self.presence.joins.inc(),
+                    crate::router::Routed::Queued => self.presence.leaves.inc(),
+                    crate::router::Routed::Full => self.presence.dropped.inc(),
+                    crate::router::Routed::NoInterest => {}
+                }
+            }
+        }
+    }
+
+    /// A channel's presence: this node's table (local broker), or Redis's
+    /// across the nodes.
+    pub(crate) fn presence_of(&self, channel: &str) -> Pending<Result<crate::presence::Snapshot, HistoryError>> {
+        match self.broker.presence_read(channel, shard::current(self).map(|s| s.id)) {
+            Some(read) => Pending::Waiting(read),
+            None => Pending::Ready(Ok(self.presence.read(channel))),
+        }
+    }
+
+    fn render_presence(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let p = &self.presence;
+        let _ = writeln!(
+            out,
+            "# HELP herald_presence_entries (channel, user) entries of this node's presence table.\n# TYPE herald_presence_entries gauge\nherald_presence_entries {}",
+            p.entries()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP herald_presence_events_total Join and leave events queued to the shards.\n# TYPE herald_presence_events_total counter"
+        );
+        let _ = writeln!(out, "herald_presence_events_total{{event=\"join\"}} {}", p.joins.get());
+        let _ = writeln!(out, "herald_presence_events_total{{event=\"leave\"}} {}", p.leaves.get());
+        let _ = writeln!(
+            out,
+            "# HELP herald_presence_events_dropped_total Join and leave events a full shard queue refused.\n# TYPE herald_presence_events_dropped_total counter\nherald_presence_events_dropped_total {}",
+            p.dropped.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP herald_presence_errors_total Presence writes and refreshes Redis did not take.\n# TYPE herald_presence_errors_total counter\nherald_presence_errors_total {}",
+            p.errors.get()
+        );
+    }
+
     /// Counts a server API call by its answer's status, and returns it.
     pub(crate) fn api_done(&self, call: ApiCall, r: http::Response<crate::http::Body>) -> http::Response<crate::http::Body> {
         self.api_calls[call as usize][usize::from(!r.status().is_success())].inc();
@@ -278,6 +356,7 @@ impl Engine {
             p.render(&mut out);
         }
         self.render_api(&mut out);
+        self.render_presence(&mut out);
         out
     }
 }
@@ -331,5 +410,13 @@ impl Upstream for Engine {
 
     fn proxy(&self) -> Option<&crate::proxy::Proxy> {
         self.proxy.as_ref()
+    }
+
+    fn presence_changed(&self, channel: &Arc<str>, user: Option<&str>, joined: bool) {
+        Engine::presence_changed(self, channel, user, joined);
+    }
+
+    fn presence(&self, channel: &str) -> Pending<Result<crate::presence::Snapshot, HistoryError>> {
+        self.presence_of(channel)
     }
 }

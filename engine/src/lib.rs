@@ -57,6 +57,7 @@ mod engine;
 mod http;
 mod message;
 mod metrics;
+mod presence;
 pub mod proto;
 mod proxy;
 mod router;
@@ -147,7 +148,8 @@ impl Herald {
         let config = config.validated()?;
         let n = config.shards;
         let router = Arc::new(Router::new(n, config.shard_queue_capacity, config.max_channels));
-        let broker = Broker::from_config(&config, &router)?;
+        let presence = Arc::new(presence::Presence::default());
+        let broker = Broker::from_config(&config, &router, &presence)?;
         let auth = config.auth.as_ref().map(auth::Auth::from_config).transpose()?;
         if config.api_key.is_none() && local_addr.is_some_and(|a| !a.ip().is_loopback()) {
             tracing::warn!(
@@ -157,7 +159,7 @@ impl Herald {
         }
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel(CONTROL_QUEUE)).unzip();
         let (done_tx, done_rx): (Vec<_>, Vec<_>) = (0..n).map(|_| oneshot::channel()).unzip();
-        let engine = Arc::new(Engine::new(config, router, broker, auth, senders.into_boxed_slice(), local_addr, done_rx));
+        let engine = Arc::new(Engine::new(config, router, broker, presence, auth, senders.into_boxed_slice(), local_addr, done_rx));
         let weak = Arc::downgrade(&engine);
         engine.broker.on_command(Box::new(move |bytes| {
             let Some(cmd) = engine::NodeCommand::decode(bytes) else {

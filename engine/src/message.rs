@@ -239,6 +239,12 @@ pub(crate) enum Kind {
     Lagged {
         to: u64,
     },
+    /// A user (the payload) joined the channel (its first connection
+    /// subscribed) or left it (its last one went). Not positioned: it
+    /// passes seams without moving them, and is queued like a reply.
+    Presence {
+        join: bool,
+    },
 }
 
 /// One published message, shared by refcount between the shards that have
@@ -265,8 +271,18 @@ impl Message {
         Message { kind, ..Message::new(channel, epoch, offset, Payload::text("")) }
     }
 
+    /// An epoch or lagged notice (never dropped).
     pub(crate) fn is_notice(&self) -> bool {
-        self.kind != Kind::Publication
+        matches!(self.kind, Kind::Epoch | Kind::Lagged { .. })
+    }
+
+    /// A join or leave event of `user` on `channel`.
+    pub(crate) fn presence(channel: Arc<str>, user: &str, join: bool) -> Message {
+        Message { kind: Kind::Presence { join }, ..Message::new(channel, Epoch::random(), 0, Payload::text(user)) }
+    }
+
+    pub(crate) fn is_presence(&self) -> bool {
+        matches!(self.kind, Kind::Presence { .. })
     }
 
     /// The complete frame or event for `form`, encoded on first use by
@@ -279,6 +295,10 @@ impl Message {
                 // Raw forms carry payloads alone: an empty frame is not sent.
                 Kind::Epoch => return json::epoch_notice(form, &self.channel, self.epoch.as_str()).unwrap_or_default(),
                 Kind::Lagged { to } => return json::lagged(form, &self.channel, self.offset, to).unwrap_or_default(),
+                Kind::Presence { join } => {
+                    let user = std::str::from_utf8(self.payload.as_bytes()).unwrap_or("");
+                    return json::presence_event(form, &self.channel, user, join).unwrap_or_default();
+                }
             }
             metrics.encoded[form as usize].inc();
             match form {

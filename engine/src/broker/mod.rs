@@ -184,8 +184,12 @@ pub(crate) enum Broker {
 
 impl Broker {
     /// The broker the configuration asks for (not started yet).
-    pub(crate) fn from_config(config: &Config, router: &Arc<Router>) -> Result<Broker, BrokerError> {
-        Ok(match RedisBroker::from_config(config, router)? {
+    pub(crate) fn from_config(
+        config: &Config,
+        router: &Arc<Router>,
+        presence: &Arc<crate::presence::Presence>,
+    ) -> Result<Broker, BrokerError> {
+        Ok(match RedisBroker::from_config(config, router, Arc::clone(presence))? {
             Some(r) => Broker::Redis(r),
             None => Broker::Local(LocalBroker::new(config.max_channels, local::HistoryLimits::from_config(config))),
         })
@@ -297,6 +301,37 @@ impl Broker {
     pub(crate) fn on_command(&self, sink: CommandSink) {
         if let Broker::Redis(r) = self {
             r.on_command(sink);
+        }
+    }
+
+    /// Writes one connection of `user` ("" anonymous) more (`delta` 1) or
+    /// fewer (-1) into a presence channel's entries in Redis, which
+    /// announces join and leave (`announce`) to every node; `None` for the
+    /// local broker, whose presence is the node's table alone.
+    pub(crate) fn presence_update(
+        &self,
+        channel: &str,
+        user: &str,
+        delta: i8,
+        announce: bool,
+        shard: Option<usize>,
+    ) -> Option<BoxFuture<Result<(), String>>> {
+        match self {
+            Broker::Local(_) => None,
+            Broker::Redis(r) => Some(Box::pin(r.presence_update(channel, user, delta, announce, shard))),
+        }
+    }
+
+    /// A channel's presence across the nodes (Redis brokers); `None` for
+    /// the local broker (read the node's table).
+    pub(crate) fn presence_read(
+        &self,
+        channel: &str,
+        shard: Option<usize>,
+    ) -> Option<BoxFuture<Result<crate::presence::Snapshot, HistoryError>>> {
+        match self {
+            Broker::Local(_) => None,
+            Broker::Redis(r) => Some(Box::pin(r.presence_read(channel, shard))),
         }
     }
 

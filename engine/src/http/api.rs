@@ -197,3 +197,22 @@ pub(crate) async fn stats(engine: Arc<Engine>) -> Response<Body> {
     v["channels"] = engine.router.len().into();
     engine.api_done(ApiCall::Stats, json_response(&v))
 }
+
+/// `GET /presence/{channel}`.
+pub(crate) async fn presence<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body> {
+    let raw = &req.uri().path()["/presence/".len()..];
+    let ch = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
+    if let Err(e) = channel::validate(&ch) {
+        let r = refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadChannel, &format!("{e}: {:?}", truncate_str(&ch, 64)));
+        return engine.api_done(ApiCall::Presence, r);
+    }
+    if !engine.rules.of(&ch).presence {
+        let msg = format!("presence is off for {ch:?} (namespace option presence)");
+        return engine.api_done(ApiCall::Presence, refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg));
+    }
+    let r = match engine.presence_of(&ch).get().await {
+        Ok(snap) => json_response(&snap.body(&ch)),
+        Err(e) => refuse(&engine, StatusCode::SERVICE_UNAVAILABLE, e.code(), &format!("no presence for {ch:?}: {e}")),
+    };
+    engine.api_done(ApiCall::Presence, r)
+}

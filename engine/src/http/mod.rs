@@ -153,11 +153,17 @@ where
                 _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
             },
         },
+        (&Method::GET, p) if p.starts_with("/presence/") => match api_key(&engine, &req) {
+            Some(r) => r,
+            None => api::presence(engine, req).await,
+        },
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
         (_, "/ws" | "/sse" | "/healthz" | "/metrics") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
         (_, p) if p.starts_with("/publish/") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST"),
-        (_, p) if p.starts_with("/history/") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        (_, p) if p.starts_with("/history/") || p.starts_with("/presence/") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET")
+        }
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }

@@ -7,6 +7,7 @@
 //! {"op":"publish","channel":"news","data":<any JSON>}
 //! {"op":"history","channel":"news","since":"k3x9a0qz:17","limit":100}
 //! {"op":"auth","token":"<JWT>"}
+//! {"op":"presence","channel":"chat:1"}
 //! ```
 
 use std::borrow::Cow;
@@ -49,6 +50,11 @@ pub enum Command<'a> {
         since: Option<Cow<'a, str>>,
         /// At most this many messages (at least 1).
         limit: Option<u64>,
+    },
+    /// Read who is subscribed to a channel.
+    Presence {
+        /// Channel name, checked against the rules.
+        channel: Cow<'a, str>,
     },
     /// Authenticate the connection, or refresh its token.
     Auth {
@@ -130,7 +136,7 @@ pub fn parse(input: &str, max_payload: usize) -> Parsed<'_> {
 
 fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandError> {
     let op = wire.op.ok_or_else(|| CommandError::new(ErrorCode::BadRequest, "missing \"op\""))?;
-    let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish" | "history" | "auth");
+    let known = matches!(op.as_ref(), "subscribe" | "unsubscribe" | "publish" | "history" | "auth" | "presence");
     if !known {
         return Err(CommandError::new(ErrorCode::UnknownOp, format!("unknown op {:?}", super::truncate_str(&op, 64))));
     }
@@ -143,6 +149,7 @@ fn command(wire: Wire<'_>, max_payload: usize) -> Result<Command<'_>, CommandErr
     match op.as_ref() {
         "subscribe" => Ok(Command::Subscribe { channel, since: wire.since }),
         "unsubscribe" => Ok(Command::Unsubscribe { channel }),
+        "presence" => Ok(Command::Presence { channel }),
         "history" => match wire.limit {
             Some(0) => Err(CommandError::new(ErrorCode::BadRequest, "\"limit\" must be at least 1")),
             limit => Ok(Command::History { channel, since: wire.since, limit }),
@@ -181,6 +188,7 @@ mod tests {
     fn parses_the_commands() {
         assert_eq!(ok(r#"{"op":"subscribe","channel":"news"}"#), (None, Command::Subscribe { channel: "news".into(), since: None }));
         assert_eq!(ok(r#"{"id":7,"op":"unsubscribe","channel":"news"}"#), (Some("7"), Command::Unsubscribe { channel: "news".into() }));
+        assert_eq!(ok(r#"{"op":"presence","channel":"chat:1"}"#).1, Command::Presence { channel: "chat:1".into() });
         assert_eq!(
             ok(r#"{"op":"publish","channel":"n","data":{"x":[1, 2]},"id":-1.5}"#),
             (Some("-1.5"), Command::Publish { channel: "n".into(), data: r#"{"x":[1, 2]}"#, idempotency_key: None })

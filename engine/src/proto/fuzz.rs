@@ -20,7 +20,8 @@ pub fn command(data: &[u8]) {
             Command::Subscribe { channel, .. }
             | Command::Unsubscribe { channel }
             | Command::Publish { channel, .. }
-            | Command::History { channel, .. } => channel,
+            | Command::History { channel, .. }
+            | Command::Presence { channel } => channel,
             Command::Auth { .. } => return,
         };
         assert!(super::channel::validate(channel).is_ok(), "accepted a bad channel {channel:?}");

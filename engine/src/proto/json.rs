@@ -411,6 +411,45 @@ pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<By
     }
 }
 
+/// `{"op":"join","channel":…,"user":…}` (or `leave`); on SSE the same
+/// object as an `event: join` (`leave`). Raw forms: `None`.
+pub(crate) fn presence_event(form: Form, channel: &str, user: &str, join: bool) -> Option<Bytes> {
+    let op = if join { "join" } else { "leave" };
+    let r = Reply::new(op).str_field("channel", channel).str_field("user", user);
+    match form {
+        Form::WsJson => Some(r.frame()),
+        Form::SseJson | Form::SseJsonId => {
+            let mut body = r.0;
+            body.push(b'}');
+            let mut out = BytesMut::with_capacity(body.len() + 24);
+            out.put_slice(if join { b"event: join\n" } else { b"event: leave\n" });
+            super::sse::write_event(&mut out, &body);
+            Some(out.freeze())
+        }
+        Form::WsRaw | Form::SseRaw | Form::SseRawId => None,
+    }
+}
+
+/// `{"op":"presence","channel":…,"clients":…,"users":[…]}` (with
+/// `"truncated":true` when users were left out), plus `id` when given.
+pub(crate) fn reply_presence(channel: &str, clients: u64, users: &[&str], truncated: bool, id: Option<&str>) -> Bytes {
+    let mut r = Reply::new("presence").str_field("channel", channel).raw_field("clients", itoa::Buffer::new().format(clients));
+    let mut list = Vec::with_capacity(users.iter().map(|u| u.len() + 3).sum::<usize>() + 2);
+    list.push(b'[');
+    for (i, u) in users.iter().enumerate() {
+        if i > 0 {
+            list.push(b',');
+        }
+        write_escaped(&mut list, u.as_bytes());
+    }
+    list.push(b']');
+    r = r.raw_field("users", std::str::from_utf8(&list).unwrap_or("[]"));
+    if truncated {
+        r = r.raw_field("truncated", "true");
+    }
+    r.id(id).frame()
+}
+
 /// The notice that a channel's epoch changed under a subscription:
 /// `{"op":"epoch","channel":…,"epoch":…}` (SSE: `event: epoch` with the
 /// object without `op`). Raw forms carry payloads only: `None`.

@@ -440,8 +440,10 @@ impl Conn {
         let Some(i) = seams.iter().position(|(c, _)| **c == *msg.channel) else { return Check::Pass };
         match &mut seams[i].1 {
             Seam::Holding(held, bytes, _) => {
-                // Notices are never dropped (they are small, and few).
-                if !msg.is_notice() && self.queued_bytes() + self.held_bytes.get() + len > limit {
+                // Notices are never dropped (they are small, and few);
+                // presence events wait with the rest, and meet the bound
+                // as replies do once released.
+                if !msg.is_notice() && !msg.is_presence() && self.queued_bytes() + self.held_bytes.get() + len > limit {
                     drop(seams);
                     return Check::Over(self.over_limit(msg, policy, metrics));
                 }
@@ -450,8 +452,11 @@ impl Conn {
                 held.push(Arc::clone(msg));
                 Check::Held
             }
+            // Not positioned: the seam stays for the messages behind it.
+            Seam::At(..) if msg.is_presence() => Check::Pass,
             Seam::At(epoch, top) => {
                 let before = match msg.kind {
+                    Kind::Presence { .. } => false,
                     Kind::Epoch => msg.epoch == *epoch,
                     Kind::Lagged { to } => msg.epoch != *epoch || to <= *top,
                     Kind::Publication => msg.epoch != *epoch || msg.offset <= *top,
@@ -484,7 +489,7 @@ impl Conn {
                     (p.1, p.2) = (msg.epoch, to);
                 }
             }
-            Kind::Publication => {}
+            Kind::Publication | Kind::Presence { .. } => {}
         }
         if frame.is_empty() {
             return true;

@@ -68,6 +68,11 @@ pub(crate) trait Upstream: Send + Sync + 'static {
     fn rules(&self) -> &crate::config::ChannelRules;
     /// The application's hooks, when `[proxy]` is set.
     fn proxy(&self) -> Option<&crate::proxy::Proxy>;
+    /// A subscription of a connection of `user` to `channel` started
+    /// (`joined`) or ended (presence channels count it).
+    fn presence_changed(&self, channel: &Arc<str>, user: Option<&str>, joined: bool);
+    /// Who is subscribed to a presence channel.
+    fn presence(&self, channel: &str) -> Answer<Result<crate::presence::Snapshot, HistoryError>>;
 }
 
 /// Messages fanned out per turn before the shard writes and lets other
@@ -445,6 +450,8 @@ impl Shard {
         if let Some(subs) = index.get_mut(channel) {
             subs.insert(conn.key);
         }
+        drop(index);
+        self.up.presence_changed(&name, conn.access.borrow().user(), true);
         conn.subs.borrow_mut().push(name);
         self.metrics().subscriptions_added.inc();
         Ok(true)
@@ -466,7 +473,12 @@ impl Shard {
         let Some(subs) = index.get_mut(channel) else { return };
         if subs.swap_remove(&key) {
             self.metrics().subscriptions_removed.inc();
+            let name = index.get_key_value(channel).map(|(n, _)| Arc::clone(n));
+            if let (Some(conn), Some(name)) = (self.conns.borrow().get(key), name) {
+                self.up.presence_changed(&name, conn.access.borrow().user(), false);
+            }
         }
+        let Some(subs) = index.get_mut(channel) else { return };
         if subs.is_empty() {
             if let Some((name, _)) = index.remove_entry(channel) {
                 self.up.left(&name, self.id);
@@ -542,6 +554,13 @@ impl Shard {
     fn offer_live(&self, conn: &Conn, msg: &Arc<Message>, frame: &bytes::Bytes) -> Option<Offer> {
         let (cfg, metrics) = (self.config(), self.metrics());
         match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
+            // A join or leave is queued like a reply (raw forms get none).
+            Check::Pass if msg.is_presence() => {
+                if !frame.is_empty() {
+                    self.send_to(conn, frame.clone());
+                }
+                None
+            }
             Check::Pass if msg.is_notice() => {
                 conn.notice(msg, frame, cfg.outbound_queue_bytes);
                 None

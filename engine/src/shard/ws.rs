@@ -433,6 +433,36 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 }
             }
         }
+        Ok(Command::Presence { channel }) => {
+            if !shard.up.rules().of(&channel).presence {
+                let msg = format!("presence is off for {channel:?} (namespace option presence)");
+                return error(shard, conn, ErrorCode::BadRequest, &msg, id);
+            }
+            // Its subscribers may read it, and those who may subscribe.
+            let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
+            if !subscribed && !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
+                shard.metrics().forbidden[0].inc();
+                return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the presence of {channel:?}"), id);
+            }
+            let answer =
+                |shard: &Shard, conn: &Conn, channel: &str, r: Result<crate::presence::Snapshot, HistoryError>, id: Option<&str>| match r {
+                    Ok(snap) => {
+                        shard.send_to(conn, snap.reply(channel, id));
+                    }
+                    Err(e) => error(shard, conn, e.code(), &format!("no presence for {channel:?}: {e}"), id),
+                };
+            match shard.up.presence(&channel) {
+                Answer::Ready(r) => return answer(shard, conn, &channel, r, id),
+                Answer::Waiting(read) => {
+                    let (shard, conn, id, channel) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned), channel.into_owned());
+                    tokio::task::spawn_local(async move {
+                        let r = read.await;
+                        answer(&shard, &conn, &channel, r, id.as_deref());
+                    });
+                    return;
+                }
+            }
+        }
         Ok(Command::Auth { token }) => {
             let Some(auth) = shard.up.auth() else {
                 return error(shard, conn, ErrorCode::BadRequest, "this server verifies no tokens ([auth] is not set)", id);
@@ -455,6 +485,16 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 shard.metrics().auth_refreshes.inc();
             }
             let reply = json::reply_authed(identity.user(), identity.expires_at(), id);
+            let was_user = matches!(&*conn.access.borrow(), Access::User(_));
+            if !was_user {
+                // Its subscriptions so far counted as anonymous: they are
+                // this user's now.
+                let subs = conn.subs.borrow().clone();
+                for ch in &subs {
+                    shard.up.presence_changed(ch, None, false);
+                    shard.up.presence_changed(ch, Some(identity.user()), true);
+                }
+            }
             *conn.access.borrow_mut() = Access::User(identity);
             shard.watch_expiry(conn);
             reply

@@ -20,6 +20,7 @@ mod interop;
 mod limits;
 mod namespaces;
 mod origins;
+mod presence;
 mod redis_history;
 mod shutdown;
 mod slow;

@@ -25,6 +25,7 @@
 mod channels;
 mod control;
 mod coordinator;
+mod presence;
 mod script;
 mod subscriber;
 mod wire;
@@ -66,6 +67,8 @@ pub(crate) struct BrokerMetrics {
     /// Epoch changes announced to subscribers.
     pub epochs: AtomicU64,
     pub backpressure: AtomicU64,
+    /// Dead nodes whose presence entries this node removed.
+    pub presence_swept: AtomicU64,
     pub reconnects: AtomicU64,
     /// Channels this node is subscribed to in Redis (confirmed).
     pub subscribed: AtomicU64,
@@ -140,6 +143,10 @@ pub(crate) struct Shared {
     command_sink: OnceLock<crate::broker::CommandSink>,
     /// Commands from other nodes carried out.
     commands: AtomicU64,
+    /// This node's presence table (refreshed into Redis).
+    presence: Arc<crate::presence::Presence>,
+    presence_scripts: presence::PresenceScripts,
+    presence_ttl_ms: u64,
 }
 
 impl Shared {
@@ -325,7 +332,11 @@ impl std::fmt::Debug for RedisBroker {
 
 impl RedisBroker {
     /// The broker the configuration asks for, if any (not started yet).
-    pub(crate) fn from_config(c: &Config, router: &Arc<Router>) -> Result<Option<RedisBroker>, BrokerError> {
+    pub(crate) fn from_config(
+        c: &Config,
+        router: &Arc<Router>,
+        presence: Arc<crate::presence::Presence>,
+    ) -> Result<Option<RedisBroker>, BrokerError> {
         let (cluster, urls): (bool, Vec<&String>) = match (&c.redis, c.redis_cluster.is_empty()) {
             (Some(url), _) => (false, vec![url]),
             (None, false) => (true, c.redis_cluster.iter().collect()),
@@ -364,6 +375,9 @@ impl RedisBroker {
             control_up: AtomicBool::new(false),
             command_sink: OnceLock::new(),
             commands: AtomicU64::new(0),
+            presence,
+            presence_scripts: presence::PresenceScripts::default(),
+            presence_ttl_ms: c.presence_ttl_s.saturating_mul(1000),
         };
         Ok(Some(RedisBroker { shared: Arc::new(shared), thread: Mutex::new(None) }))
     }
@@ -387,6 +401,7 @@ impl RedisBroker {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 tokio::task::spawn_local(control::run(Arc::clone(&shared)));
+                tokio::task::spawn_local(Arc::clone(&shared).refresh_presence());
                 coordinator::run(shared).await;
             });
             drop(local);
@@ -425,6 +440,30 @@ impl RedisBroker {
         .map_err(|e| e.to_string())?;
         let own = u64::from(self.shared.control_up.load(Ordering::Acquire));
         Ok(reached.saturating_sub(own))
+    }
+
+    /// One connection of `user` more or fewer in `channel`'s presence;
+    /// `announce`: join and leave events.
+    pub(crate) fn presence_update(
+        &self,
+        channel: &str,
+        user: &str,
+        delta: i8,
+        announce: bool,
+        shard: Option<usize>,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let (shared, channel, user) = (Arc::clone(&self.shared), channel.to_owned(), user.to_owned());
+        async move { shared.presence_update(&channel, &user, delta, announce, shard).await }
+    }
+
+    /// A channel's presence across the nodes.
+    pub(crate) fn presence_read(
+        &self,
+        channel: &str,
+        shard: Option<usize>,
+    ) -> impl std::future::Future<Output = Result<crate::presence::Snapshot, HistoryError>> + Send + 'static {
+        let (shared, channel) = (Arc::clone(&self.shared), channel.to_owned());
+        async move { shared.presence_read(&channel, shard).await }
     }
 
     /// Where commands from other nodes go (set once).
@@ -604,6 +643,12 @@ impl RedisBroker {
             "counter",
             "Epoch changes seen under a subscription and announced to its subscribers.",
             &[("", g(&m.epochs))],
+        );
+        metric(
+            "herald_presence_nodes_swept_total",
+            "counter",
+            "Nodes whose presence entries this node removed after they stopped refreshing them (presence_ttl_s).",
+            &[("", g(&m.presence_swept))],
         );
         metric(
             "herald_broker_commands_total",

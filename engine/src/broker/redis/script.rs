@@ -122,7 +122,7 @@ impl Publisher {
     }
 
     /// Runs a script on a clone of the connection (clones share it).
-    async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
+    pub(crate) async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> redis::RedisResult<T> {
         match self.clone() {
             Publisher::Single(mut c) => inv.invoke_async(&mut c).await,
             Publisher::Cluster(mut c) => inv.invoke_async(&mut c).await,

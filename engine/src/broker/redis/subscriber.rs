@@ -480,6 +480,14 @@ async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, Lin
 
 async fn deliver(shared: &Arc<Shared>, redis_channel: &Bytes, body: Bytes) {
     let m = &shared.metrics;
+    if let Some((join, node, user)) = super::presence::parse_event(&body) {
+        // Not positioned: straight to the shards, beside the channel's
+        // order. This node's own events were delivered when they were made.
+        if let (Some(channel), false) = (shared.scripts.names.herald_channel(redis_channel), node == &*shared.node) {
+            shared.presence_event(channel, user, join);
+        }
+        return;
+    }
     let (Some(channel), Some((epoch, offset, payload))) = (shared.scripts.names.herald_channel(redis_channel), wire::parse_body(&body))
     else {
         m.dropped_malformed.fetch_add(1, Ordering::Relaxed);

@@ -52,6 +52,16 @@ impl Names {
         format!("{}{{{channel}}}:idem:{key}", self.prefix)
     }
 
+    /// The hash of a presence channel's entries (`<node>|<user>`).
+    pub(crate) fn presence_key(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:presence", self.prefix)
+    }
+
+    /// The sorted set of the nodes with entries in a presence channel.
+    pub(crate) fn presence_nodes_key(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:presence:nodes", self.prefix)
+    }
+
     /// The Redis channel of the nodes' server API commands.
     pub(crate) fn control_channel(&self) -> String {
         format!("{}control", self.prefix)
