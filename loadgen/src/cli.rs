@@ -164,7 +164,9 @@ pub(crate) struct FanoutArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct ConnectArgs {
-    /// URL (`{channel}` replaced by `lg-0`…); none: an embedded Herald.
+    /// URL (`{channel}` replaced by `lg-0`…, `{conn}` by the connection's
+    /// number: `token=u{conn}` gives each its own user); none: an embedded
+    /// Herald.
     #[arg(long)]
     pub(crate) url: Vec<String>,
     #[arg(long, value_enum, default_value = "ws")]

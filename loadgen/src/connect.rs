@@ -53,7 +53,7 @@ pub async fn connect_all(sc: &Connections, plan: Plan, progress: &Progress) -> a
             transport: sc.transport,
             url: Arc::clone(url),
             addr: *addr,
-            path: url.path_for(&names[channel as usize]),
+            path: url.path_for(&names[channel as usize]).replace("{conn}", itoa::Buffer::new().format(j)),
             channel,
             source: (!sc.source_ips.is_empty()).then(|| sc.source_ips[(j as usize) % sc.source_ips.len()]),
             connect_timeout: sc.connect_timeout,

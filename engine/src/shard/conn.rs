@@ -507,6 +507,37 @@ impl Conn {
         true
     }
 
+    /// Queues a join or leave frame under the same bound and policy as a
+    /// reply (not a delivery: it has no offset, and is never `lagged`),
+    /// written by the fan-out like a message when the shard writes this
+    /// socket itself.
+    pub(crate) fn event(&self, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> Offer {
+        let mut out = self.out.borrow_mut();
+        if out.closing.is_some() {
+            return Offer::Closed;
+        }
+        if out.queued_bytes + frame.len() > limit {
+            drop(out);
+            return match policy {
+                SlowConsumerPolicy::Drop => {
+                    metrics.dropped_slow_consumer.inc();
+                    Offer::Dropped
+                }
+                SlowConsumerPolicy::Disconnect => {
+                    self.close_slow();
+                    Offer::Overflow
+                }
+            };
+        }
+        if self.direct.borrow().is_some() {
+            out.push_quiet(frame.clone(), None);
+            self.flush_due.set(true);
+        } else {
+            out.push(frame.clone(), None);
+        }
+        Offer::Queued
+    }
+
     /// Queues a replayed message and makes sure it is written.
     pub(crate) fn replay(&self, msg: &Message, frame: &Bytes, limit: usize, policy: SlowConsumerPolicy, metrics: &ShardMetrics) -> Offer {
         // Not timed: its publish-to-write delay is not the fan-out's.

@@ -554,12 +554,9 @@ impl Shard {
     fn offer_live(&self, conn: &Conn, msg: &Arc<Message>, frame: &bytes::Bytes) -> Option<Offer> {
         let (cfg, metrics) = (self.config(), self.metrics());
         match conn.check_seam(msg, frame.len(), cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) {
-            // A join or leave is queued like a reply (raw forms get none).
+            // A join or leave is bounded like a reply (raw forms get none).
             Check::Pass if msg.is_presence() => {
-                if !frame.is_empty() {
-                    self.send_to(conn, frame.clone());
-                }
-                None
+                (!frame.is_empty()).then(|| conn.event(frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics))
             }
             Check::Pass if msg.is_notice() => {
                 conn.notice(msg, frame, cfg.outbound_queue_bytes);
