@@ -156,6 +156,18 @@ async fn a_slow_or_missing_backend_is_unavailable_and_publishes_nothing() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"unavailable\""), "{body}");
     assert_eq!(metric(&metrics(&h).await, "herald_proxy_calls_total{hook=\"connect\",result=\"error\"}"), 1);
+    // The publish hook alone, its backend gone: the publish is refused,
+    // nothing published, the connection stays.
+    let h = start(2, |c| {
+        c.proxy(ProxyConfig { publish_url: Some(format!("http://{closed}/herald/publish")), ..ProxyConfig::default() })
+            .namespace("board", Namespace { client_publish: Some(true), publish_proxy: true, ..Namespace::default() });
+    });
+    let mut c = ws(addr(&h), "/ws").await;
+    let r = command(&mut c, json!({"op":"publish","channel":"board:x","data":1,"id":1})).await;
+    assert_eq!(r["code"], "unavailable", "{r}");
+    let (_, _, body) = http(addr(&h), "GET", "/history/board:x", &[], b"").await;
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["offset"], 0, "{body}");
+    assert_eq!(command(&mut c, json!({"op":"publish","channel":"news","data":2,"id":2})).await["op"], "published");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
