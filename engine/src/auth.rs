@@ -270,14 +270,19 @@ impl Auth {
             }
         })?;
         let c = data.claims;
-        let id_ok = (1..=128).contains(&c.sub.len()) && !c.sub.contains(':') && crate::proto::channel::validate(&c.sub).is_ok();
-        if !id_ok {
+        if !valid_user(&c.sub) {
             return Err(TokenError::BadSubject);
         }
         let mut identity = Identity::new(c.sub).subscribe(&c.subscribe).publish(&c.publish);
         identity.expires_at = Some(c.exp);
         Ok(identity)
     }
+}
+
+/// Whether `user` may be a user id: 1 to 128 bytes of the channel
+/// alphabet without `:`, so that `user:<id>` is a channel name.
+pub(crate) fn valid_user(user: &str) -> bool {
+    (1..=128).contains(&user.len()) && !user.contains(':') && crate::proto::channel::validate(user).is_ok()
 }
 
 /// Now, in Unix seconds.

@@ -224,30 +224,22 @@ impl Engine {
         if !rules.presence {
             return;
         }
-        let first_or_last = if joined { self.presence.add(channel, user) } else { self.presence.remove(channel, user) };
-        let delta = if joined { 1 } else { -1 };
-        let shard = shard::current(self).map(|s| s.id);
-        match self.broker.presence_update(channel, user.unwrap_or(""), delta, rules.join_leave, shard) {
-            Some(write) => {
-                let presence = Arc::clone(&self.presence);
-                tokio::spawn(async move {
-                    if let Err(e) = write.await {
-                        presence.errors.inc();
-                        tracing::debug!(error = %e, "cannot write presence into Redis");
-                    }
-                });
+        // Under the table's lock: what this queues (a Redis write, or an
+        // event on the shards) is in the order of the changes.
+        self.presence.change(channel, user, joined, |count| {
+            if self.broker.presence_changed(channel, user.unwrap_or(""), count, rules.join_leave) {
+                return;
             }
-            None => {
-                let (Some(user), true, true) = (user, first_or_last, rules.join_leave) else { return };
-                let event = || Arc::new(crate::message::Message::presence(Arc::clone(channel), user, joined));
-                match self.router.dispatch(channel, event) {
-                    crate::router::Routed::Queued if joined => self.presence.joins.inc(),
-                    crate::router::Routed::Queued => self.presence.leaves.inc(),
-                    crate::router::Routed::Full => self.presence.dropped.inc(),
-                    crate::router::Routed::NoInterest => {}
-                }
+            let first_or_last = (joined && count == 1) || (!joined && count == 0);
+            let (Some(user), true, true) = (user, first_or_last, rules.join_leave) else { return };
+            let event = || Arc::new(crate::message::Message::presence(Arc::clone(channel), user, joined));
+            match self.router.dispatch(channel, event) {
+                crate::router::Routed::Queued if joined => self.presence.joins.inc(),
+                crate::router::Routed::Queued => self.presence.leaves.inc(),
+                crate::router::Routed::Full => self.presence.dropped.inc(),
+                crate::router::Routed::NoInterest => {}
             }
-        }
+        });
     }
 
     /// A channel's presence: this node's table (local broker), or Redis's

@@ -97,10 +97,19 @@ impl Presence {
         lock(&self.stripes[stripe_of(channel, STRIPES)])
     }
 
-    /// A connection of `user` (none: anonymous) subscribed to `channel`.
-    /// Returns whether it is the user's first on this node.
-    pub(crate) fn add(&self, channel: &Arc<str>, user: Option<&str>) -> bool {
+    /// A connection of `user` (none: anonymous) subscribed to `channel`
+    /// (`joined`) or left it. `then` runs under the table's lock with the
+    /// user's connections here after the change (so whatever it queues is
+    /// in the order of the changes), unless nothing changed.
+    pub(crate) fn change(&self, channel: &Arc<str>, user: Option<&str>, joined: bool, then: impl FnOnce(u64)) {
         let mut map = self.stripe(channel);
+        let count = if joined { self.add(&mut map, channel, user) } else { self.remove(&mut map, channel, user) };
+        if let Some(n) = count {
+            then(n);
+        }
+    }
+
+    fn add(&self, map: &mut HashMap<Arc<str>, Entry>, channel: &Arc<str>, user: Option<&str>) -> Option<u64> {
         let e = map.entry(Arc::clone(channel)).or_default();
         e.clients += 1;
         let Some(user) = user else {
@@ -108,50 +117,48 @@ impl Presence {
             if e.anonymous == 1 {
                 self.entries.fetch_add(1, Ordering::Relaxed);
             }
-            return false;
+            return Some(e.anonymous);
         };
         match e.users.get_mut(user) {
             Some(n) => {
                 *n += 1;
-                false
+                Some(u64::from(*n))
             }
             None => {
                 e.users.insert(user.into(), 1);
                 self.entries.fetch_add(1, Ordering::Relaxed);
-                true
+                Some(1)
             }
         }
     }
 
-    /// A connection of `user` left `channel`. Returns whether it was the
-    /// user's last on this node.
-    pub(crate) fn remove(&self, channel: &str, user: Option<&str>) -> bool {
-        let mut map = self.stripe(channel);
-        let Some(e) = map.get_mut(channel) else { return false };
-        let mut last = false;
-        match user {
+    fn remove(&self, map: &mut HashMap<Arc<str>, Entry>, channel: &str, user: Option<&str>) -> Option<u64> {
+        let e = map.get_mut(channel)?;
+        let left = match user {
             Some(user) => {
-                let Some(n) = e.users.get_mut(user) else { return false };
+                let n = e.users.get_mut(user)?;
                 *n -= 1;
-                if *n == 0 {
+                let left = u64::from(*n);
+                if left == 0 {
                     e.users.remove(user);
                     self.entries.fetch_sub(1, Ordering::Relaxed);
-                    last = true;
                 }
+                left
             }
-            None if e.anonymous == 0 => return false,
+            None if e.anonymous == 0 => return None,
             None => {
                 e.anonymous -= 1;
                 if e.anonymous == 0 {
                     self.entries.fetch_sub(1, Ordering::Relaxed);
                 }
+                e.anonymous
             }
-        }
+        };
         e.clients -= 1;
         if e.clients == 0 {
             map.remove(channel);
         }
-        last
+        Some(left)
     }
 
     /// This node's presence in `channel`.
@@ -189,24 +196,32 @@ impl Presence {
 mod tests {
     use super::*;
 
+    /// The user's connections after the change, or None when nothing changed.
+    fn change(p: &Presence, ch: &Arc<str>, user: Option<&str>, joined: bool) -> Option<u64> {
+        let mut after = None;
+        p.change(ch, user, joined, |n| after = Some(n));
+        after
+    }
+
     #[test]
     fn users_are_counted_once_and_connections_each() {
         let p = Presence::default();
         let ch: Arc<str> = "chat:1".into();
-        assert!(p.add(&ch, Some("42")), "the user's first connection");
-        assert!(!p.add(&ch, Some("42")), "a second device");
-        assert!(p.add(&ch, Some("7")));
-        assert!(!p.add(&ch, None), "anonymous: no user");
+        assert_eq!(change(&p, &ch, Some("42"), true), Some(1), "the user's first connection");
+        assert_eq!(change(&p, &ch, Some("42"), true), Some(2), "a second device");
+        assert_eq!(change(&p, &ch, Some("7"), true), Some(1));
+        assert_eq!(change(&p, &ch, None, true), Some(1), "anonymous connections are counted together");
         assert_eq!(p.read("chat:1"), Snapshot { clients: 4, users: vec!["42".into(), "7".into()] });
         assert_eq!(p.entries(), 3);
-        assert!(!p.remove("chat:1", Some("42")), "one device left");
-        assert!(p.remove("chat:1", Some("42")), "the last one");
-        assert!(!p.remove("chat:1", None));
+        assert_eq!(change(&p, &ch, Some("42"), false), Some(1), "one device left");
+        assert_eq!(change(&p, &ch, Some("42"), false), Some(0), "the last one");
+        assert_eq!(change(&p, &ch, None, false), Some(0));
         assert_eq!(p.entries(), 1);
-        assert_eq!(p.all(), vec![(ch, vec![("7".into(), 1)])]);
-        assert!(p.remove("chat:1", Some("7")));
+        assert_eq!(p.all(), vec![(Arc::clone(&ch), vec![("7".into(), 1)])]);
+        assert_eq!(change(&p, &ch, Some("7"), false), Some(0));
         assert_eq!(p.read("chat:1"), Snapshot::default());
         assert_eq!(p.entries(), 0);
-        assert!(!p.remove("chat:1", Some("7")), "nothing to remove");
+        assert_eq!(change(&p, &ch, Some("7"), false), None, "nothing to remove");
+        assert_eq!(change(&p, &ch, None, false), None);
     }
 }

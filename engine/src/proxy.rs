@@ -258,12 +258,14 @@ impl Proxy {
             "token": info.token,
         });
         let (status, answer) = self.call(Hook::Connect, body.to_string()).await?;
-        if !status.is_success() {
-            return Err(Proxy::refused(status, &answer));
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(Proxy::refused(status, &answer)),
+            s if !s.is_success() => return Err(HookError::Unavailable(format!("the connect hook answered {s}"))),
+            _ => {}
         }
         let a: ConnectAnswer = serde_json::from_slice(&answer).map_err(|e| self.bad_answer(Hook::Connect, e))?;
-        if a.user.is_empty() {
-            return Err(self.bad_answer(Hook::Connect, "\"user\" is empty"));
+        if !crate::auth::valid_user(&a.user) {
+            return Err(self.bad_answer(Hook::Connect, "\"user\" must be 1 to 128 bytes of A-Z a-z 0-9 _ - . @ /"));
         }
         let id = Identity::new(a.user).subscribe(&a.subscribe).publish(&a.publish);
         Ok(match a.expires_at {
@@ -282,23 +284,31 @@ impl Proxy {
     async fn ask_subscribe(&self, user: Option<&str>, channel: &str) -> Result<(), HookError> {
         let body = serde_json::json!({ "user": user, "channel": channel });
         let (status, answer) = self.call(Hook::Subscribe, body.to_string()).await?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(Proxy::refused(status, &answer))
+        match status {
+            StatusCode::FORBIDDEN => Err(Proxy::refused(status, &answer)),
+            s if s.is_success() => Ok(()),
+            s => Err(HookError::Unavailable(format!("the subscribe hook answered {s}"))),
         }
     }
 
     /// Asks the publish hook about `data` (JSON text) from `user` to
-    /// `channel`: the data to publish instead, if the answer has one.
-    pub(crate) async fn publish(&self, user: Option<&str>, channel: &str, data: &str) -> Result<Option<Payload>, HookError> {
-        let r = self.ask_publish(user, channel, data).await;
+    /// `channel` (with the publish's idempotency key, so the application
+    /// can store a retried change once): the data to publish instead, if
+    /// the answer has one.
+    pub(crate) async fn publish(
+        &self,
+        user: Option<&str>,
+        channel: &str,
+        data: &str,
+        key: Option<&str>,
+    ) -> Result<Option<Payload>, HookError> {
+        let r = self.ask_publish(user, channel, data, key).await;
         self.count(Hook::Publish, &r);
         r
     }
 
-    async fn ask_publish(&self, user: Option<&str>, channel: &str, data: &str) -> Result<Option<Payload>, HookError> {
-        let head = serde_json::json!({ "user": user, "channel": channel }).to_string();
+    async fn ask_publish(&self, user: Option<&str>, channel: &str, data: &str, key: Option<&str>) -> Result<Option<Payload>, HookError> {
+        let head = serde_json::json!({ "user": user, "channel": channel, "idempotency_key": key }).to_string();
         // `{"user":…,"channel":…}` with `"data":<data>` before the brace.
         let mut body = String::with_capacity(head.len() + data.len() + 9);
         body.push_str(&head[..head.len() - 1]);

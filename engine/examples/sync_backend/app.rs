@@ -13,7 +13,9 @@
 //!   item's id, its author and the board's version, which is what every
 //!   device gets: `{"data":{"op":"add","id":1,"text":"milk","by":"alice","version":1}}`.
 //!   A change it cannot apply is refused (422) with a message the client
-//!   sees. A publish to any other channel is allowed as it is.
+//!   sees. A change retried with the same `idempotency_key` is stored once
+//!   (the first answer is given again). A publish to any other channel is
+//!   allowed as it is.
 //! - `GET /boards/{name}`: the board as stored (for a device that was away
 //!   longer than Herald's history).
 //!
@@ -40,6 +42,10 @@ pub struct Board {
     pub version: u64,
     next_id: u64,
     pub items: BTreeMap<u64, (String, String)>,
+    /// The canonical change stored for each idempotency key, so a change
+    /// a client retries is stored once (a real store bounds and expires
+    /// these as Herald does).
+    applied: BTreeMap<String, Value>,
 }
 
 /// The backend's state.
@@ -119,6 +125,10 @@ async fn publish(State(app): State<Arc<App>>, body: Bytes) -> Response {
     }
     let mut boards = app.boards.lock().unwrap();
     let board = boards.entry(channel.to_string()).or_default();
+    let key = req["idempotency_key"].as_str().map(str::to_owned);
+    if let Some(done) = key.as_ref().and_then(|k| board.applied.get(k)) {
+        return answer(StatusCode::OK, json!({ "data": done }));
+    }
     let canonical = match change["op"].as_str() {
         Some("add") => {
             let Some(text) = change["text"].as_str().filter(|t| !t.is_empty() && t.len() <= 200) else {
@@ -139,6 +149,9 @@ async fn publish(State(app): State<Arc<App>>, body: Bytes) -> Response {
         }
         _ => return refuse(StatusCode::UNPROCESSABLE_ENTITY, "a change is {\"op\":\"add\",\"text\":…} or {\"op\":\"remove\",\"id\":…}"),
     };
+    if let Some(k) = key {
+        board.applied.insert(k, canonical.clone());
+    }
     answer(StatusCode::OK, json!({ "data": canonical }))
 }
 

@@ -304,21 +304,18 @@ impl Broker {
         }
     }
 
-    /// Writes one connection of `user` ("" anonymous) more (`delta` 1) or
-    /// fewer (-1) into a presence channel's entries in Redis, which
-    /// announces join and leave (`announce`) to every node; `None` for the
-    /// local broker, whose presence is the node's table alone.
-    pub(crate) fn presence_update(
-        &self,
-        channel: &str,
-        user: &str,
-        delta: i8,
-        announce: bool,
-        shard: Option<usize>,
-    ) -> Option<BoxFuture<Result<(), String>>> {
+    /// `user`'s ("" anonymous) connections on this node in a presence
+    /// channel are now `count`: a Redis broker writes it into Redis (which
+    /// announces join and leave to every node when `announce`) and returns
+    /// true; the local broker's presence is the node's table alone (false).
+    /// Called under the table's lock: it only queues.
+    pub(crate) fn presence_changed(&self, channel: &Arc<str>, user: &str, count: u64, announce: bool) -> bool {
         match self {
-            Broker::Local(_) => None,
-            Broker::Redis(r) => Some(Box::pin(r.presence_update(channel, user, delta, announce, shard))),
+            Broker::Local(_) => false,
+            Broker::Redis(r) => {
+                r.presence_changed(channel, user, count, announce);
+                true
+            }
         }
     }
 

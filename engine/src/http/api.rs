@@ -23,16 +23,40 @@ pub(crate) const MAX_BROADCAST_CHANNELS: usize = 1000;
 /// Channels `GET /api/channels` lists at most.
 const MAX_LISTED: usize = 1000;
 
+/// The call a path of `/api/` names, if any (to count refusals by call).
+pub(crate) fn call_of(path: &str) -> Option<ApiCall> {
+    Some(match path {
+        "/api/broadcast" => ApiCall::Broadcast,
+        "/api/disconnect" => ApiCall::Disconnect,
+        "/api/unsubscribe" => ApiCall::Unsubscribe,
+        "/api/channels" => ApiCall::Channels,
+        "/api/stats" => ApiCall::Stats,
+        _ => return None,
+    })
+}
+
 fn json_response(v: &Value) -> Response<Body> {
     text_response("application/json", v.to_string())
 }
 
-/// The request's body, at most `max` bytes.
+/// The request's JSON body, at most `max` bytes. `Content-Type` must be
+/// `application/json`: a page of another site cannot send that without a
+/// CORS preflight, which Herald does not answer for `/api`, so it cannot
+/// make a browser call the API behind its user's back.
 async fn read_body<B>(engine: &Engine, req: Request<B>, max: usize) -> Result<Bytes, Response<Body>>
 where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let json = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        let msg = "the body must be JSON, sent with Content-Type: application/json";
+        return Err(refuse(engine, StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadRequest, msg));
+    }
     match http_body_util::Limited::new(req.into_body(), max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {

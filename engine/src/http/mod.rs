@@ -139,7 +139,10 @@ where
             None => history::history(engine, req).await,
         },
         (_, p) if p.starts_with("/api/") => match api_key(&engine, &req) {
-            Some(r) => r,
+            Some(r) => match api::call_of(p) {
+                Some(call) => engine.api_done(call, r),
+                None => r,
+            },
             None => match (req.method(), p) {
                 (&Method::POST, "/api/broadcast") => api::broadcast(engine, req).await,
                 (&Method::POST, "/api/disconnect") => api::user_command(engine, req, false).await,
@@ -147,14 +150,24 @@ where
                 (&Method::GET, "/api/channels") => api::channels(engine, req).await,
                 (&Method::GET, "/api/stats") => api::stats(engine).await,
                 (_, "/api/broadcast" | "/api/disconnect" | "/api/unsubscribe") => {
-                    error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST")
+                    let r = error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST");
+                    match api::call_of(p) {
+                        Some(call) => engine.api_done(call, r),
+                        None => r,
+                    }
                 }
-                (_, "/api/channels" | "/api/stats") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+                (_, "/api/channels" | "/api/stats") => {
+                    let r = error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
+                    match api::call_of(p) {
+                        Some(call) => engine.api_done(call, r),
+                        None => r,
+                    }
+                }
                 _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
             },
         },
         (&Method::GET, p) if p.starts_with("/presence/") => match api_key(&engine, &req) {
-            Some(r) => r,
+            Some(r) => engine.api_done(crate::engine::ApiCall::Presence, r),
             None => api::presence(engine, req).await,
         },
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),

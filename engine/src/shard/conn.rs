@@ -301,6 +301,10 @@ pub(crate) struct Conn {
     held_bytes: Cell<usize>,
     /// The token of the latest [`Conn::hold`].
     holds: Cell<u64>,
+    /// Subscribes waiting for the subscribe hook: (channel, token). An
+    /// unsubscribe meanwhile removes them, and the hook's answer is then
+    /// not acted on. At most one per command in flight.
+    hooked: RefCell<Vec<(Arc<str>, u64)>>,
     _permit: Permit,
 }
 
@@ -322,6 +326,7 @@ impl Conn {
             positions: RefCell::new(Vec::new()),
             held_bytes: Cell::new(0),
             holds: Cell::new(0),
+            hooked: RefCell::new(Vec::new()),
             _permit: permit,
         }
     }
@@ -374,6 +379,36 @@ impl Conn {
     /// an unsubscribe, nor replaced by a later subscribe).
     pub(crate) fn holding(&self, channel: &str, token: u64) -> bool {
         self.seams.borrow().iter().any(|(c, s)| **c == *channel && matches!(s, Seam::Holding(_, _, t) if *t == token))
+    }
+
+    /// A subscribe to `channel` waits for the subscribe hook: its token.
+    pub(crate) fn hook_pending(&self, channel: &Arc<str>) -> u64 {
+        let token = self.holds.get() + 1;
+        self.holds.set(token);
+        self.hooked.borrow_mut().push((Arc::clone(channel), token));
+        token
+    }
+
+    /// The hook answered the subscribe of `token`: whether it still
+    /// stands (no unsubscribe came meanwhile).
+    pub(crate) fn hook_answered(&self, token: u64) -> bool {
+        let mut hooked = self.hooked.borrow_mut();
+        match hooked.iter().position(|(_, t)| *t == token) {
+            Some(i) => {
+                hooked.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the subscribes to `channel` waiting for the hook; whether
+    /// there were any.
+    pub(crate) fn cancel_hooked(&self, channel: &str) -> bool {
+        let mut hooked = self.hooked.borrow_mut();
+        let before = hooked.len();
+        hooked.retain(|(c, _)| **c != *channel);
+        hooked.len() != before
     }
 
     /// Bytes held by seams waiting for their start.

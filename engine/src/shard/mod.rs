@@ -388,23 +388,25 @@ impl Shard {
     /// WebSocket is told (`unsubscribed`, no `id`), an SSE stream left
     /// with no channel ends. Returns how many.
     pub(crate) fn unsubscribe_user(&self, user: &str, channel: &str) -> usize {
-        let keys: Vec<usize> = match self.index.borrow().get(channel) {
-            Some(subs) => subs.iter().copied().collect(),
-            None => return 0,
-        };
         let conns: Vec<Rc<Conn>> =
-            keys.iter().filter_map(|k| self.conns.borrow().get(*k).cloned()).filter(|c| c.access.borrow().user() == Some(user)).collect();
+            self.conns.borrow().iter().filter(|(_, c)| c.access.borrow().user() == Some(user)).map(|(_, c)| Rc::clone(c)).collect();
+        let mut touched = 0;
         for conn in &conns {
-            self.unsubscribe(conn, channel);
-            match conn.transport {
-                Transport::Ws if conn.format == Format::Json => {
-                    self.send_to(conn, crate::proto::json::reply_unsubscribed(channel, None));
+            // A subscribe waiting for the hook is undone too.
+            let cancelled = conn.cancel_hooked(channel);
+            let subscribed = self.unsubscribe(conn, channel);
+            if subscribed {
+                match conn.transport {
+                    Transport::Ws if conn.format == Format::Json => {
+                        self.send_to(conn, crate::proto::json::reply_unsubscribed(channel, None));
+                    }
+                    Transport::Sse if conn.subs.borrow().is_empty() => conn.close(Disconnect::ServerApi, Pending::Keep, None),
+                    _ => {}
                 }
-                Transport::Sse if conn.subs.borrow().is_empty() => conn.close(Disconnect::ServerApi, Pending::Keep, None),
-                _ => {}
             }
+            touched += usize::from(subscribed || cancelled);
         }
-        conns.len()
+        touched
     }
 
     /// This shard's channels and their subscriber counts.
@@ -414,6 +416,9 @@ impl Shard {
 
     /// Removes a finished connection from the shard.
     pub(crate) fn remove_conn(&self, conn: &Conn, reason: Disconnect) {
+        // Work still waiting for it (a hook's answer, a broker's start)
+        // sees it closed, and touches nothing: its slab key may be reused.
+        conn.close(reason, Pending::Discard, None);
         let channels: Vec<Arc<str>> = std::mem::take(&mut *conn.subs.borrow_mut());
         for ch in channels {
             self.unindex(conn.key, &ch);

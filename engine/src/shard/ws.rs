@@ -378,18 +378,33 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             // channel stays its user's alone.
             let hook = shard.up.rules().of(&channel).subscribe_proxy && !channel.starts_with("user:");
             if hook {
+                // Bounded with the publishes waiting on this connection.
+                if conn.in_flight.get() >= MAX_PUBLISHES_IN_FLIGHT {
+                    let msg = format!("more than {MAX_PUBLISHES_IN_FLIGHT} commands are waiting on this connection");
+                    return error(shard, conn, ErrorCode::Overloaded, &msg, id);
+                }
+                conn.in_flight.set(conn.in_flight.get() + 1);
                 let user = conn.access.borrow().user().map(str::to_owned);
-                let (shard, conn, id, channel) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned), channel.into_owned());
+                let name: Arc<str> = Arc::from(&*channel);
+                let token = conn.hook_pending(&name);
+                let (shard, conn, id) = (Rc::clone(shard), Rc::clone(conn), id.map(str::to_owned));
                 tokio::task::spawn_local(async move {
                     let up = Arc::clone(&shard.up);
                     let Some(proxy) = up.proxy() else { return };
-                    let r = proxy.subscribe(user.as_deref(), &channel).await;
+                    let r = proxy.subscribe(user.as_deref(), &name).await;
+                    conn.in_flight.set(conn.in_flight.get() - 1);
                     if conn.out.borrow().closing().is_some() {
                         return;
                     }
+                    let id = id.as_deref();
+                    if !conn.hook_answered(token) {
+                        // Unsubscribed while the application was asked.
+                        shard.send_to(&conn, json::reply_unsubscribed(&name, id));
+                        return;
+                    }
                     match r {
-                        Ok(()) => subscribe(&shard, &conn, channel, since, id.as_deref()),
-                        Err(e) => hook_refused(&shard, &conn, 0, &format!("cannot subscribe to {channel:?}: {e}"), &e, id.as_deref()),
+                        Ok(()) => subscribe(&shard, &conn, name.to_string(), since, id),
+                        Err(e) => hook_refused(&shard, &conn, 0, &format!("cannot subscribe to {name:?}: {e}"), &e, id),
                     }
                 });
                 return;
@@ -405,7 +420,10 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
-            if !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
+            // Its subscribers may read it (a subscribe hook may have let
+            // them in), and those who may subscribe.
+            let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
+            if !subscribed && !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
                 shard.metrics().forbidden[0].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the history of {channel:?}"), id);
             }
@@ -500,6 +518,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
             reply
         }
         Ok(Command::Unsubscribe { channel }) => {
+            conn.cancel_hooked(&channel);
             shard.unsubscribe(conn, &channel);
             json::reply_unsubscribed(&channel, id)
         }
@@ -529,7 +548,14 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                     let up = Arc::clone(&shard.up);
                     let asked = match up.proxy() {
                         Some(proxy) => {
-                            proxy.publish(user.as_deref(), &channel, std::str::from_utf8(payload.as_bytes()).unwrap_or("null")).await
+                            proxy
+                                .publish(
+                                    user.as_deref(),
+                                    &channel,
+                                    std::str::from_utf8(payload.as_bytes()).unwrap_or("null"),
+                                    key.as_deref(),
+                                )
+                                .await
                         }
                         None => Ok(None),
                     };

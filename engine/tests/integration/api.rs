@@ -94,6 +94,11 @@ async fn the_api_needs_its_key() {
     }
     let (status, _, _) = http(addr(&h), "GET", "/api/broadcast", &[BEARER], b"").await;
     assert_eq!(status, 405);
+    // A body that is not declared JSON (what a page of another site can
+    // send without a preflight) is refused.
+    let body = br#"{"channels":["a"],"data":1}"#;
+    let (status, _, text) = http(addr(&h), "POST", "/api/broadcast", &[BEARER, ("content-type", "text/plain")], body).await;
+    assert_eq!(status, 415, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

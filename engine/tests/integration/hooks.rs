@@ -196,3 +196,58 @@ async fn past_max_in_flight_a_call_is_not_made_and_others_go_on() {
     assert_eq!(state.items("board:x").len(), 1);
     assert_eq!(metric(&metrics(&h).await, "herald_proxy_calls_total{hook=\"publish\",result=\"overloaded\"}"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_the_hook_answers_late_is_not_acted_on_once_undone() {
+    let (state, b) = backend().await;
+    let h = herald_with(hooks_at(b, 10_000, 100), |_| {});
+    let a = addr(&h);
+    // Unsubscribed while the application is asked: the answer changes nothing.
+    let mut alice = ws(a, "/ws?token=alice").await;
+    let held = state.gate.write().await;
+    send(&mut alice, json!({"op":"subscribe","channel":"board:x","id":1})).await;
+    wait_metric(&h, "herald_proxy_in_flight", |n| n == 1).await;
+    let r = command(&mut alice, json!({"op":"unsubscribe","channel":"board:x","id":2})).await;
+    assert_eq!(r, json!({"op":"unsubscribed","channel":"board:x","id":2}));
+    drop(held);
+    assert_eq!(next_json(&mut alice).await, json!({"op":"unsubscribed","channel":"board:x","id":1}), "the subscribe's own answer");
+    // The client goes while the application is asked: nothing is left of it.
+    let mut bob = ws(a, "/ws?token=bob").await;
+    let held = state.gate.write().await;
+    send(&mut bob, json!({"op":"subscribe","channel":"board:y","id":1})).await;
+    wait_metric(&h, "herald_proxy_in_flight", |n| n == 1).await;
+    drop(bob);
+    wait_metric(&h, "herald_connections_open{transport=\"ws\"}", |n| n == 1).await;
+    drop(held);
+    wait_metric(&h, "herald_proxy_calls_total{hook=\"subscribe\",result=\"ok\"}", |n| n == 2).await;
+    let m = metrics(&h).await;
+    assert_eq!(
+        (metric(&m, "herald_subscriptions"), metric(&m, "herald_channels")),
+        (0, 0),
+        "no subscription was made for a closed connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_change_is_stored_once_and_published_once() {
+    let (state, b) = backend().await;
+    let h = herald_with(hooks_at(b, 2000, 100), |_| {});
+    let mut alice = ws(addr(&h), "/ws?token=alice").await;
+    let change = json!({"op":"publish","channel":"board:k","data":{"op":"add","text":"eggs"},"idempotency_key":"change-17","id":1});
+    let first = command(&mut alice, change.clone()).await;
+    let again = command(&mut alice, change).await;
+    assert_eq!((first["op"].as_str(), first["offset"].as_u64()), (Some("published"), Some(1)), "{first}");
+    assert_eq!(first["offset"], again["offset"], "{again}");
+    assert_eq!(state.items("board:k").len(), 1, "the backend got the key and stored the change once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_answering_another_status_is_unavailable_not_a_refusal() {
+    let (_state, b) = backend().await;
+    // A wrong path: the backend answers 404.
+    let proxy = ProxyConfig { connect_url: Some(format!("http://{b}/no/such/hook")), ..hooks_at(b, 2000, 100) };
+    let h = herald_with(proxy, |_| {});
+    let (status, _, body) = http(addr(&h), "GET", "/ws?token=alice", &WS_UPGRADE, b"").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("answered 404"), "{body}");
+}

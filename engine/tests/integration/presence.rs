@@ -191,3 +191,23 @@ async fn a_killed_node_leaves_the_presence_within_its_ttl() {
     drop(bob);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_takes_its_users_out_of_presence_at_once() {
+    let redis = RedisServer::start(&[]);
+    let a = node(Some(&redis.url()));
+    // A long TTL: only the stopping node's own cleanup can explain a quick leave.
+    let b = ready(start(2, |c| {
+        c.auth_hmac_secret(SECRET).presence_ttl_s(600).redis(redis.url()).redis_timeout(Duration::from_millis(500));
+        c.namespace("chat", Namespace { presence: true, join_leave: true, ..Namespace::default() });
+    }));
+    let mut carol = joined(&a, Some("carol"), "chat:s").await;
+    assert_eq!(next_event(&mut carol).await, ev("join", "carol"));
+    let _bob = joined(&b, Some("bob"), "chat:s").await;
+    assert_eq!(next_event(&mut carol).await, ev("join", "bob"));
+    b.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(next_event(&mut carol).await, ev("leave", "bob"));
+    assert_eq!(presence(&mut carol, "chat:s").await["users"], json!(["carol"]));
+    let nodes: Vec<String> = redis.query(&["ZRANGE", "herald:{chat:s}:presence:nodes", "0", "-1"]).unwrap();
+    assert_eq!(nodes.len(), 1, "the stopped node left the channel's set: {nodes:?}");
+}

@@ -147,6 +147,11 @@ pub(crate) struct Shared {
     presence: Arc<crate::presence::Presence>,
     presence_scripts: presence::PresenceScripts,
     presence_ttl_ms: u64,
+    /// Changes of the presence table waiting for the writer.
+    presence_queue: ArrayQueue<presence::Change>,
+    /// Set when `presence_queue` overflowed: rewrite every channel.
+    presence_overflow: AtomicBool,
+    presence_wake: Notify,
 }
 
 impl Shared {
@@ -378,6 +383,9 @@ impl RedisBroker {
             presence,
             presence_scripts: presence::PresenceScripts::default(),
             presence_ttl_ms: c.presence_ttl_s.saturating_mul(1000),
+            presence_queue: ArrayQueue::new(presence::QUEUE),
+            presence_overflow: AtomicBool::new(false),
+            presence_wake: Notify::new(),
         };
         Ok(Some(RedisBroker { shared: Arc::new(shared), thread: Mutex::new(None) }))
     }
@@ -401,8 +409,10 @@ impl RedisBroker {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 tokio::task::spawn_local(control::run(Arc::clone(&shared)));
-                tokio::task::spawn_local(Arc::clone(&shared).refresh_presence());
+                let presence = tokio::task::spawn_local(Arc::clone(&shared).write_presence());
                 coordinator::run(shared).await;
+                // The presence writer removes the node's entries as it stops.
+                let _ = presence.await;
             });
             drop(local);
             drop(rt);
@@ -442,18 +452,11 @@ impl RedisBroker {
         Ok(reached.saturating_sub(own))
     }
 
-    /// One connection of `user` more or fewer in `channel`'s presence;
-    /// `announce`: join and leave events.
-    pub(crate) fn presence_update(
-        &self,
-        channel: &str,
-        user: &str,
-        delta: i8,
-        announce: bool,
-        shard: Option<usize>,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
-        let (shared, channel, user) = (Arc::clone(&self.shared), channel.to_owned(), user.to_owned());
-        async move { shared.presence_update(&channel, &user, delta, announce, shard).await }
+    /// `user`'s connections on this node in `channel` are now `count`
+    /// (called under the presence table's lock); `announce`: join and
+    /// leave events.
+    pub(crate) fn presence_changed(&self, channel: &Arc<str>, user: &str, count: u64, announce: bool) {
+        self.shared.presence_changed(presence::Change { channel: Arc::clone(channel), user: user.into(), count, announce });
     }
 
     /// A channel's presence across the nodes.
