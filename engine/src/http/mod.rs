@@ -28,6 +28,9 @@ use crate::proto::ErrorCode;
 pub use body::{Body, BodyError};
 pub(crate) use serve::serve;
 
+/// The JavaScript client (clients/js/herald.js), served as it is.
+const HERALD_JS: &str = include_str!("../../../clients/js/herald.js");
+
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let mut r = Response::new(Body::full(json::http_error_body(code, message)));
     *r.status_mut() = status;
@@ -56,7 +59,7 @@ fn shutting_down(engine: &Engine) -> Option<Response<Body>> {
 /// Endpoints a browser page may call: they check `Origin` and answer
 /// allowed origins with CORS headers.
 fn for_pages(path: &str) -> bool {
-    matches!(path, "/ws" | "/echo" | "/sse") || path.starts_with("/publish/") || path.starts_with("/history/")
+    matches!(path, "/ws" | "/echo" | "/sse" | "/herald.js") || path.starts_with("/publish/") || path.starts_with("/history/")
 }
 
 /// Routes one request. A request from a page of an origin that is not in
@@ -170,9 +173,16 @@ where
             Some(r) => engine.api_done(crate::engine::ApiCall::Presence, r),
             None => api::presence(engine, req).await,
         },
+        (&Method::GET, "/herald.js") => {
+            let mut r = text_response("text/javascript; charset=utf-8", HERALD_JS);
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+            r
+        }
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
-        (_, "/ws" | "/sse" | "/healthz" | "/metrics") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET"),
+        (_, "/ws" | "/sse" | "/healthz" | "/metrics" | "/herald.js") => {
+            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET")
+        }
         (_, p) if p.starts_with("/publish/") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST"),
         (_, p) if p.starts_with("/history/") || p.starts_with("/presence/") => {
             error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET")

@@ -5,48 +5,13 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStdout, Command};
-use tokio::task::JoinHandle;
 
 use crate::common::*;
-
-/// A TCP proxy in front of Herald whose connections the test can cut, as
-/// a network would.
-struct Proxy {
-    addr: SocketAddr,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(to: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let list = Arc::clone(&conns);
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let task = tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(to).await else { return };
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
-                list.lock().unwrap().push(task);
-            }
-        });
-        Proxy { addr, conns }
-    }
-
-    /// Drops every connection through the proxy.
-    fn cut(&self) {
-        for t in self.conns.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
-}
 
 struct Browser {
     child: Child,

@@ -7,8 +7,11 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use herald::{Config, Herald};
 use serde_json::Value;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
@@ -315,6 +318,39 @@ impl Sse {
                 continue;
             }
             return Some((field("event: ").unwrap_or_else(|| "message".into()), field("id: "), data.join("\n")));
+        }
+    }
+}
+
+/// A TCP proxy in front of Herald whose connections the test can cut, as
+/// a network would.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    pub async fn start(to: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let list = Arc::clone(&conns);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(to).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                list.lock().unwrap().push(task);
+            }
+        });
+        Proxy { addr, conns }
+    }
+
+    /// Drops every connection through the proxy.
+    pub fn cut(&self) {
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
         }
     }
 }

@@ -6,6 +6,7 @@ mod auth;
 mod broker;
 mod browser;
 mod churn;
+mod clients;
 mod common;
 mod config_table;
 mod embed;
