@@ -208,3 +208,37 @@ async fn herald_js_is_served() {
     assert!(head.contains("access-control-allow-origin: https://app.example"), "{head}");
     assert_eq!(body, std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../clients/js/herald.js")).unwrap());
 }
+
+/// The Python snippet of docs/clients.md, as written there.
+fn python_snippet() -> String {
+    let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/clients.md"));
+    let start = doc.find("```python\n").expect("docs/clients.md has a python block") + "```python\n".len();
+    doc[start..start + doc[start..].find("```").unwrap()].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_snippet_of_the_docs_subscribes_publishes_and_recovers() {
+    let h = start(2, |_| {});
+    let dir = std::env::temp_dir().join(format!("herald-py-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("snippet.py");
+    std::fs::write(&script, python_snippet()).unwrap();
+    let state = dir.join("position.txt");
+    let run = || {
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .env("HERALD_URL", format!("ws://{}/ws", addr(&h)))
+            .env("HERALD_STATE", &state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the snippet failed (is websocket-client installed?): {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run(), "message 1 {\"from\": \"python\"}\n");
+    // Published while it was away: recovered first, then its own.
+    for text in ["a", "b"] {
+        assert_eq!(publish(addr(&h), "news", text, false).await.0, 200);
+    }
+    assert_eq!(run(), "message 2 \"a\"\nmessage 3 \"b\"\nmessage 4 {\"from\": \"python\"}\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
