@@ -116,6 +116,29 @@ export class Herald {
     this.timers = new Set();
     this.refreshTimer = null;
     this.closed = false;
+    // A browser that knows it went offline: drop the socket at once (it
+    // would otherwise wait for TCP to notice), and come back as soon as it
+    // is online again.
+    if (typeof globalThis.addEventListener === "function" && typeof window !== "undefined") {
+      this._offline = () => {
+        const ws = this.ws;
+        if (!ws) return;
+        try {
+          ws.close(4000, "offline");
+        } catch {}
+        this._lost(ws, 4000, "offline");
+      };
+      this._online = () => {
+        if (this.state !== "connected" && !this.closed && this.transport === "ws" && !this.ws) {
+          this.attempt = 0;
+          for (const t of this.timers) clearTimeout(t);
+          this.timers.clear();
+          this._connect(Math.random() * 100);
+        }
+      };
+      globalThis.addEventListener("offline", this._offline);
+      globalThis.addEventListener("online", this._online);
+    }
     this._connect(0);
   }
 
@@ -182,6 +205,10 @@ export class Herald {
   /** Closes for good. */
   close() {
     this.closed = true;
+    if (this._offline) {
+      globalThis.removeEventListener("offline", this._offline);
+      globalThis.removeEventListener("online", this._online);
+    }
     this.state = "closed";
     for (const t of this.timers) clearTimeout(t);
     this.timers.clear();
@@ -244,33 +271,36 @@ export class Herald {
       this._emit("connected", {});
     };
     ws.onmessage = (ev) => this._receive(ev.data);
-    ws.onclose = (ev) => {
-      if (this.ws !== ws) return;
-      this.ws = null;
-      const was = this.state;
-      this.state = this.closed ? "closed" : "disconnected";
-      clearTimeout(this.refreshTimer);
-      // In flight when the connection went: their outcome is unknown (a
-      // publish may have been published; retry it with its idempotency key).
-      for (const [id, p] of this.pending) {
-        this.pending.delete(id);
-        clearTimeout(p.timer);
-        p.reject(new HeraldError("disconnected", "the connection closed before the reply"));
-      }
-      const reconnect = !this.closed && !FINAL_CODES.has(ev.code);
-      if (was === "connected" || !this.closed) this._emit("disconnected", { code: ev.code, reason: ev.reason, reconnect });
-      if (!reconnect) {
-        if (!this.closed) {
-          this.state = "closed";
-          this._failAll(new HeraldError("disconnected", `closed by the server: ${ev.code} ${ev.reason}`));
-        }
-        return;
-      }
-      // 4001: the token expired; get a new one right away.
-      if (ev.code === 4001) return this._connect(Math.random() * MIN_DELAY_MS);
-      this._retry();
-    };
+    ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
     ws.onerror = () => {};
+  }
+
+  /** The connection `ws` ended with `code`: fail what waited on it, and reconnect unless told not to. */
+  _lost(ws, code, reason) {
+    if (this.ws !== ws) return;
+    this.ws = null;
+    const was = this.state;
+    this.state = this.closed ? "closed" : "disconnected";
+    clearTimeout(this.refreshTimer);
+    // In flight when the connection went: their outcome is unknown (a
+    // publish may have been published; retry it with its idempotency key).
+    for (const [id, p] of this.pending) {
+      this.pending.delete(id);
+      clearTimeout(p.timer);
+      p.reject(new HeraldError("disconnected", "the connection closed before the reply"));
+    }
+    const reconnect = !this.closed && !FINAL_CODES.has(code);
+    if (was === "connected" || !this.closed) this._emit("disconnected", { code, reason, reconnect });
+    if (!reconnect) {
+      if (!this.closed) {
+        this.state = "closed";
+        this._failAll(new HeraldError("disconnected", `closed by the server: ${code} ${reason}`));
+      }
+      return;
+    }
+    // 4001: the token expired; get a new one right away.
+    if (code === 4001) return this._connect(Math.random() * MIN_DELAY_MS);
+    this._retry();
   }
 
   _retry() {

@@ -131,6 +131,11 @@ pub struct Config {
     /// Serve `GET /echo`, a WebSocket echo endpoint for conformance
     /// testing. Default false.
     pub echo: bool,
+    /// Serve `GET /demo`, a multi-device sync page (a shared list on the
+    /// channels `demo:…`, which get presence, 1,000 messages of history for
+    /// a day, and client publishing unless a `[namespaces.demo]` says
+    /// otherwise). Default false.
+    pub demo: bool,
     /// Origins (`https://app.example.com`, exactly as a browser sends it)
     /// whose pages may use Herald; `"*"` allows every origin. A request
     /// with another `Origin` header gets 403; answers to allowed origins
@@ -344,6 +349,7 @@ impl Default for Config {
             sse_keepalive_ms: 15_000,
             client_publish: true,
             echo: false,
+            demo: false,
             redis: None,
             redis_cluster: Vec::new(),
             allowed_origins: vec!["*".to_string()],
@@ -452,6 +458,8 @@ impl Config {
         client_publish: bool);
     setter!(/// Sets [`Config::echo`].
         echo: bool);
+    setter!(/// Sets [`Config::demo`].
+        demo: bool);
     /// Verifies connection tokens signed with this HMAC secret (HS256/384/512).
     pub fn auth_hmac_secret(&mut self, secret: impl Into<String>) -> &mut Self {
         self.auth.get_or_insert_with(AuthConfig::default).hmac_secret = Some(crate::auth::Secret::new(secret));
@@ -536,6 +544,18 @@ impl Config {
         let mut c = self.clone();
         if c.shards == 0 {
             c.shards = std::thread::available_parallelism().map_or(1, |n| n.get());
+        }
+        if c.demo && !c.namespaces.contains_key("demo") {
+            let demo = Namespace {
+                history_size: Some(1000),
+                history_ttl_s: Some(86_400),
+                client_publish: Some(true),
+                anonymous: true,
+                presence: true,
+                join_leave: true,
+                ..Namespace::default()
+            };
+            c.namespaces.insert("demo".into(), demo);
         }
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(ConfigError::Invalid(what.to_string())) };
         check(c.shards <= MAX_SHARDS, &format!("shards must be at most {MAX_SHARDS}"))?;

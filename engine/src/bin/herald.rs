@@ -96,6 +96,9 @@ struct Args {
     /// Also serve `GET /echo`, a WebSocket echo endpoint for conformance tests.
     #[arg(long, env = "HERALD_ECHO", value_parser = BoolishValueParser::new())]
     echo: bool,
+    /// Also serve `GET /demo`, a multi-device sync page (channels `demo:…`).
+    #[arg(long, env = "HERALD_DEMO", value_parser = BoolishValueParser::new())]
+    demo: bool,
     /// Use the `redis` broker at this URL (redis://[user:password@]host:port):
     /// every publish goes through Redis, so many nodes serve one set of channels.
     #[arg(long, env = "HERALD_REDIS", conflicts_with = "redis_cluster")]
@@ -184,6 +187,9 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     }
     if args.echo {
         c.echo = true;
+    }
+    if args.demo {
+        c.demo = true;
     }
     if let Some(url) = &args.redis {
         c.redis = Some(url.clone());

@@ -30,6 +30,8 @@ pub(crate) use serve::serve;
 
 /// The JavaScript client (clients/js/herald.js), served as it is.
 const HERALD_JS: &str = include_str!("../../../clients/js/herald.js");
+/// The multi-device sync page (`demo = true`).
+const DEMO_HTML: &str = include_str!("../../../clients/pages/demo.html");
 
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     let mut r = Response::new(Body::full(json::http_error_body(code, message)));
@@ -178,6 +180,7 @@ where
             r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
             r
         }
+        (&Method::GET, "/demo") if engine.config.demo => text_response("text/html; charset=utf-8", DEMO_HTML),
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
         (_, "/ws" | "/sse" | "/healthz" | "/metrics" | "/herald.js") => {

@@ -172,3 +172,44 @@ async fn chromium_on_another_origin_reads_history_and_recovers_when_allowed() {
     drop(b.child.stdin.take());
     let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
 }
+
+/// Runs one of the browser scripts (engine/tests/browser/NAME.mjs) to its
+/// end and returns its JSON lines.
+async fn run_script(name: &str, args: &[&str]) -> Vec<Value> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
+        "the browser tests need Debian's chromium and `npm install` in {dir} (bash .ci/run installs both)"
+    );
+    let out = tokio::time::timeout(
+        WAIT * 6,
+        Command::new("node").arg(format!("{dir}/{name}.mjs")).args(args).stdout(Stdio::piped()).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("the browser script did not finish")
+    .unwrap();
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_demo_devices_share_edits_and_one_back_from_offline_catches_up() {
+    let h = start(2, |c| {
+        c.demo(true);
+    });
+    let origin = format!("http://{}", addr(&h));
+    let shot = std::env::var("HERALD_DEMO_SCREENSHOT").ok();
+    let mut args = vec![origin.as_str(), "test"];
+    args.extend(shot.as_deref());
+    let steps = run_script("demo", &args).await;
+    let step = |name: &str| steps.iter().find(|s| s["step"] == name).unwrap_or_else(|| panic!("no step {name:?} in {steps:#?}")).clone();
+    assert!(!steps.iter().any(|s| s["step"] == "failed" || s["step"] == "pageerror"), "{steps:#?}");
+    assert_eq!(step("edit seen on the other device")["items"], serde_json::json!(["milk"]));
+    assert_eq!(step("edits while offline")["on_the_offline_device"], serde_json::json!(["milk"]), "offline: nothing new");
+    let back = step("back");
+    assert_eq!(back["items"], serde_json::json!(["milk", "eggs", "bread"]), "every edit exactly once: {back}");
+    assert!(back["log"].as_str().unwrap().contains("catching up"), "{back}");
+    // Each page subscribes from the top of the history it loaded (two),
+    // and the device that was offline came back by recovery (one).
+    assert_eq!(metric(&h.metrics_text(), "herald_recoveries_total{outcome=\"recovered\"}"), 3);
+    assert_eq!(metric(&h.metrics_text(), "herald_messages_replayed_total"), 2, "eggs and bread, replayed to it");
+}
