@@ -30,6 +30,9 @@ pub(crate) use serve::serve;
 
 /// The JavaScript client (clients/js/herald.js), served as it is.
 const HERALD_JS: &str = include_str!("../../../clients/js/herald.js");
+/// The admin page: a live view of `/api/stats` (the page asks for the API
+/// key; the data is behind it).
+const ADMIN_HTML: &str = include_str!("../../../clients/pages/admin.html");
 /// The multi-device sync page (`demo = true`).
 const DEMO_HTML: &str = include_str!("../../../clients/pages/demo.html");
 
@@ -180,6 +183,7 @@ where
             r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
             r
         }
+        (&Method::GET, "/admin") => text_response("text/html; charset=utf-8", ADMIN_HTML),
         (&Method::GET, "/demo") if engine.config.demo => text_response("text/html; charset=utf-8", DEMO_HTML),
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),

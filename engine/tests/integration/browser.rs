@@ -213,3 +213,40 @@ async fn chromium_demo_devices_share_edits_and_one_back_from_offline_catches_up(
     assert_eq!(metric(&h.metrics_text(), "herald_recoveries_total{outcome=\"recovered\"}"), 3);
     assert_eq!(metric(&h.metrics_text(), "herald_messages_replayed_total"), 2, "eggs and bread, replayed to it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_admin_page_shows_the_numbers_of_metrics() {
+    let key = "an-api-key-for-the-admin-test";
+    let h = start(2, |c| {
+        c.api_key(key);
+    });
+    let a = addr(&h);
+    let mut subs = Vec::new();
+    for ch in ["busy", "busy", "quiet"] {
+        subs.push(ws(a, &format!("/ws?channel={ch}")).await);
+    }
+    let auth = format!("Bearer {key}");
+    for _ in 0..5 {
+        let (status, _, _) = http(a, "POST", "/publish/busy", &[("authorization", &auth)], b"x").await;
+        assert_eq!(status, 200);
+    }
+    wait_metric(&h, "herald_frames_delivered_total{transport=\"ws\"}", |n| n == 10).await;
+    let origin = format!("http://{a}");
+    let shot = std::env::var("HERALD_ADMIN_SCREENSHOT").ok();
+    let mut args = vec![origin.as_str(), key];
+    args.extend(shot.as_deref());
+    let shown = run_script("admin", &args).await.pop().expect("the page's numbers");
+    let m = h.metrics_text();
+    assert_eq!(shown["errors"], serde_json::json!([]), "{shown}");
+    assert!(shown["asked"].as_str().unwrap().contains("API key"), "it asked for the key: {shown}");
+    let num = |field: &str| shown[field].as_str().unwrap().replace(',', "").parse::<u64>().unwrap();
+    assert_eq!(num("ws"), metric(&m, "herald_connections_open{transport=\"ws\"}"));
+    assert_eq!(num("subscriptions"), metric(&m, "herald_subscriptions"));
+    assert_eq!(num("channels"), metric(&m, "herald_channels"));
+    assert_eq!(num("published"), metric(&m, "herald_messages_published_total"));
+    assert_eq!(shown["top"], serde_json::json!([["busy", "2"], ["quiet", "1"]]));
+    assert_eq!(shown["disconnects"]["slow_consumer"], metric(&m, "herald_disconnects_total{reason=\"slow_consumer\"}").to_string());
+    assert_eq!(shown["bars"], 17, "one bar per latency bucket, and one past the last");
+    assert!(shown["percentiles"].as_str().unwrap().ends_with("10 writes"), "{shown}");
+    drop(subs);
+}
