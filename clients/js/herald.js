@@ -26,6 +26,7 @@
 const MIN_DELAY_MS = 500;
 const MAX_DELAY_MS = 20000;
 const COMMAND_TIMEOUT_MS = 10000;
+const CONNECT_TIMEOUT_MS = 10000;
 /** Commands waiting for a connection at most; more are refused at once. */
 const MAX_QUEUED = 1000;
 /** A token is refreshed this long before its `exp`. */
@@ -272,7 +273,19 @@ export class Herald {
     };
     ws.onmessage = (ev) => this._receive(ev.data);
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
-    ws.onerror = () => {};
+    // A connect that fails: some runtimes (Node 20's) fire only `error`,
+    // never `close`; and one that hangs is given up after a while.
+    ws.onerror = () => {
+      if (this.ws === ws && this.state !== "connected") this._lost(ws, 1006, "connect failed");
+    };
+    this._later(CONNECT_TIMEOUT_MS, () => {
+      if (this.ws === ws && this.state !== "connected") {
+        try {
+          ws.close();
+        } catch {}
+        this._lost(ws, 1006, "connect timed out");
+      }
+    });
   }
 
   /** The connection `ws` ended with `code`: fail what waited on it, and reconnect unless told not to. */
