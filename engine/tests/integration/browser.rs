@@ -250,3 +250,43 @@ async fn chromium_admin_page_shows_the_numbers_of_metrics() {
     assert!(shown["percentiles"].as_str().unwrap().ends_with("10 writes"), "{shown}");
     drop(subs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_herald_js_refreshes_an_expiring_token_without_losing_messages() {
+    let secret = "a-test-secret-of-32-bytes-or-so!";
+    let h = start(2, |c| {
+        c.auth_hmac_secret(secret);
+    });
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let mut child = Command::new("node")
+        .arg(format!("{dir}/token.mjs"))
+        .args([format!("http://{}", addr(&h)), secret.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut b = Browser { events: BufReader::new(child.stdout.take().unwrap()), child };
+    assert_eq!(b.next_of("subscribed").await["offset"], 0);
+    // Messages before, during and after the refresh.
+    let mut sent = 0;
+    while metric(&h.metrics_text(), "herald_auth_refreshes_total") == 0 || sent < 10 {
+        sent += 1;
+        let (status, _, _) = http(addr(&h), "POST", "/publish/user:42", &[], sent.to_string().as_bytes()).await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(sent < 300, "the token was not refreshed");
+    }
+    let mut got = Vec::new();
+    while got.len() < sent {
+        let e = b.next().await;
+        assert!(!["disconnected", "gap", "error", "pageerror"].contains(&e["type"].as_str().unwrap_or("")), "{e}");
+        if e["type"] == "message" {
+            got.push(e["data"].as_str().unwrap().parse::<u64>().unwrap());
+        }
+    }
+    assert_eq!(got, (1..=sent as u64).collect::<Vec<_>>(), "every message, once, in order");
+    assert_eq!(metric(&h.metrics_text(), "herald_auth_refreshes_total"), 1);
+    assert_eq!(metric(&h.metrics_text(), "herald_connections_total{transport=\"ws\"}"), 1, "refreshed on the same connection");
+    drop(b.child.stdin.take());
+}
