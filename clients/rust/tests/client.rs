@@ -1,0 +1,149 @@
+//! herald-client against an in-process Herald on real sockets, through a
+//! TCP proxy the test cuts as a network would.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_client::{Client, Config, Event};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn herald(tweak: impl FnOnce(&mut herald::Config)) -> herald::Herald {
+    let mut c = herald::Config::default();
+    c.shards(2);
+    tweak(&mut c);
+    herald::Herald::start_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), c).unwrap()
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(to: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let list = Arc::clone(&conns);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                list.lock().unwrap().push(tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(to).await else { return };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }));
+            }
+        });
+        Proxy { addr, conns }
+    }
+
+    fn cut(&self) {
+        for t in self.conns.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+async fn next(sub: &mut herald_client::Subscription) -> Event {
+    tokio::time::timeout(WAIT, sub.next()).await.expect("timed out").expect("the subscription ended")
+}
+
+fn data(e: Event) -> serde_json::Value {
+    match e {
+        Event::Message { data, .. } => data,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_and_receives_and_reports_errors() {
+    let h = herald(|_| {});
+    let client = Client::connect(Config::new(format!("ws://{}/ws", h.local_addr().unwrap())));
+    let mut sub = client.subscribe("news", None).await.unwrap();
+    assert_eq!(sub.offset, 0);
+    for i in 1..=3 {
+        assert_eq!(client.publish("news", json!({ "n": i })).await.unwrap().offset, i);
+    }
+    for i in 1..=3 {
+        assert_eq!(data(next(&mut sub).await), json!({ "n": i }));
+    }
+    let e = client.publish("bad name", json!(1)).await.unwrap_err();
+    assert!(matches!(e, herald_client::Error::Herald { ref code, .. } if code == "bad_channel"), "{e}");
+    let page = client.history("news", None, Some(2)).await.unwrap();
+    assert_eq!(page["publications"].as_array().unwrap().len(), 2);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_recovers_what_it_missed_once_in_order() {
+    let h = herald(|_| {});
+    let proxy = Proxy::start(h.local_addr().unwrap()).await;
+    let client = Client::connect(Config::new(format!("ws://{}/ws", proxy.addr)));
+    let mut sub = client.subscribe("doc", None).await.unwrap();
+    h.publish("doc", herald::Payload::text("1")).await.unwrap();
+    assert_eq!(data(next(&mut sub).await), json!("1"));
+    proxy.cut();
+    tokio::time::timeout(WAIT, client.wait_for(herald_client::State::Connecting)).await.unwrap();
+    for i in 2..=4 {
+        h.publish("doc", herald::Payload::text(i.to_string())).await.unwrap();
+    }
+    tokio::time::timeout(WAIT, client.wait_for(herald_client::State::Connected)).await.unwrap();
+    h.publish("doc", herald::Payload::text("5")).await.unwrap();
+    for i in 2..=5 {
+        assert_eq!(data(next(&mut sub).await), json!(i.to_string()), "each once, in order, no gap");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_recovered_is_a_gap() {
+    let h = herald(|c| {
+        c.history_size(2).recovery_max(2);
+    });
+    let proxy = Proxy::start(h.local_addr().unwrap()).await;
+    let client = Client::connect(Config::new(format!("ws://{}/ws", proxy.addr)));
+    let mut sub = client.subscribe("doc", None).await.unwrap();
+    proxy.cut();
+    tokio::time::timeout(WAIT, client.wait_for(herald_client::State::Connecting)).await.unwrap();
+    for i in 1..=5 {
+        h.publish("doc", herald::Payload::text(i.to_string())).await.unwrap();
+    }
+    assert_eq!(next(&mut sub).await, Event::Gap { channel: "doc".into(), reason: "not_recovered".into() });
+    h.publish("doc", herald::Payload::text("6")).await.unwrap();
+    assert_eq!(data(next(&mut sub).await), json!("6"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_falls_behind_is_told_of_what_it_lost() {
+    let h = herald(|_| {});
+    let mut config = Config::new(format!("ws://{}/ws", h.local_addr().unwrap()));
+    config.queue = 4;
+    let client = Client::connect(config);
+    let mut sub = client.subscribe("fast", None).await.unwrap();
+    let mut marker = client.subscribe("marker", None).await.unwrap();
+    for i in 1..=10 {
+        h.publish("fast", herald::Payload::text(i.to_string())).await.unwrap();
+    }
+    // On the same connection after the ten: once it is here, the client
+    // has offered all ten to the unread subscription.
+    h.publish("marker", herald::Payload::text("m")).await.unwrap();
+    assert_eq!(data(next(&mut marker).await), json!("m"));
+    let mut got = Vec::new();
+    loop {
+        match next(&mut sub).await {
+            Event::Message { offset, .. } => got.push(offset),
+            Event::Gap { reason, .. } => {
+                assert_eq!(reason, "client_queue_full");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, [1, 2, 3], "three and the gap filled the queue of four; the rest were lost, and said so");
+    // Room again: what comes next is delivered.
+    h.publish("fast", herald::Payload::text("11")).await.unwrap();
+    assert_eq!(data(next(&mut sub).await), json!("11"));
+}
