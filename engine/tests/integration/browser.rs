@@ -290,3 +290,39 @@ async fn chromium_herald_js_refreshes_an_expiring_token_without_losing_messages(
     assert_eq!(metric(&h.metrics_text(), "herald_connections_total{transport=\"ws\"}"), 1, "refreshed on the same connection");
     drop(b.child.stdin.take());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_herald_js_over_sse_resumes_after_a_cut() {
+    let h = start(2, |_| {});
+    let proxy = Proxy::start(addr(&h)).await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
+    let mut child = Command::new("node")
+        .arg(format!("{dir}/herald-sse.mjs"))
+        .args([format!("http://{}", proxy.addr), "feed".to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut b = Browser { events: BufReader::new(child.stdout.take().unwrap()), child };
+    assert_eq!(b.next_of("subscribed").await["offset"], 0);
+    let a = addr(&h);
+    let post = |text: &'static str| async move { assert_eq!(publish(a, "feed", text, false).await.0, 200) };
+    post("1").await;
+    assert_eq!(b.next_of("message").await["data"], "1");
+    proxy.cut();
+    post("2").await;
+    post("3").await;
+    // The browser's EventSource comes back with Last-Event-ID by itself.
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let e = b.next().await;
+        assert!(!["gap", "pageerror"].contains(&e["type"].as_str().unwrap_or("")), "{e}");
+        if e["type"] == "message" {
+            got.push(e["data"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(got, ["2", "3"], "what was published during the cut, once, in order");
+    assert_eq!(metric(&h.metrics_text(), "herald_recoveries_total{outcome=\"recovered\"}"), 1);
+    drop(b.child.stdin.take());
+}
