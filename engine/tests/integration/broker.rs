@@ -479,8 +479,10 @@ async fn messages_from_redis_wait_for_full_shard_queues_instead_of_being_dropped
 async fn a_node_started_before_redis_serves_once_redis_is_up() {
     let mut redis = RedisServer::start(&[]);
     redis.kill();
+    // Long enough for the SSE stream's start to wait for Redis to come up
+    // however slowly the machine starts it.
     let a = start(2, |c| {
-        c.redis(redis.url()).redis_timeout(Duration::from_millis(500));
+        c.redis(redis.url()).redis_timeout(Duration::from_secs(5));
     });
     // Redis is not there: the node serves, refuses publishes, and waits.
     assert_eq!(metric(&a.metrics_text(), "herald_broker_publisher_up"), 0);
@@ -497,6 +499,10 @@ async fn a_node_started_before_redis_serves_once_redis_is_up() {
     redis.spawn();
     wait_metric(&a, "herald_broker_subscriptions", |v| v == 1).await;
     assert_eq!(metric(&a.metrics_text(), "herald_broker_publisher_up"), 1);
+    // The stream starts at the channel's top as read once Redis confirmed
+    // it: a publish before that read would be before the start.
+    let started = sse.next_block().await.unwrap();
+    assert!(started.starts_with("event: subscribed"), "{started}");
     let p = a.publish("early", Payload::text("first")).await.unwrap();
     assert_eq!(p.offset, 1);
     let m: Value = serde_json::from_str(&sse.next_data().await.unwrap()).unwrap();
