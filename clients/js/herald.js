@@ -20,13 +20,17 @@
 // pings by themselves.
 //
 // `transport: "sse"` receives over Server-Sent Events (one EventSource per
-// channel, resuming with Last-Event-ID) where WebSocket is blocked; it
+// channel, reopened from its last position) where WebSocket is blocked; it
 // cannot publish.
 
 const MIN_DELAY_MS = 500;
 const MAX_DELAY_MS = 20000;
 const COMMAND_TIMEOUT_MS = 10000;
 const CONNECT_TIMEOUT_MS = 10000;
+/** A connection that lived less than this did not really succeed: the backoff keeps growing. */
+const STABLE_MS = 5000;
+/** setTimeout's longest delay. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 /** Commands waiting for a connection at most; more are refused at once. */
 const MAX_QUEUED = 1000;
 /** A token is refreshed this long before its `exp`. */
@@ -130,10 +134,11 @@ export class Herald {
         this._lost(ws, 4000, "offline");
       };
       this._online = () => {
-        if (this.state !== "connected" && !this.closed && this.transport === "ws" && !this.ws) {
-          this.attempt = 0;
+        // Only while waiting to retry (not while a connect is under way).
+        if (this.state !== "connected" && !this.closed && this.transport === "ws" && !this.ws && this.retrying) {
           for (const t of this.timers) clearTimeout(t);
           this.timers.clear();
+          this.retrying = false;
           this._connect(Math.random() * 100);
         }
       };
@@ -167,6 +172,11 @@ export class Herald {
     const old = this.subs.get(channel);
     if (old) old.unsubscribe();
     const sub = new Subscription(this, channel, opts);
+    if (this.closed) {
+      sub.active = false;
+      sub._ready.reject(new HeraldError("closed", "the client is closed"));
+      return sub;
+    }
     this.subs.set(channel, sub);
     if (this.transport === "sse") this._openSource(sub);
     else if (this.state === "connected") this._sendSubscribe(sub);
@@ -247,7 +257,12 @@ export class Herald {
   }
 
   async _connect(delay) {
-    if (delay > 0) await new Promise((r) => this._later(delay, r));
+    if (delay > 0) {
+      this.retrying = true;
+      await new Promise((r) => this._later(delay, r));
+      if (!this.retrying) return; // `online` started another attempt
+      this.retrying = false;
+    }
     if (this.closed || this.transport === "sse") return;
     let token;
     try {
@@ -264,7 +279,7 @@ export class Herald {
     ws.onopen = () => {
       if (this.ws !== ws) return;
       this.state = "connected";
-      this.attempt = 0;
+      this.openedAt = Date.now();
       this._scheduleRefresh();
       for (const sub of this.subs.values()) this._sendSubscribe(sub);
       const queued = this.queued.splice(0);
@@ -303,16 +318,21 @@ export class Herald {
       p.reject(new HeraldError("disconnected", "the connection closed before the reply"));
     }
     const reconnect = !this.closed && !FINAL_CODES.has(code);
+    // Only a connection that lasted resets the backoff: a server that
+    // accepts and closes at once is not hit in a loop.
+    const lasted = was === "connected" && Date.now() - this.openedAt >= STABLE_MS;
+    if (lasted) this.attempt = 0;
     if (was === "connected" || !this.closed) this._emit("disconnected", { code, reason, reconnect });
     if (!reconnect) {
       if (!this.closed) {
-        this.state = "closed";
+        // Final: the server said so (4002, 4003). Nothing waits any more.
+        this.close();
         this._failAll(new HeraldError("disconnected", `closed by the server: ${code} ${reason}`));
       }
       return;
     }
-    // 4001: the token expired; get a new one right away.
-    if (code === 4001) return this._connect(Math.random() * MIN_DELAY_MS);
+    // 4001 after a while: the token expired; get a new one right away.
+    if (code === 4001 && lasted) return this._connect(Math.random() * MIN_DELAY_MS);
     this._retry();
   }
 
@@ -329,6 +349,10 @@ export class Herald {
     const exp = tokenExpiry(this.token);
     if (exp === null) return;
     const inMs = Math.max(1000, (exp - REFRESH_AHEAD_S) * 1000 - Date.now());
+    if (inMs > MAX_TIMER_MS) {
+      this.refreshTimer = setTimeout(() => this._scheduleRefresh(), MAX_TIMER_MS);
+      return;
+    }
     this.refreshTimer = setTimeout(async () => {
       try {
         const token = await this._freshToken();
@@ -337,7 +361,7 @@ export class Herald {
       } catch (e) {
         this._emit("error", e);
         // Try again a little later; past `exp` the server closes with 4001.
-        this.refreshTimer = setTimeout(() => this._scheduleRefresh(), 5000);
+        if (!this.closed) this.refreshTimer = setTimeout(() => this._scheduleRefresh(), 5000);
       }
     }, inMs);
   }
@@ -357,10 +381,18 @@ export class Herald {
         if (gap) this._emit("gap", { channel: sub.channel, reason: "not_recovered" });
       },
       (e) => {
-        if (e.code === "disconnected") return; // resubscribed on reconnect
+        if (e.code === "disconnected" || !sub.active) return; // resubscribed on reconnect
+        if (["unavailable", "overloaded", "timeout"].includes(e.code)) {
+          // Passing trouble (Redis, a hook): try again while connected.
+          this._later(this._backoff(2), () => {
+            if (sub.active && this.state === "connected" && this.subs.get(sub.channel) === sub) this._sendSubscribe(sub);
+          });
+          return;
+        }
         sub._ready.reject(e);
         if (this.subs.get(sub.channel) === sub) this.subs.delete(sub.channel);
         sub.active = false;
+        e.channel = sub.channel;
         this._emit("error", e);
       },
     );
@@ -374,9 +406,19 @@ export class Herald {
       const entry = { cmd: { ...cmd, id }, resolve, reject, timer: null };
       if (this.state === "connected" || now) {
         this._send(entry);
+      } else if (this.transport === "sse") {
+        reject(new HeraldError("bad_request", "the SSE transport only receives (publish from your backend)"));
       } else if (this.queued.length >= MAX_QUEUED) {
         reject(new HeraldError("overloaded", `more than ${MAX_QUEUED} commands wait for a connection`));
       } else {
+        // It times out while it waits, too (and is not sent after).
+        entry.timer = setTimeout(() => {
+          const i = this.queued.indexOf(entry);
+          if (i >= 0) {
+            this.queued.splice(i, 1);
+            reject(new HeraldError("timeout", `not connected within ${COMMAND_TIMEOUT_MS} ms`));
+          }
+        }, COMMAND_TIMEOUT_MS);
         this.queued.push(entry);
       }
     });
@@ -384,6 +426,7 @@ export class Herald {
 
   _send(entry) {
     const id = entry.cmd.id;
+    clearTimeout(entry.timer);
     entry.timer = setTimeout(() => {
       if (this.pending.delete(id)) entry.reject(new HeraldError("timeout", `no reply within ${COMMAND_TIMEOUT_MS} ms`));
     }, COMMAND_TIMEOUT_MS);
@@ -398,7 +441,10 @@ export class Herald {
   }
 
   _failAll(err) {
-    for (const q of this.queued.splice(0)) q.reject(err);
+    for (const q of this.queued.splice(0)) {
+      clearTimeout(q.timer);
+      q.reject(err);
+    }
     for (const [id, p] of this.pending) {
       this.pending.delete(id);
       clearTimeout(p.timer);
@@ -497,11 +543,11 @@ export class Herald {
     this.sources.set(sub, es);
     const asked = sub.since;
     es.onopen = () => {
-      attempt = 0;
       this.state = "connected";
       this._emit("connected", { channel: sub.channel });
     };
     es.addEventListener("subscribed", (ev) => {
+      attempt = 0; // the stream works: the backoff starts over next time
       const r = JSON.parse(ev.data);
       const gap = (asked || sub.position) && r.recovered === false;
       if (!sub.position || gap) sub.position = { epoch: r.epoch, offset: r.offset };
@@ -537,11 +583,14 @@ export class Herald {
       this._message(m, epoch);
     };
     es.onerror = () => {
-      if (es.readyState === 2 /* CLOSED: the browser gave up */) {
-        this.sources.delete(sub);
-        this._emit("disconnected", { channel: sub.channel, reconnect: true });
-        this._later(this._backoff(attempt + 1), () => this._openSource(sub, attempt + 1));
-      }
+      // Reopened by hand rather than by the browser: the browser's retry
+      // carries no Last-Event-ID before the stream's first message, and
+      // this one carries the position from the `subscribed` event too.
+      if (this.sources.get(sub) !== es) return;
+      es.close();
+      this.sources.delete(sub);
+      this._emit("disconnected", { channel: sub.channel, reconnect: true });
+      this._later(this._backoff(attempt + 1), () => this._openSource(sub, attempt + 1));
     };
   }
 }

@@ -47,7 +47,7 @@ pub type TokenSource = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String
 /// How to reach Herald, and the client's bounds.
 #[derive(Clone)]
 pub struct Config {
-    /// `ws(s)://host/ws`.
+    /// `ws://host/ws` (no TLS: put a TLS-terminating proxy in front).
     pub url: String,
     /// A connection token.
     pub token: Option<String>,
@@ -179,6 +179,11 @@ impl futures_util::Stream for Subscription {
 }
 
 type Reply = oneshot::Sender<Result<Value, Error>>;
+
+/// A connect (TCP and handshake) that takes longer is given up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that lived less than this did not really succeed.
+const STABLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 enum Ctl {
@@ -395,6 +400,11 @@ impl Task {
     }
 
     async fn run(mut self) {
+        if self.config.url.starts_with("wss://") {
+            tracing::error!(url = %self.config.url, "herald-client speaks ws:// only (no TLS): put a TLS-terminating proxy in front, or use herald.js");
+            self.shut();
+            return;
+        }
         let mut attempt = 0u32;
         loop {
             let url = match self.fresh_token().await {
@@ -405,13 +415,25 @@ impl Task {
                 }
                 None => self.config.url.clone(),
             };
-            let ended = match tokio_tungstenite::connect_async(url.as_str()).await {
-                Ok((ws, _)) => {
-                    attempt = 0;
-                    self.serve(ws).await
+            let mut lasted = false;
+            let ended = match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url.as_str())).await {
+                Ok(Ok((ws, _))) => {
+                    let opened = tokio::time::Instant::now();
+                    let ended = self.serve(ws).await;
+                    // Only a connection that lasted resets the backoff: a
+                    // server that accepts and closes at once is not hit in a loop.
+                    lasted = opened.elapsed() >= STABLE;
+                    if lasted {
+                        attempt = 0;
+                    }
+                    ended
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "cannot connect to Herald");
+                    Ended::Lost
+                }
+                Err(_) => {
+                    tracing::debug!("connecting to Herald timed out");
                     Ended::Lost
                 }
             };
@@ -422,8 +444,9 @@ impl Task {
             let _ = self.state.send(State::Connecting);
             match ended {
                 Ended::Closed | Ended::Final => break,
-                Ended::TokenExpired => continue,
-                Ended::Lost => {}
+                // The token expired after a while: a new one, at once.
+                Ended::TokenExpired if lasted => continue,
+                Ended::TokenExpired | Ended::Lost => {}
             }
             attempt += 1;
             let pause = tokio::time::sleep(self.backoff(attempt));
@@ -493,6 +516,10 @@ impl Task {
             out.push(self.subscribe_cmd(&ch));
         }
         for (cmd, reply) in std::mem::take(&mut self.queued) {
+            // Its caller gave up (timed out): not sent late.
+            if reply.is_closed() {
+                continue;
+            }
             let (id, text) = self.command(cmd);
             self.pending.insert(id, reply);
             out.push(text);
@@ -620,6 +647,11 @@ impl Task {
             }
             (Some("join"), _) => Event::Join { channel: channel.clone(), user: m["user"].as_str().unwrap_or("").into() },
             (Some("leave"), _) => Event::Leave { channel: channel.clone(), user: m["user"].as_str().unwrap_or("").into() },
+            (Some("unsubscribed"), _) => {
+                // The server removed it (the server API): its stream ends.
+                self.subs.remove(&channel);
+                return;
+            }
             _ => return,
         };
         if !sub.offer(&channel, event) {

@@ -195,6 +195,8 @@ async fn the_server_api_disconnect_is_final() {
     assert_eq!(status, 200);
     let d = c.event("disconnected").await;
     assert_eq!((d["code"].as_u64(), d["reconnect"].as_bool()), (Some(4002), Some(false)), "{d}");
+    let r = c.call(json!({"do":"publish","channel":"news","data":1})).await;
+    assert_eq!(r["error"], "closed", "a command after a final close fails at once: {r}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(metric(&h.metrics_text(), "herald_connections_total{transport=\"ws\"}"), 1, "it did not come back");
 }
