@@ -149,6 +149,7 @@ pub enum State {
 #[derive(Debug)]
 pub struct Subscription {
     channel: String,
+    id: u64,
     rx: mpsc::Receiver<Event>,
     ctl: mpsc::Sender<Ctl>,
     /// The `subscribed` reply's epoch and top.
@@ -166,8 +167,14 @@ impl Subscription {
         &self.channel
     }
 
-    pub async fn unsubscribe(self) {
-        let _ = self.ctl.send(Ctl::Unsubscribe(self.channel.clone())).await;
+    /// Ends the subscription (dropping it does the same).
+    pub async fn unsubscribe(self) {}
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // Only this subscription: a later one to the channel stays.
+        let _ = self.ctl.try_send(Ctl::Unsubscribe(std::mem::take(&mut self.channel), self.id));
     }
 }
 
@@ -188,8 +195,15 @@ const STABLE: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 enum Ctl {
     Command(Value, Reply),
-    Subscribe { channel: String, since: Option<String>, events: mpsc::Sender<Event>, reply: Reply },
-    Unsubscribe(String),
+    Subscribe {
+        channel: String,
+        id: u64,
+        since: Option<String>,
+        events: mpsc::Sender<Event>,
+        reply: Reply,
+    },
+    /// Unsubscribes the subscription `id` of the channel, if still that one.
+    Unsubscribe(String, u64),
     Close,
 }
 
@@ -238,9 +252,11 @@ impl Client {
     /// Subscribes to `channel` (from `since`, a saved `epoch:offset`).
     pub async fn subscribe(&self, channel: &str, since: Option<String>) -> Result<Subscription, Error> {
         let (events, rx) = mpsc::channel(self.queue_len());
-        let r = self.ask(|reply| Ctl::Subscribe { channel: channel.into(), since, events, reply }).await?;
+        let id = fastrand::u64(..);
+        let r = self.ask(|reply| Ctl::Subscribe { channel: channel.into(), id, since, events, reply }).await?;
         Ok(Subscription {
             channel: channel.into(),
+            id,
             rx,
             ctl: self.ctl.clone(),
             epoch: r["epoch"].as_str().unwrap_or_default().into(),
@@ -292,6 +308,7 @@ impl Client {
 
 /// One subscription as the task keeps it.
 struct Sub {
+    id: u64,
     events: mpsc::Sender<Event>,
     /// Last position received.
     epoch: Option<String>,
@@ -490,12 +507,14 @@ impl Task {
                     self.queued.push((cmd, reply));
                 }
             }
-            Ctl::Subscribe { channel, since, events, reply } => {
+            Ctl::Subscribe { channel, id, since, events, reply } => {
                 let (epoch, offset) = since.as_deref().and_then(parse_position).map_or((None, 0), |(e, o)| (Some(e), o));
-                self.subs.insert(channel, Sub { events, epoch, offset, overflowed: false, first: Some(reply) });
+                self.subs.insert(channel, Sub { id, events, epoch, offset, overflowed: false, first: Some(reply) });
             }
-            Ctl::Unsubscribe(ch) => {
-                self.subs.remove(&ch);
+            Ctl::Unsubscribe(ch, id) => {
+                if self.subs.get(&ch).is_some_and(|s| s.id == id) {
+                    self.subs.remove(&ch);
+                }
             }
             Ctl::Close => {}
         }
@@ -557,12 +576,15 @@ impl Task {
                             self.pending.insert(id, reply);
                             text
                         }
-                        Some(Ctl::Subscribe { channel, since, events, reply }) => {
+                        Some(Ctl::Subscribe { channel, id, since, events, reply }) => {
                             let (epoch, offset) = since.as_deref().and_then(parse_position).map_or((None, 0), |(e, o)| (Some(e), o));
-                            self.subs.insert(channel.clone(), Sub { events, epoch, offset, overflowed: false, first: Some(reply) });
+                            self.subs.insert(channel.clone(), Sub { id, events, epoch, offset, overflowed: false, first: Some(reply) });
                             self.subscribe_cmd(&channel)
                         }
-                        Some(Ctl::Unsubscribe(ch)) => {
+                        Some(Ctl::Unsubscribe(ch, id)) => {
+                            if self.subs.get(&ch).is_none_or(|s| s.id != id) {
+                                continue;
+                            }
                             self.subs.remove(&ch);
                             self.command(json!({"op": "unsubscribe", "channel": ch})).1
                         }

@@ -186,3 +186,25 @@ async fn the_token_is_refreshed_on_its_connection_before_it_expires() {
     let value = |series: &str| m.lines().find_map(|l| l.strip_prefix(series)?.trim().parse::<u64>().ok()).unwrap();
     assert_eq!(value("herald_connections_total{transport=\"ws\"}"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_unsubscribes_and_a_newer_one_stays() {
+    let h = herald(|_| {});
+    let client = Client::connect(Config::new(format!("ws://{}/ws", h.local_addr().unwrap())));
+    let subscriptions = || {
+        let m = h.metrics_text();
+        m.lines().find_map(|l| l.strip_prefix("herald_subscriptions ")?.trim().parse::<u64>().ok()).unwrap()
+    };
+    let old = client.subscribe("a", None).await.unwrap();
+    let mut newer = client.subscribe("a", None).await.unwrap();
+    drop(old);
+    let gone = client.subscribe("b", None).await.unwrap();
+    drop(gone);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while subscriptions() != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "b was not unsubscribed on the server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.publish("a", herald::Payload::text("still")).await.unwrap();
+    assert_eq!(data(next(&mut newer).await), json!("still"), "dropping the older handle left the newer one");
+}
