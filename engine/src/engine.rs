@@ -231,13 +231,8 @@ impl Engine {
                 return;
             }
             let first_or_last = (joined && count == 1) || (!joined && count == 0);
-            let (Some(user), true, true) = (user, first_or_last, rules.join_leave) else { return };
-            let event = || Arc::new(crate::message::Message::presence(Arc::clone(channel), user, joined));
-            match self.router.dispatch(channel, event) {
-                crate::router::Routed::Queued if joined => self.presence.joins.inc(),
-                crate::router::Routed::Queued => self.presence.leaves.inc(),
-                crate::router::Routed::Full => self.presence.dropped.inc(),
-                crate::router::Routed::NoInterest => {}
+            if let (Some(user), true, true) = (user, first_or_last, rules.join_leave) {
+                self.presence.announce(&self.router, channel, user, joined);
             }
         });
     }

@@ -116,7 +116,7 @@ impl Histogram {
     /// Its lines of a Prometheus histogram `name`; `labels` are put before
     /// `le` (each followed by a comma).
     pub(crate) fn render(&self, out: &mut String, name: &str, labels: &str) {
-        render_histogram(out, name, labels, std::slice::from_ref(self));
+        render_histogram(out, name, labels, &[self]);
     }
 
     /// Per-bucket counts (not cumulative), the last above every bound.
@@ -137,9 +137,8 @@ impl Histogram {
 }
 
 /// The sum of `parts` as Prometheus histogram `name`.
-fn render_histogram(out: &mut String, name: &str, labels: &str, parts: &[Histogram]) {
-    let refs: Vec<&Histogram> = parts.iter().collect();
-    let (counts, sum_s) = Histogram::counts(&refs);
+fn render_histogram(out: &mut String, name: &str, labels: &str, parts: &[&Histogram]) {
+    let (counts, sum_s) = Histogram::counts(parts);
     let mut cumulative = 0;
     for (i, le) in BUCKETS_US.iter().enumerate() {
         cumulative += counts[i];
@@ -353,16 +352,7 @@ impl Metrics {
             "Time from a message's publish to its frame's write to a subscriber socket.",
         );
         let parts: Vec<&Histogram> = self.slots.iter().map(|s| &s.publish_to_write).collect();
-        let (counts, sum_s) = Histogram::counts(&parts);
-        let mut cumulative = 0;
-        for (i, le) in BUCKETS_US.iter().enumerate() {
-            cumulative += counts[i];
-            let _ = writeln!(out, "herald_publish_to_write_seconds_bucket{{le=\"{}\"}} {cumulative}", *le as f64 / 1e6);
-        }
-        cumulative += counts[BUCKETS_US.len()];
-        let _ = writeln!(out, "herald_publish_to_write_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "herald_publish_to_write_seconds_sum {sum_s}");
-        let _ = writeln!(out, "herald_publish_to_write_seconds_count {cumulative}");
+        render_histogram(&mut out, "herald_publish_to_write_seconds", "", &parts);
         out
     }
 }

@@ -161,6 +161,19 @@ impl Presence {
         Some(left)
     }
 
+    /// Queues `user`'s join (or leave) of `channel` on the shards with
+    /// subscribers to it, and counts it.
+    pub(crate) fn announce(&self, router: &crate::router::Router, channel: &str, user: &str, join: bool) {
+        use crate::router::Routed;
+        let event = || Arc::new(crate::message::Message::presence(channel.into(), user, join));
+        match router.dispatch(channel, event) {
+            Routed::Queued if join => self.joins.inc(),
+            Routed::Queued => self.leaves.inc(),
+            Routed::Full => self.dropped.inc(),
+            Routed::NoInterest => {}
+        }
+    }
+
     /// This node's presence in `channel`.
     pub(crate) fn read(&self, channel: &str) -> Snapshot {
         let map = self.stripe(channel);

@@ -114,12 +114,8 @@ struct ConnectAnswer {
 
 #[derive(Deserialize)]
 struct PublishAnswer<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
+    #[serde(borrow, default, deserialize_with = "crate::proto::command::present")]
     data: Option<&'a RawValue>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&'de RawValue as Deserialize<'de>>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]

@@ -48,12 +48,7 @@ where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let json = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
-    if !json {
+    if !super::is_json(&req) {
         let msg = "the body must be JSON, sent with Content-Type: application/json";
         return Err(refuse(engine, StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadRequest, msg));
     }
@@ -224,12 +219,10 @@ pub(crate) async fn stats(engine: Arc<Engine>) -> Response<Body> {
 
 /// `GET /presence/{channel}`.
 pub(crate) async fn presence<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body> {
-    let raw = &req.uri().path()["/presence/".len()..];
-    let ch = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
-    if let Err(e) = channel::validate(&ch) {
-        let r = refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadChannel, &format!("{e}: {:?}", truncate_str(&ch, 64)));
-        return engine.api_done(ApiCall::Presence, r);
-    }
+    let ch = match super::path_channel(&engine, &req, "/presence/") {
+        Ok(c) => c,
+        Err(r) => return engine.api_done(ApiCall::Presence, r),
+    };
     if !engine.rules.of(&ch).presence {
         let msg = format!("presence is off for {ch:?} (namespace option presence)");
         return engine.api_done(ApiCall::Presence, refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadRequest, &msg));

@@ -10,15 +10,14 @@ use super::body::Body;
 use super::{refuse, text_response};
 use crate::engine::Engine;
 use crate::message::Position;
-use crate::proto::{channel, truncate_str, ErrorCode};
+use crate::proto::{truncate_str, ErrorCode};
 use crate::shard::Upstream;
 
 pub(crate) async fn history<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body> {
-    let raw = &req.uri().path()["/history/".len()..];
-    let channel = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
-    if let Err(e) = channel::validate(&channel) {
-        return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadChannel, &format!("{e}: {:?}", truncate_str(&channel, 64)));
-    }
+    let channel = match super::path_channel(&engine, &req, "/history/") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let max = engine.config.recovery_max;
     let (mut since, mut limit) = (None, max);
     for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {

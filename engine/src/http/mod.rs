@@ -49,6 +49,29 @@ fn refuse(engine: &Engine, status: StatusCode, code: ErrorCode, message: &str) -
     error_response(status, code.as_str(), message)
 }
 
+/// The channel named by the rest of the path after `prefix`
+/// (percent-decoded), or the 400 refusing a name that breaks the rules.
+#[allow(clippy::result_large_err)]
+fn path_channel<B>(engine: &Engine, req: &Request<B>, prefix: &str) -> Result<String, Response<Body>> {
+    let raw = &req.uri().path()[prefix.len()..];
+    let channel = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
+    match crate::proto::channel::validate(&channel) {
+        Ok(()) => Ok(channel),
+        Err(e) => {
+            let msg = format!("{e}: {:?}", crate::proto::truncate_str(&channel, 64));
+            Err(refuse(engine, StatusCode::BAD_REQUEST, ErrorCode::BadChannel, &msg))
+        }
+    }
+}
+
+/// Whether the request's body is declared `application/json`.
+fn is_json<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
+}
+
 fn text_response(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::full(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -11,18 +11,17 @@ use super::{refuse, text_response};
 use crate::engine::Engine;
 use crate::message::PublishError;
 use crate::proto::json::{self, Payload};
-use crate::proto::{channel, truncate_str, ErrorCode};
+use crate::proto::ErrorCode;
 
 pub(crate) async fn publish<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Body>
 where
     B: http_body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let raw = &req.uri().path()["/publish/".len()..];
-    let channel = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
-    if let Err(e) = channel::validate(&channel) {
-        return refuse(&engine, StatusCode::BAD_REQUEST, ErrorCode::BadChannel, &format!("{e}: {:?}", truncate_str(&channel, 64)));
-    }
+    let channel = match super::path_channel(&engine, &req, "/publish/") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     let max = engine.config.max_message_bytes;
     let too_large = || format!("payload over the limit of {max} bytes");
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -31,11 +30,7 @@ where
     }
     // A header that is not visible ASCII cannot be a key.
     let req_key = req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_owned).map_err(|_| ()));
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    let is_json = super::is_json(&req);
     let body = match http_body_util::Limited::new(req.into_body(), max).collect().await {
         // Copied out: hyper's body bytes share its read buffer, and a
         // message kept in history would keep that whole buffer alive.

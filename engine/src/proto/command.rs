@@ -108,7 +108,8 @@ struct Wire<'a> {
     token: Option<Cow<'a, str>>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+/// `null` is a value like any other: present-but-null is `Some`.
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&'de RawValue as Deserialize<'de>>::deserialize(d).map(Some)
 }
 

@@ -372,11 +372,15 @@ impl Shard {
         });
     }
 
+    /// This shard's connections of `user`.
+    fn conns_of(&self, user: &str) -> Vec<Rc<Conn>> {
+        self.conns.borrow().iter().filter(|(_, c)| c.access.borrow().user() == Some(user)).map(|(_, c)| Rc::clone(c)).collect()
+    }
+
     /// Closes every connection of `user` (a WebSocket with 4002
     /// `disconnected`); returns how many.
     pub(crate) fn disconnect_user(&self, user: &str) -> usize {
-        let conns: Vec<Rc<Conn>> =
-            self.conns.borrow().iter().filter(|(_, c)| c.access.borrow().user() == Some(user)).map(|(_, c)| Rc::clone(c)).collect();
+        let conns = self.conns_of(user);
         for conn in &conns {
             let last = (conn.transport == Transport::Ws).then(|| crate::proto::frame::encode_close(4002, "disconnected"));
             conn.close(Disconnect::ServerApi, Pending::Keep, last);
@@ -388,8 +392,7 @@ impl Shard {
     /// WebSocket is told (`unsubscribed`, no `id`), an SSE stream left
     /// with no channel ends. Returns how many.
     pub(crate) fn unsubscribe_user(&self, user: &str, channel: &str) -> usize {
-        let conns: Vec<Rc<Conn>> =
-            self.conns.borrow().iter().filter(|(_, c)| c.access.borrow().user() == Some(user)).map(|(_, c)| Rc::clone(c)).collect();
+        let conns = self.conns_of(user);
         let mut touched = 0;
         for conn in &conns {
             // A subscribe waiting for the hook is undone too.

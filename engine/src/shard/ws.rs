@@ -420,10 +420,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 Ok(since) => since,
                 Err(msg) => return error(shard, conn, ErrorCode::BadRequest, &msg, id),
             };
-            // Its subscribers may read it (a subscribe hook may have let
-            // them in), and those who may subscribe.
-            let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
-            if !subscribed && !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
+            if !may_read(shard, conn, &channel) {
                 shard.metrics().forbidden[0].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the history of {channel:?}"), id);
             }
@@ -456,9 +453,7 @@ fn command(shard: &Rc<Shard>, conn: &Rc<Conn>, text: &str) {
                 let msg = format!("presence is off for {channel:?} (namespace option presence)");
                 return error(shard, conn, ErrorCode::BadRequest, &msg, id);
             }
-            // Its subscribers may read it, and those who may subscribe.
-            let subscribed = conn.subs.borrow().iter().any(|c| **c == *channel);
-            if !subscribed && !conn.access.borrow().may_subscribe(shard.up.rules(), &channel) {
+            if !may_read(shard, conn, &channel) {
                 shard.metrics().forbidden[0].inc();
                 return error(shard, conn, ErrorCode::Forbidden, &format!("not allowed to read the presence of {channel:?}"), id);
             }
@@ -600,6 +595,13 @@ fn published(shard: &Shard, conn: &Conn, r: Result<Published, PublishError>, id:
         }
         Err(e) => error(shard, conn, e.code(), &e.to_string(), id),
     }
+}
+
+/// Whether `conn` may read `channel`'s history and presence: its
+/// subscribers may (a subscribe hook may have let them in), and those who
+/// may subscribe.
+fn may_read(shard: &Shard, conn: &Conn, channel: &str) -> bool {
+    conn.subs.borrow().iter().any(|c| **c == *channel) || conn.access.borrow().may_subscribe(shard.up.rules(), channel)
 }
 
 /// Answers a command a hook did not allow: `forbidden` (counted by

@@ -36,7 +36,6 @@ use super::script::Publisher;
 use super::Shared;
 use crate::broker::HistoryError;
 use crate::presence::Snapshot;
-use crate::router::Routed;
 
 /// Changes waiting for the writer; past it, a rewrite of every channel.
 pub(crate) const QUEUE: usize = 65_536;
@@ -352,13 +351,7 @@ impl Shared {
 
     /// Delivers a join or leave event to this node's subscribers.
     pub(crate) fn presence_event(&self, channel: &str, user: &str, join: bool) {
-        let event = || Arc::new(crate::message::Message::presence(channel.into(), user, join));
-        match self.router.dispatch(channel, event) {
-            Routed::Queued if join => self.presence.joins.inc(),
-            Routed::Queued => self.presence.leaves.inc(),
-            Routed::Full => self.presence.dropped.inc(),
-            Routed::NoInterest => {}
-        }
+        self.presence.announce(&self.router, channel, user, join);
     }
 
     /// `channel`'s presence across the live nodes.
