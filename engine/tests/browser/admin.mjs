@@ -4,13 +4,10 @@
 // third argument, saves a screenshot there.
 //
 //   node admin.mjs http://127.0.0.1:8080 API_KEY [screenshot.png]
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const [origin, key, shot] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
+const browser = await launch();
 const page = await browser.newPage({ viewport: { width: 1000, height: 760 } });
 const errors = [];
 page.on('pageerror', (e) => errors.push(String(e)));

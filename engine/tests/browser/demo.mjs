@@ -6,14 +6,11 @@
 // third argument, saves a screenshot of both pages there.
 //
 //   node demo.mjs http://127.0.0.1:8080 board-name [screenshot.png]
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const [origin, board, shot] = process.argv.slice(2);
 const out = (e) => process.stdout.write(JSON.stringify(e) + '\n');
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
+const browser = await launch();
 const devices = [];
 for (let i = 0; i < 2; i++) {
   const context = await browser.newContext({ viewport: { width: 560, height: 640 } });

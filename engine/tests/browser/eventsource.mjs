@@ -8,13 +8,10 @@
 // event becomes one JSON line on stdout. Runs until stdin closes.
 //
 //   node eventsource.mjs http://127.0.0.1:8080 news [http://127.0.0.1:3000 [token]]
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const [origin, channel, pageOrigin, token] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
+const browser = await launch();
 const page = await browser.newPage();
 await page.exposeFunction('report', (e) => process.stdout.write(JSON.stringify(e) + '\n'));
 await page.goto(pageOrigin ? `${pageOrigin}/` : `${origin}/healthz`);

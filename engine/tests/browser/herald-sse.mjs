@@ -4,13 +4,10 @@
 // Runs until stdin closes.
 //
 //   node herald-sse.mjs http://127.0.0.1:8080 news
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const [origin, channel] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
+const browser = await launch();
 const page = await browser.newPage();
 page.on('pageerror', (e) => process.stdout.write(JSON.stringify({ type: 'pageerror', error: String(e) }) + '\n'));
 await page.exposeFunction('report', (e) => process.stdout.write(JSON.stringify(e) + '\n'));

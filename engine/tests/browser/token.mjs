@@ -6,7 +6,7 @@
 // Runs until stdin closes.
 //
 //   node token.mjs http://127.0.0.1:8080 SECRET
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { createHmac } from 'node:crypto';
 
 const [origin, secret] = process.argv.slice(2);
@@ -21,10 +21,7 @@ function sign() {
   process.stdout.write(JSON.stringify({ type: 'token', n: issued, exp }) + '\n');
   return `${head}.${body}.${sig}`;
 }
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
-});
+const browser = await launch();
 const page = await browser.newPage();
 page.on('pageerror', (e) => process.stdout.write(JSON.stringify({ type: 'pageerror', error: String(e) }) + '\n'));
 await page.exposeFunction('report', (e) => process.stdout.write(JSON.stringify(e) + '\n'));

@@ -26,16 +26,16 @@ impl Browser {
 
     /// As [`Browser::open`], the EventSource carrying a connection token.
     fn open_with_token(origin: &str, channel: &str, page_origin: Option<&str>, token: Option<&str>) -> Browser {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-        assert!(
-            std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
-            "the browser test needs Debian's chromium and `npm install` in {dir} (bash .ci/run installs both)"
-        );
+        let args: Vec<&str> = [origin, channel].into_iter().chain(page_origin).chain(token).collect();
+        Browser::script("eventsource", &args)
+    }
+
+    /// Runs engine/tests/browser/NAME.mjs with `args`: it reports events
+    /// on stdout and runs until its stdin closes.
+    fn script(name: &str, args: &[&str]) -> Browser {
         let mut child = Command::new("node")
-            .arg(format!("{dir}/eventsource.mjs"))
-            .args([origin, channel])
-            .args(page_origin)
-            .args(token)
+            .arg(format!("{}/{name}.mjs", browser_dir()))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -173,14 +173,21 @@ async fn chromium_on_another_origin_reads_history_and_recovers_when_allowed() {
     let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
 }
 
-/// Runs one of the browser scripts (engine/tests/browser/NAME.mjs) to its
-/// end and returns its JSON lines.
-async fn run_script(name: &str, args: &[&str]) -> Vec<Value> {
+/// The browser scripts' directory, once Chromium and playwright-core are
+/// known to be there.
+fn browser_dir() -> &'static str {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
     assert!(
         std::path::Path::new("/usr/bin/chromium").exists() && std::path::Path::new(dir).join("node_modules/playwright-core").exists(),
         "the browser tests need Debian's chromium and `npm install` in {dir} (bash .ci/run installs both)"
     );
+    dir
+}
+
+/// Runs one of the browser scripts (engine/tests/browser/NAME.mjs) to its
+/// end and returns its JSON lines.
+async fn run_script(name: &str, args: &[&str]) -> Vec<Value> {
+    let dir = browser_dir();
     let out = tokio::time::timeout(
         WAIT * 6,
         Command::new("node").arg(format!("{dir}/{name}.mjs")).args(args).stdout(Stdio::piped()).kill_on_drop(true).output(),
@@ -257,16 +264,8 @@ async fn chromium_herald_js_refreshes_an_expiring_token_without_losing_messages(
     let h = start(2, |c| {
         c.auth_hmac_secret(secret);
     });
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-    let mut child = Command::new("node")
-        .arg(format!("{dir}/token.mjs"))
-        .args([format!("http://{}", addr(&h)), secret.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node");
-    let mut b = Browser { events: BufReader::new(child.stdout.take().unwrap()), child };
+    let origin = format!("http://{}", addr(&h));
+    let mut b = Browser::script("token", &[&origin, secret]);
     assert_eq!(b.next_of("subscribed").await["offset"], 0);
     // Messages before, during and after the refresh.
     let mut sent = 0;
@@ -295,16 +294,8 @@ async fn chromium_herald_js_refreshes_an_expiring_token_without_losing_messages(
 async fn chromium_herald_js_over_sse_resumes_after_a_cut_from_its_position() {
     let h = start(2, |_| {});
     let proxy = Proxy::start(addr(&h)).await;
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser");
-    let mut child = Command::new("node")
-        .arg(format!("{dir}/herald-sse.mjs"))
-        .args([format!("http://{}", proxy.addr), "feed".to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node");
-    let mut b = Browser { events: BufReader::new(child.stdout.take().unwrap()), child };
+    let origin = format!("http://{}", proxy.addr);
+    let mut b = Browser::script("herald-sse", &[&origin, "feed"]);
     assert_eq!(b.next_of("subscribed").await["offset"], 0);
     let a = addr(&h);
     let post = |text: &'static str| async move { assert_eq!(publish(a, "feed", text, false).await.0, 200) };

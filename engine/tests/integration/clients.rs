@@ -12,14 +12,6 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::common::*;
 
-const SECRET: &str = "a-test-secret-of-32-bytes-or-so!";
-
-fn token(user: &str, exp_in: u64) -> String {
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + exp_in;
-    let claims = json!({"sub": user, "exp": exp, "subscribe": ["*"], "publish": ["*"]});
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
-}
-
 /// herald.js in a Node process.
 struct Client {
     _child: Child,
@@ -172,12 +164,12 @@ async fn the_token_is_refreshed_before_it_expires() {
     let mut c = Client::start(&format!("ws://{}/ws", addr(&h)), None, true);
     c.event("token?").await;
     // Expires in 31 s: refreshed 30 s before, so after a second.
-    let first = token("42", 31);
+    let first = user_token("42", 31);
     c.send(json!({"do":"token","token":first})).await;
     c.event("connected").await;
     c.call(json!({"do":"subscribe","channel":"user:42"})).await;
     c.event("token?").await;
-    c.send(json!({"do":"token","token":token("42", 3600)})).await;
+    c.send(json!({"do":"token","token":user_token("42", 3600)})).await;
     wait_metric(&h, "herald_auth_refreshes_total", |n| n == 1).await;
     assert_eq!(publish(addr(&h), "user:42", "still here", false).await.0, 200);
     assert_eq!(c.messages(1).await, [json!("still here")]);
@@ -189,7 +181,7 @@ async fn the_server_api_disconnect_is_final() {
     let h = start(2, |c| {
         c.auth_hmac_secret(SECRET);
     });
-    let mut c = Client::start(&format!("ws://{}/ws", addr(&h)), Some(&token("42", 3600)), false);
+    let mut c = Client::start(&format!("ws://{}/ws", addr(&h)), Some(&user_token("42", 3600)), false);
     c.event("connected").await;
     let (status, _, _) = http(addr(&h), "POST", "/api/disconnect", &[("content-type", "application/json")], br#"{"user":"42"}"#).await;
     assert_eq!(status, 200);

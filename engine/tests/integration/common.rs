@@ -18,6 +18,17 @@ pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The HMAC secret of the tests' connection tokens.
+pub const SECRET: &str = "a-test-secret-of-32-bytes-or-so!";
+
+/// An HS256 connection token of `user`, expiring in `exp_in_s` seconds,
+/// granted every channel.
+pub fn user_token(user: &str, exp_in_s: u64) -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + exp_in_s;
+    let claims = serde_json::json!({"sub": user, "exp": exp, "subscribe": ["*"], "publish": ["*"]});
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
 /// Starts Herald on a free loopback port.
 pub fn start(shards: usize, tweak: impl FnOnce(&mut Config)) -> Herald {
     let mut c = Config::default();

@@ -4,19 +4,15 @@
 use std::time::Duration;
 
 use herald::{Herald, Namespace};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 use crate::broker::{ready, RedisServer};
 use crate::common::*;
 
-const SECRET: &str = "a-test-secret-of-32-bytes-or-so!";
 const KEY: &str = "an-api-key-for-the-tests";
 
 fn token(user: &str) -> String {
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
-    let claims = json!({"sub": user, "exp": exp, "subscribe": ["*"], "publish": ["*"]});
-    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    user_token(user, 3600)
 }
 
 /// A node with presence and join/leave on `chat:…`, presence alone on
