@@ -136,6 +136,20 @@ pub struct Config {
     /// a day, and client publishing unless a `[namespaces.demo]` says
     /// otherwise). Default false.
     pub demo: bool,
+    /// Accept permessage-deflate (RFC 7692) on `/ws` and `/echo`: each
+    /// message is deflated at most once and the compressed frame shared by
+    /// every subscriber that agreed it. Default false.
+    pub compression: bool,
+    /// Frames with payloads under this many bytes are sent uncompressed
+    /// (compression costs more than it saves on them). Default 128.
+    pub compression_min_bytes: usize,
+    /// zlib level of compressed frames, 1 (fastest) to 9. Default 1.
+    pub compression_level: u32,
+    /// Benchmarks only: deflate every message once per delivery instead of
+    /// once per message, to measure what sharing saves. Default false.
+    #[doc(hidden)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub compression_per_connection: bool,
     /// Origins (`https://app.example.com`, exactly as a browser sends it)
     /// whose pages may use Herald; `"*"` allows every origin. A request
     /// with another `Origin` header gets 403; answers to allowed origins
@@ -349,6 +363,10 @@ impl Default for Config {
             sse_keepalive_ms: 15_000,
             client_publish: true,
             echo: false,
+            compression: false,
+            compression_min_bytes: 128,
+            compression_level: 1,
+            compression_per_connection: false,
             demo: false,
             redis: None,
             redis_cluster: Vec::new(),
@@ -458,6 +476,12 @@ impl Config {
         client_publish: bool);
     setter!(/// Sets [`Config::echo`].
         echo: bool);
+    setter!(/// Sets [`Config::compression`].
+        compression: bool);
+    setter!(/// Sets [`Config::compression_min_bytes`].
+        compression_min_bytes: usize);
+    setter!(/// Sets [`Config::compression_level`].
+        compression_level: u32);
     setter!(/// Sets [`Config::demo`].
         demo: bool);
     /// Verifies connection tokens signed with this HMAC secret (HS256/384/512).
@@ -561,6 +585,7 @@ impl Config {
         check(c.shards <= MAX_SHARDS, &format!("shards must be at most {MAX_SHARDS}"))?;
         check(c.listen_backlog >= 1 && c.listen_backlog <= i32::MAX as u32, "listen_backlog must be between 1 and 2147483647")?;
         check(c.max_message_bytes >= 1, "max_message_bytes must be at least 1")?;
+        check((1..=9).contains(&c.compression_level), "compression_level must be from 1 to 9")?;
         check(c.max_request_head_bytes >= 8192, "max_request_head_bytes must be at least 8192")?;
         check(c.request_head_timeout_ms >= 1, "request_head_timeout_ms must be at least 1")?;
         check(c.max_connections >= 1, "max_connections must be at least 1")?;

@@ -247,6 +247,57 @@ pub(crate) enum Kind {
     },
 }
 
+/// What encoding a message takes besides its form: the shard's counters
+/// and the compression settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Encode<'a> {
+    pub metrics: &'a ShardMetrics,
+    /// zlib level of compressed forms.
+    pub level: u32,
+    /// Payloads under this many bytes stay plain in compressed forms.
+    pub min_bytes: usize,
+}
+
+impl<'a> Encode<'a> {
+    /// With the defaults of [`crate::Config`].
+    pub(crate) fn new(metrics: &'a ShardMetrics) -> Encode<'a> {
+        Encode { metrics, level: 1, min_bytes: 128 }
+    }
+
+    /// Compresses a reply or a frame of one connection's (not a message's:
+    /// those are compressed once, by [`Message::frame`]); counted as
+    /// `source="reply"`. Frames that gain nothing come back as they are.
+    pub(crate) fn deflate_reply(&self, frame: Bytes, limit: usize) -> Bytes {
+        if crate::proto::frame::server_payload(&frame).len() > limit {
+            return frame;
+        }
+        self.deflate(&frame, 1).unwrap_or(frame)
+    }
+
+    /// Deflates `plain`, counting it under `source` (0 message, 1 reply).
+    pub(crate) fn deflate(&self, plain: &Bytes, source: usize) -> Option<Bytes> {
+        use crate::proto::deflate::{deflate_frame, Plain};
+        let m = self.metrics;
+        match deflate_frame(plain, self.level, self.min_bytes) {
+            Ok(z) => {
+                m.compressed[source].inc();
+                m.compression_in.add(crate::proto::frame::server_payload(plain).len() as u64);
+                m.compression_out.add(crate::proto::frame::server_payload(&z).len() as u64);
+                Some(z)
+            }
+            Err(Plain::NotData) => None,
+            Err(Plain::Small) => {
+                m.compression_skipped[0].inc();
+                None
+            }
+            Err(Plain::NoGain) => {
+                m.compression_skipped[1].inc();
+                None
+            }
+        }
+    }
+}
+
 /// One published message, shared by refcount between the shards that have
 /// subscribers to its channel.
 #[derive(Debug)]
@@ -258,7 +309,7 @@ pub(crate) struct Message {
     pub payload: Payload,
     pub published_at: Instant,
     pub kind: Kind,
-    forms: [OnceLock<Bytes>; 6],
+    forms: [OnceLock<Bytes>; 8],
 }
 
 impl Message {
@@ -287,9 +338,22 @@ impl Message {
 
     /// The complete frame or event for `form`, encoded on first use by
     /// whichever shard needs it first; every later caller shares the bytes.
+    /// A compressed form is deflated from the plain one at most once; when
+    /// it would not gain it shares the plain frame.
     #[inline]
-    pub(crate) fn frame(&self, form: Form, metrics: &ShardMetrics) -> &Bytes {
+    pub(crate) fn frame(&self, form: Form, enc: &Encode<'_>) -> &Bytes {
+        let metrics = enc.metrics;
         self.forms[form as usize].get_or_init(|| {
+            if form.is_deflate() {
+                let plain = self.frame(form.plain(), enc);
+                return match enc.deflate(plain, 0) {
+                    Some(z) => {
+                        metrics.encoded[form as usize].inc();
+                        z
+                    }
+                    None => plain.clone(),
+                };
+            }
             match self.kind {
                 Kind::Publication => {}
                 // Raw forms carry payloads alone: an empty frame is not sent.
@@ -310,6 +374,8 @@ impl Message {
                     json::with_sse_id(self.epoch.as_str(), self.offset, &json::sse_json(&self.channel, self.offset, &self.payload))
                 }
                 Form::SseRawId => json::with_sse_id(self.epoch.as_str(), self.offset, &json::sse_raw(&self.payload)),
+                // Made from the plain forms above.
+                Form::WsJsonDeflate | Form::WsRawDeflate => Bytes::new(),
             }
         })
     }
@@ -353,13 +419,38 @@ mod tests {
     #[test]
     fn each_form_is_encoded_once() {
         let m = ShardMetrics::default();
+        let enc = Encode::new(&m);
         let msg = Message::new("c".into(), Epoch::random(), 1, Payload::text("x"));
-        let a = msg.frame(Form::WsJson, &m).clone();
-        let b = msg.frame(Form::WsJson, &m).clone();
+        let a = msg.frame(Form::WsJson, &enc).clone();
+        let b = msg.frame(Form::WsJson, &enc).clone();
         assert_eq!(a.as_ptr(), b.as_ptr(), "the same bytes are shared");
-        msg.frame(Form::SseRaw, &m);
+        msg.frame(Form::SseRaw, &enc);
         assert_eq!(m.encoded[Form::WsJson as usize].get(), 1);
         assert_eq!(m.encoded[Form::SseRaw as usize].get(), 1);
         assert_eq!(m.encoded[Form::WsRaw as usize].get(), 0);
+    }
+
+    #[test]
+    fn the_compressed_form_is_deflated_once_and_shared() {
+        let m = ShardMetrics::default();
+        let enc = Encode::new(&m);
+        let big = Payload::text("all work and no play ".repeat(50));
+        let msg = Message::new("c".into(), Epoch::random(), 1, big);
+        let z = msg.frame(Form::WsJsonDeflate, &enc).clone();
+        assert!(crate::proto::deflate::is_compressed(&z));
+        for _ in 0..100 {
+            assert_eq!(msg.frame(Form::WsJsonDeflate, &enc).as_ptr(), z.as_ptr());
+        }
+        assert_eq!(m.encoded[Form::WsJsonDeflate as usize].get(), 1);
+        assert_eq!(m.compressed[0].get(), 1);
+        let plain = msg.frame(Form::WsJson, &enc);
+        assert_eq!(m.encoded[Form::WsJson as usize].get(), 1, "the plain form was made once, for both");
+        let inflated = crate::proto::deflate::inflate(crate::proto::frame::server_payload(&z), None, 1 << 20).unwrap();
+        assert_eq!(inflated, crate::proto::frame::server_payload(plain));
+        // Under compression_min_bytes the plain bytes are shared as they are.
+        let small = Message::new("c".into(), Epoch::random(), 2, Payload::text("x"));
+        assert_eq!(small.frame(Form::WsJsonDeflate, &enc).as_ptr(), small.frame(Form::WsJson, &enc).as_ptr());
+        assert_eq!(m.encoded[Form::WsJsonDeflate as usize].get(), 1);
+        assert_eq!(m.compression_skipped[0].get(), 1);
     }
 }

@@ -164,7 +164,21 @@ pub(crate) struct ShardMetrics {
     pub subscriptions_added: Counter,
     pub subscriptions_removed: Counter,
     pub published: Counter,
-    pub encoded: [Counter; 6],
+    pub encoded: [Counter; 8],
+    /// Compressed frames built: for messages (once per message and form),
+    /// for replies.
+    pub compressed: [Counter; 2],
+    /// Payload bytes into and out of deflate.
+    pub compression_in: Counter,
+    pub compression_out: Counter,
+    /// Frames left plain for a compressing connection: small, no gain.
+    pub compression_skipped: [Counter; 2],
+    pub compression_opened: Counter,
+    pub compression_closed: Counter,
+    /// Compressed client messages inflated, and their bytes.
+    pub inflated: Counter,
+    pub inflate_in: Counter,
+    pub inflate_out: Counter,
     pub delivered_ws: Counter,
     pub delivered_sse: Counter,
     pub bytes_delivered: Counter,
@@ -287,6 +301,36 @@ impl Metrics {
         for f in Form::ALL {
             let _ = writeln!(out, "herald_frames_encoded_total{{form=\"{}\"}} {}", f.label(), self.sum(|s| &s.encoded[f as usize]));
         }
+
+        head(&mut out, "herald_compression_connections", "gauge", "Open WebSockets that agreed permessage-deflate.");
+        let open = self.sum(|s| &s.compression_opened).saturating_sub(self.sum(|s| &s.compression_closed));
+        let _ = writeln!(out, "herald_compression_connections {open}");
+        head(
+            &mut out,
+            "herald_compressed_frames_total",
+            "counter",
+            "Compressed frames built: once per message and form (message), once per reply (reply).",
+        );
+        for (i, source) in ["message", "reply"].iter().enumerate() {
+            let _ = writeln!(out, "herald_compressed_frames_total{{source=\"{source}\"}} {}", self.sum(|s| &s.compressed[i]));
+        }
+        head(&mut out, "herald_compression_bytes_total", "counter", "Payload bytes before (in) and after (out) deflate.");
+        let _ = writeln!(out, "herald_compression_bytes_total{{stage=\"in\"}} {}", self.sum(|s| &s.compression_in));
+        let _ = writeln!(out, "herald_compression_bytes_total{{stage=\"out\"}} {}", self.sum(|s| &s.compression_out));
+        head(
+            &mut out,
+            "herald_compression_skipped_total",
+            "counter",
+            "Messages (once each) and replies left plain for compressing connections: under compression_min_bytes, or no smaller deflated.",
+        );
+        for (i, reason) in ["small", "no_gain"].iter().enumerate() {
+            let _ = writeln!(out, "herald_compression_skipped_total{{reason=\"{reason}\"}} {}", self.sum(|s| &s.compression_skipped[i]));
+        }
+        head(&mut out, "herald_inflated_messages_total", "counter", "Compressed client messages inflated.");
+        let _ = writeln!(out, "herald_inflated_messages_total {}", self.sum(|s| &s.inflated));
+        head(&mut out, "herald_inflate_bytes_total", "counter", "Bytes of compressed client messages (in) and inflated (out).");
+        let _ = writeln!(out, "herald_inflate_bytes_total{{stage=\"in\"}} {}", self.sum(|s| &s.inflate_in));
+        let _ = writeln!(out, "herald_inflate_bytes_total{{stage=\"out\"}} {}", self.sum(|s| &s.inflate_out));
 
         head(&mut out, "herald_frames_delivered_total", "counter", "Message frames written to subscribers' sockets.");
         let _ = writeln!(out, "herald_frames_delivered_total{{transport=\"ws\"}} {}", self.sum(|s| &s.delivered_ws));

@@ -88,6 +88,17 @@ pub(crate) struct ScenarioArgs {
     /// Payload size in bytes (at least the ~30-byte header).
     #[arg(long, default_value_t = 64)]
     pub(crate) payload: usize,
+    /// Payloads are JSON documents of about `--payload` bytes, a list of
+    /// records that differ per message (compressible as real JSON is, 3–5×),
+    /// published as `application/json` (not with `--publish-body`).
+    #[arg(long)]
+    pub(crate) payload_json: bool,
+    /// WebSocket subscribers offer permessage-deflate (as browsers do) and
+    /// inflate what comes compressed; the report counts the connections
+    /// that agreed it and the bytes received on the wire. The embedded
+    /// Herald then runs with `compression = true`.
+    #[arg(long)]
+    pub(crate) compression: bool,
     /// New connections per second while connecting.
     #[arg(long, default_value_t = 2000.0)]
     pub(crate) connect_rate: f64,
@@ -226,7 +237,7 @@ impl ScenarioArgs {
     /// The scenario, and the embedded Herald when there is no URL.
     pub(crate) fn build(&self, name: Option<&str>) -> anyhow::Result<(Scenario, Option<herald::Herald>)> {
         let (urls, method_default_url, herald) = if self.url.is_empty() {
-            let h = embedded(self.shards)?;
+            let h = embedded(self.shards, self.compression)?;
             let addr = h.local_addr().context("the embedded Herald has no address")?;
             let raw = if self.format == FormatArg::Raw { "&format=raw" } else { "" };
             let url = match self.transport {
@@ -253,7 +264,11 @@ impl ScenarioArgs {
                     url: Url::parse(&u)?,
                     connections: self.publish_connections.max(1),
                     body: self.publish_body.clone(),
-                    content_type: self.publish_content_type.clone(),
+                    content_type: if self.payload_json && self.publish_content_type == "text/plain" {
+                        "application/json".into()
+                    } else {
+                        self.publish_content_type.clone()
+                    },
                     sign,
                 }
             }
@@ -276,6 +291,12 @@ impl ScenarioArgs {
         };
         if !matches!(method, Method::Http { .. }) && (self.publish_body.is_some() || self.publish_sign.is_some()) {
             bail!("--publish-body and --publish-sign are for --publish http");
+        }
+        if self.compression && self.transport != TransportArg::Ws {
+            bail!("--compression is for WebSocket subscribers (--transport ws)");
+        }
+        if self.payload_json && self.publish_body.is_some() {
+            bail!("--payload-json makes the whole body; it does not go with --publish-body");
         }
         if self.subscribe_message.is_some() && self.transport != TransportArg::Ws {
             bail!("--subscribe-message is for WebSocket subscribers (--transport ws)");
@@ -304,6 +325,7 @@ impl ScenarioArgs {
                 }
             }),
             embedded: herald.is_some(),
+            compression: self.compression,
             urls,
             transport: match self.transport {
                 TransportArg::Ws => Transport::Ws,
@@ -331,6 +353,7 @@ impl ScenarioArgs {
             warmup: self.warmup.max(0.0),
             drain: self.drain.max(0.0),
             payload: self.payload,
+            payload_json: self.payload_json,
         };
         let sc = Scenario { conns, load };
         Ok((sc, herald))

@@ -58,6 +58,7 @@ pub async fn connect_all(sc: &Connections, plan: Plan, progress: &Progress) -> a
             source: (!sc.source_ips.is_empty()).then(|| sc.source_ips[(j as usize) % sc.source_ips.len()]),
             connect_timeout: sc.connect_timeout,
             subscribe: sc.subscribe_message.as_ref().map(|m| m.replace("{channel}", &names[channel as usize])),
+            compression: sc.compression,
         };
         workers[(j as usize) % workers.len()].subscribe(spec);
         if j % 64 == 0 {
@@ -84,7 +85,7 @@ pub async fn connect_all(sc: &Connections, plan: Plan, progress: &Progress) -> a
 pub async fn run(a: ConnectArgs) -> anyhow::Result<()> {
     let progress = Progress::new(a.quiet);
     sys::fd_budget(a.connections, &progress);
-    let herald = if a.url.is_empty() { Some(embedded(a.shards)?) } else { None };
+    let herald = if a.url.is_empty() { Some(embedded(a.shards, false)?) } else { None };
     let urls = match &herald {
         Some(h) => {
             let addr = h.local_addr().context("no address")?;
@@ -101,6 +102,7 @@ pub async fn run(a: ConnectArgs) -> anyhow::Result<()> {
             None => urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         },
         embedded: herald.is_some(),
+        compression: false,
         urls,
         transport: if a.transport == TransportArg::Ws { Transport::Ws } else { Transport::Sse },
         subscribers: a.connections,

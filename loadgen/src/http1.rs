@@ -16,6 +16,8 @@ pub struct Head {
     pub status: u16,
     pub chunked: bool,
     pub content_type: String,
+    /// `Sec-WebSocket-Extensions` values.
+    pub extensions: Vec<String>,
 }
 
 /// Sends `request` and reads the response head; returns it with any bytes
@@ -40,6 +42,8 @@ pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(Head, V
                         head.chunked = String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked");
                     } else if h.name.eq_ignore_ascii_case("content-type") {
                         head.content_type = String::from_utf8_lossy(h.value).into_owned();
+                    } else if h.name.eq_ignore_ascii_case("sec-websocket-extensions") {
+                        head.extensions.push(String::from_utf8_lossy(h.value).into_owned());
                     }
                 }
                 return Ok((head, buf.split_off(len)));

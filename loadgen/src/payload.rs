@@ -28,6 +28,76 @@ pub fn encode(out: &mut Vec<u8>, run: u64, seq: u64, intended_ns: u64, size: usi
     }
 }
 
+/// Writes message `seq`'s payload as a JSON document of `size` bytes (at
+/// least its ~60-byte frame): `{"m":"lg:…:","items":[{"id":…,"title":…,
+/// "done":…,"owner":…,"updated":…},…]}` whose records differ per message,
+/// so it compresses as a real change set does (3–5× with deflate), not as
+/// padding does.
+pub fn encode_json(out: &mut Vec<u8>, run: u64, seq: u64, intended_ns: u64, size: usize) {
+    const WORDS: [&str; 16] = [
+        "milk", "report", "invoice", "review", "deploy", "garden", "ticket", "draft", "budget", "meeting", "backup", "design", "refund",
+        "launch", "survey", "travel",
+    ];
+    let mut marker = Vec::with_capacity(48);
+    encode(&mut marker, run, seq, intended_ns, 0);
+    out.clear();
+    out.extend_from_slice(b"{\"m\":\"");
+    out.extend_from_slice(&marker);
+    out.extend_from_slice(b"\",\"items\":[");
+    // A cheap generator seeded by the message: every message differs.
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ run | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut item = String::with_capacity(160);
+    let mut first = true;
+    loop {
+        let r = next();
+        item.clear();
+        use std::fmt::Write as _;
+        let _ = write!(
+            item,
+            r#"{}{{"id":{},"title":"{} {} {}","done":{},"owner":"user-{}","updated":"2026-12-01T{:02}:{:02}:{:02}Z"}}"#,
+            if first { "" } else { "," },
+            r % 100_000,
+            WORDS[(r >> 20) as usize % 16],
+            WORDS[(r >> 24) as usize % 16],
+            (r >> 28) % 1000,
+            r & 1 == 1,
+            (r >> 40) % 50,
+            (r >> 44) % 24,
+            (r >> 50) % 60,
+            (r >> 56) % 60
+        );
+        if out.len() + item.len() + 2 > size {
+            break;
+        }
+        out.extend_from_slice(item.as_bytes());
+        first = false;
+    }
+    out.extend_from_slice(b"]");
+    // Pad to the size with a note made of words.
+    if out.len() + 11 <= size {
+        out.extend_from_slice(b",\"note\":\"");
+        while out.len() + 2 < size {
+            let w = WORDS[next() as usize % 16];
+            let room = size - 2 - out.len();
+            out.extend_from_slice(&w.as_bytes()[..w.len().min(room)]);
+            if out.len() + 2 < size {
+                out.push(b' ');
+            }
+        }
+        out.push(b'"');
+    }
+    while out.len() + 1 < size {
+        out.push(b' ');
+    }
+    out.push(b'}');
+}
+
 /// A payload found in received bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Found {
@@ -94,6 +164,23 @@ mod tests {
         assert!(p.starts_with(b"lg:5:42:1234567890:xx"));
         let env = format!(r#"{{"channel":"c","offset":9,"data":"{}"}}"#, std::str::from_utf8(&p).unwrap());
         assert_eq!(find(env.as_bytes()), [Found { run: 5, seq: 42, intended_ns: 1_234_567_890 }]);
+    }
+
+    #[test]
+    fn json_payloads_are_json_of_the_size_and_carry_the_marker() {
+        let mut p = Vec::new();
+        for size in [0, 60, 100, 1024, 4096] {
+            encode_json(&mut p, 5, 42, 99, size);
+            let v: serde_json::Value = serde_json::from_slice(&p).unwrap_or_else(|e| panic!("{size}: {e}"));
+            assert!(v["items"].is_array());
+            if size >= 100 {
+                assert_eq!(p.len(), size);
+            }
+            assert_eq!(find(&p), [Found { run: 5, seq: 42, intended_ns: 99 }]);
+        }
+        let mut q = Vec::new();
+        encode_json(&mut q, 5, 43, 99, 4096);
+        assert_ne!(p[40..], q[40..], "each message differs");
     }
 
     #[test]

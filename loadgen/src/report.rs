@@ -93,6 +93,20 @@ pub struct FanoutReport {
     pub duration_s: f64,
     pub warmup_s: f64,
     pub payload_bytes: usize,
+    /// JSON payloads (`--payload-json`).
+    pub payload_json: bool,
+    /// Subscribers offered permessage-deflate (`--compression`).
+    pub compression: bool,
+    /// Subscribers that agreed it.
+    pub compressed_connections: u64,
+    /// Compressed messages received.
+    pub compressed_messages: u64,
+    /// Bytes WebSocket subscribers read from their sockets during the
+    /// measured window (frames and their headers, pings included).
+    pub wire_bytes: u64,
+    /// `wire_bytes` per delivery in the window (WebSocket only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire_bytes_per_delivery: Option<f64>,
     /// Subscribers that connected (those the server closed later included:
     /// their missed messages count as lost).
     pub connected: u64,
@@ -181,7 +195,7 @@ impl FanoutReport {
         let _ = writeln!(s, "target       {}", self.target);
         let _ = writeln!(
             s,
-            "scenario     {} subscribers ({} connected) over {} channel(s), {} {}, {} msg/s for {}s after {}s warm-up, {} B payload, publish {} ({})",
+            "scenario     {} subscribers ({} connected) over {} channel(s), {} {}, {} msg/s for {}s after {}s warm-up, {} B {}payload, publish {} ({})",
             self.subscribers,
             self.connected,
             self.channels,
@@ -191,6 +205,7 @@ impl FanoutReport {
             self.duration_s,
             self.warmup_s,
             self.payload_bytes,
+            if self.payload_json { "JSON " } else { "" },
             self.publish,
             self.inflight_label()
         );
@@ -216,6 +231,17 @@ impl FanoutReport {
             ("connect", &self.connect_latency_us),
         ] {
             let _ = writeln!(s, "  {:<22}{:>10.0}{:>10.0}{:>10.0}{:>10.0}{:>10.0}", name, p.p50, p.p90, p.p99, p.p999, p.max);
+        }
+        if let Some(per) = self.wire_bytes_per_delivery {
+            let _ = write!(s, "wire         {} B received in the window ({per:.0} B per delivery)", self.wire_bytes);
+            if self.compression {
+                let _ = write!(
+                    s,
+                    "; compression agreed by {} of {} subscribers, {} compressed messages",
+                    self.compressed_connections, self.connected, self.compressed_messages
+                );
+            }
+            s.push('\n');
         }
         if self.incomplete_messages > 0 {
             let _ = writeln!(s, "incomplete   {} messages did not reach every subscriber", self.incomplete_messages);

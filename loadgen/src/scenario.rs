@@ -38,6 +38,8 @@ pub struct Connections {
     pub server_pids: Vec<u32>,
     /// The target is an embedded Herald in this process.
     pub embedded: bool,
+    /// WebSocket subscribers offer permessage-deflate.
+    pub compression: bool,
 }
 
 impl Connections {
@@ -59,6 +61,8 @@ pub struct Load {
     pub warmup: f64,
     pub drain: f64,
     pub payload: usize,
+    /// Payloads are JSON documents (published as `application/json`).
+    pub payload_json: bool,
 }
 
 /// Everything that defines a fan-out scenario and its target.
@@ -100,9 +104,9 @@ pub fn threads(t: Option<usize>) -> usize {
 }
 
 /// An embedded Herald on a free loopback port.
-pub fn embedded(shards: Option<usize>) -> anyhow::Result<herald::Herald> {
+pub fn embedded(shards: Option<usize>, compression: bool) -> anyhow::Result<herald::Herald> {
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     let mut config = herald::Config::default();
-    config.shards(shards.unwrap_or(0)).max_connections(1_000_000);
+    config.shards(shards.unwrap_or(0)).max_connections(1_000_000).compression(compression);
     herald::Herald::start_on(listener, config).context("cannot start the embedded Herald")
 }

@@ -177,6 +177,12 @@ pub struct WorkerStats {
     pub unflushed_received: u64,
     pub unflushed_measured: u64,
     pub unflushed_in_window: u64,
+    /// Bytes read from WebSocket subscribers' sockets in the window.
+    pub wire_bytes: u64,
+    /// Subscribers that agreed permessage-deflate.
+    pub compressed_conns: u64,
+    /// Compressed messages received (whole run).
+    pub compressed_frames: u64,
 }
 
 impl WorkerStats {
@@ -199,6 +205,9 @@ impl WorkerStats {
             unflushed_received: 0,
             unflushed_measured: 0,
             unflushed_in_window: 0,
+            wire_bytes: 0,
+            compressed_conns: 0,
+            compressed_frames: 0,
         }
     }
 
@@ -274,6 +283,9 @@ impl WorkerStats {
         self.misrouted += o.misrouted;
         self.foreign += o.foreign;
         self.in_window += o.in_window;
+        self.wire_bytes += o.wire_bytes;
+        self.compressed_conns += o.compressed_conns;
+        self.compressed_frames += o.compressed_frames;
     }
 }
 

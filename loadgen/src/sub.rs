@@ -16,6 +16,7 @@ use crate::clock;
 use crate::net::{self, ConnectError, Url};
 use crate::payload;
 use crate::stats::{Live, Plan, Seq, WorkerStats};
+use herald::proto::deflate::Agreed;
 use herald::proto::frame::OpCode;
 
 use crate::http1::{self, Dechunker};
@@ -42,6 +43,8 @@ pub struct SubSpec {
     pub connect_timeout: Duration,
     /// Sent as a text frame right after the WebSocket handshake.
     pub subscribe: Option<String>,
+    /// Offer permessage-deflate (WebSocket).
+    pub compression: bool,
 }
 
 enum Job {
@@ -119,12 +122,14 @@ impl Worker {
 
 /// Opens a connection and completes the handshake; returns the stream and
 /// the bytes that followed the response head.
-pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool), ConnectError> {
+/// The stream, the bytes after the head, whether an SSE body is chunked,
+/// and the compression a WebSocket agreed.
+pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool, Option<Agreed>), ConnectError> {
     let fut = async {
         let mut s = net::connect(spec.addr, spec.source, spec.connect_timeout).await?;
         match spec.transport {
-            Transport::Ws => ws::upgrade(&mut s, &spec.url, &spec.path).await.map(|rest| (s, rest, false)),
-            Transport::Sse => http1::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked)),
+            Transport::Ws => ws::upgrade(&mut s, &spec.url, &spec.path, spec.compression).await.map(|(rest, a)| (s, rest, false, a)),
+            Transport::Sse => http1::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked, None)),
         }
     };
     match tokio::time::timeout(spec.connect_timeout, fut).await {
@@ -135,7 +140,7 @@ pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool), ConnectE
 
 async fn subscriber(ctx: Rc<Ctx>, spec: SubSpec) {
     let t0 = clock::now_ns();
-    let (stream, rest, chunked) = match open(&spec).await {
+    let (stream, rest, chunked, agreed) = match open(&spec).await {
         Ok(v) => v,
         Err(e) => {
             *ctx.stats.borrow_mut().connect_errors.entry(e.kind.to_string()).or_default() += 1;
@@ -144,12 +149,15 @@ async fn subscriber(ctx: Rc<Ctx>, spec: SubSpec) {
         }
     };
     let _ = ctx.stats.borrow_mut().connect.record((clock::now_ns() - t0).max(1));
+    if agreed.is_some() {
+        ctx.stats.borrow_mut().compressed_conns += 1;
+    }
     ctx.live.connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some(c) = ctx.live.connected_per_channel.get(spec.channel as usize) {
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let end = match spec.transport {
-        Transport::Ws => read_ws(&ctx, stream, rest, spec.channel, spec.subscribe.as_deref()).await,
+        Transport::Ws => read_ws(&ctx, stream, rest, spec.channel, spec.subscribe.as_deref(), agreed).await,
         Transport::Sse => read_sse(&ctx, stream, rest, chunked, spec.channel).await,
     };
     *ctx.stats.borrow_mut().disconnects.entry(end).or_default() += 1;
@@ -162,20 +170,49 @@ fn io_end(e: &std::io::Error) -> String {
     format!("io_{}", ConnectError::io(e).kind)
 }
 
-/// Handles the complete frames at the start of `data`; returns the bytes
-/// used and, if the stream must end, why.
-fn ws_frames(ctx: &Ctx, seq: &mut Seq, channel: u64, data: &[u8], reply: &mut Vec<u8>, masker: &mut ws::Masker) -> (usize, Option<String>) {
+/// What a WebSocket subscriber reads with: its sequence checks, its reply
+/// buffer and masks, its compression state.
+struct WsReader {
+    seq: Seq,
+    reply: Vec<u8>,
+    masker: ws::Masker,
+    inflate: Option<ws::Inflate>,
+    inflated: Vec<u8>,
+}
+
+/// Handles the complete frames at the start of `data`, whose last `fresh`
+/// bytes were just read; returns the bytes used and, if the stream must
+/// end, why.
+fn ws_frames(ctx: &Ctx, r: &mut WsReader, channel: u64, data: &[u8], fresh: usize) -> (usize, Option<String>) {
     let now = clock::now_ns();
     let in_window = ctx.live.in_window(now);
     let mut stats = ctx.stats.borrow_mut();
+    if in_window {
+        stats.wire_bytes += fresh as u64;
+    }
+    let (seq, reply, masker) = (&mut r.seq, &mut r.reply, &mut r.masker);
     let mut at = 0;
     loop {
-        match ws::parse_frame(&data[at..]) {
+        match ws::parse_frame(&data[at..], r.inflate.is_some()) {
             Ok(Some((f, used))) => {
                 at += used;
                 match f.op {
                     OpCode::Text | OpCode::Binary | OpCode::Continuation => {
-                        payload::find_all(&ctx.finder, f.payload, |found| stats.record(seq, channel, found, now, in_window));
+                        let message = match &mut r.inflate {
+                            None => Some(f.payload),
+                            Some(inf) => {
+                                if f.compressed {
+                                    stats.compressed_frames += 1;
+                                }
+                                match inf.frame(&f, &mut r.inflated) {
+                                    Ok(m) => m,
+                                    Err(e) => return (at, Some(format!("protocol_error: {e}"))),
+                                }
+                            }
+                        };
+                        if let Some(m) = message {
+                            payload::find_all(&ctx.finder, m, |found| stats.record(seq, channel, found, now, in_window));
+                        }
                     }
                     OpCode::Ping => ws::client_frame(reply, OpCode::Pong, f.payload, masker.next()),
                     OpCode::Close => {
@@ -192,24 +229,36 @@ fn ws_frames(ctx: &Ctx, seq: &mut Seq, channel: u64, data: &[u8], reply: &mut Ve
     }
 }
 
-async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64, subscribe: Option<&str>) -> String {
-    let mut seq = Seq::default();
-    let mut masker = ws::Masker::new(clock::now_ns() ^ channel);
-    let mut reply: Vec<u8> = Vec::new();
+async fn read_ws(
+    ctx: &Ctx,
+    mut stream: TcpStream,
+    first: Vec<u8>,
+    channel: u64,
+    subscribe: Option<&str>,
+    agreed: Option<Agreed>,
+) -> String {
+    let mut r = WsReader {
+        seq: Seq::default(),
+        masker: ws::Masker::new(clock::now_ns() ^ channel),
+        reply: Vec::new(),
+        inflate: agreed.as_ref().map(ws::Inflate::new),
+        inflated: Vec::new(),
+    };
     if let Some(m) = subscribe {
-        ws::client_frame(&mut reply, OpCode::Text, m.as_bytes(), masker.next());
+        let mask = r.masker.next();
+        ws::client_frame(&mut r.reply, OpCode::Text, m.as_bytes(), mask);
     }
     // Bytes of a frame not yet complete.
     let mut pending: Vec<u8> = Vec::new();
-    let (used, mut ended) = ws_frames(ctx, &mut seq, channel, &first, &mut reply, &mut masker);
+    let (used, mut ended) = ws_frames(ctx, &mut r, channel, &first, first.len());
     pending.extend_from_slice(&first[used..]);
     drop(first);
     loop {
-        if !reply.is_empty() {
-            if stream.write_all(&reply).await.is_err() && ended.is_none() {
+        if !r.reply.is_empty() {
+            if stream.write_all(&r.reply).await.is_err() && ended.is_none() {
                 ended = Some("io_write".into());
             }
-            reply.clear();
+            r.reply.clear();
         }
         if let Some(e) = ended {
             return e;
@@ -222,13 +271,13 @@ async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64,
         if p + 4096 > scratch.len() {
             // A frame larger than the read buffer: gather it in `pending`.
             pending.reserve(READ_BYTES);
-            match stream.try_read_buf(&mut pending) {
+            let fresh = match stream.try_read_buf(&mut pending) {
                 Ok(0) => return "eof".into(),
-                Ok(_) => {}
+                Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return io_end(&e),
-            }
-            let (used, e) = ws_frames(ctx, &mut seq, channel, &pending, &mut reply, &mut masker);
+            };
+            let (used, e) = ws_frames(ctx, &mut r, channel, &pending, fresh);
             pending.drain(..used);
             ended = e;
         } else {
@@ -239,7 +288,7 @@ async fn read_ws(ctx: &Ctx, mut stream: TcpStream, first: Vec<u8>, channel: u64,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return io_end(&e),
             };
-            let (used, e) = ws_frames(ctx, &mut seq, channel, &scratch[..len], &mut reply, &mut masker);
+            let (used, e) = ws_frames(ctx, &mut r, channel, &scratch[..len], len - p);
             pending.clear();
             pending.extend_from_slice(&scratch[used..len]);
             ended = e;

@@ -99,6 +99,18 @@ struct Args {
     /// Also serve `GET /demo`, a multi-device sync page (channels `demo:…`).
     #[arg(long, env = "HERALD_DEMO", value_parser = BoolishValueParser::new())]
     demo: bool,
+    /// Accept permessage-deflate on /ws and /echo (each message compressed once, shared).
+    #[arg(long, env = "HERALD_COMPRESSION", value_parser = BoolishValueParser::new())]
+    compression: bool,
+    /// Payloads under this many bytes are sent uncompressed.
+    #[arg(long, env = "HERALD_COMPRESSION_MIN_BYTES")]
+    compression_min_bytes: Option<usize>,
+    /// zlib level of compressed frames (1-9).
+    #[arg(long, env = "HERALD_COMPRESSION_LEVEL")]
+    compression_level: Option<u32>,
+    /// Benchmarks only: compress once per delivery, not once per message.
+    #[arg(long, hide = true)]
+    bench_compression_per_connection: bool,
     /// Use the `redis` broker at this URL (redis://[user:password@]host:port):
     /// every publish goes through Redis, so many nodes serve one set of channels.
     #[arg(long, env = "HERALD_REDIS", conflicts_with = "redis_cluster")]
@@ -191,6 +203,13 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     if args.demo {
         c.demo = true;
     }
+    if args.compression {
+        c.compression = true;
+    }
+    if args.bench_compression_per_connection {
+        c.compression_per_connection = true;
+    }
+    set!(compression_min_bytes, compression_level);
     if let Some(url) = &args.redis {
         c.redis = Some(url.clone());
         c.redis_cluster.clear();

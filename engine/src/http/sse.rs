@@ -50,7 +50,7 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     let (tx, rx) = oneshot::channel();
     let (target, _) = engine.pick_shard();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, access, permit) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, access, permit, None) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 tokio::task::spawn_local(sse::pump(Rc::clone(shard), conn, frames_tx, abort_tx));

@@ -30,7 +30,14 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return refuse(&engine, StatusCode::UPGRADE_REQUIRED, ErrorCode::BadRequest, "expected a WebSocket upgrade request");
     }
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    // permessage-deflate: the first offer Herald can serve, when enabled.
+    let deflate = if engine.config.compression {
+        let offers = req.headers().get_all(http::header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
+        crate::proto::deflate::negotiate(offers)
+    } else {
+        None
+    };
+    let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(fastwebsockets::WebSocketError::InvalidSecWebsocketVersion) => {
             let mut r = refuse(&engine, StatusCode::UPGRADE_REQUIRED, ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13");
@@ -54,7 +61,7 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
     let (target, local) = engine.pick_shard();
     let (tx, rx) = oneshot::channel();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, access, permit) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, access, permit, deflate) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 let shard = Rc::clone(shard);
@@ -71,7 +78,14 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
         })
         .await;
     match (opened, rx.await) {
-        (Ok(()), Ok(Ok(()))) => response.map(|_| Body::empty()),
+        (Ok(()), Ok(Ok(()))) => {
+            if let Some(agreed) = deflate {
+                if let Ok(v) = HeaderValue::from_str(&agreed.response()) {
+                    response.headers_mut().insert(http::header::SEC_WEBSOCKET_EXTENSIONS, v);
+                }
+            }
+            response.map(|_| Body::empty())
+        }
         (_, Ok(Err(e))) => refuse(&engine, StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.to_string()),
         _ => error_response(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable.as_str(), "server is shutting down"),
     }

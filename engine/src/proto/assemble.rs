@@ -2,8 +2,11 @@
 //!
 //! An unfragmented data frame is handed back without a copy; fragments are
 //! gathered into one buffer whose size is capped at the configured maximum,
-//! so an endless fragment stream is refused, never buffered.
+//! so an endless fragment stream is refused, never buffered. A compressed
+//! message (permessage-deflate) is inflated once complete, into at most the
+//! same maximum.
 
+use super::deflate::{self, Context, InflateError};
 use super::frame::{FrameHead, OpCode, ProtocolError};
 
 /// A complete message or control frame from the client.
@@ -22,38 +25,77 @@ pub enum Incoming<'a> {
 }
 
 /// Gathers fragments into messages. One per connection; holds no memory
-/// while no fragmented message is in progress.
+/// while no fragmented message is in progress (but the client's
+/// compression context, when it agreed context takeover).
 #[derive(Debug)]
 pub struct Assembler {
     max_message: usize,
     partial: Option<(OpCode, Vec<u8>)>,
+    /// The message in progress started with RSV1.
+    compressed: bool,
+    /// permessage-deflate agreed, with the client's context when it takes
+    /// its context over between messages.
+    deflate: Option<Option<Context>>,
+    /// The last compressed message, inflated, until [`Assembler::finish`].
+    inflated: Vec<u8>,
+    stats: InflateStats,
+}
+
+/// Compressed messages inflated, with their bytes before and after.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InflateStats {
+    /// Messages inflated.
+    pub messages: u64,
+    /// Compressed bytes.
+    pub bytes_in: u64,
+    /// Inflated bytes.
+    pub bytes_out: u64,
 }
 
 impl Assembler {
     /// A new assembler refusing messages over `max_message` bytes.
     pub fn new(max_message: usize) -> Assembler {
-        Assembler { max_message, partial: None }
+        Assembler { max_message, partial: None, compressed: false, deflate: None, inflated: Vec::new(), stats: InflateStats::default() }
     }
 
-    /// Bytes held for a message in progress.
+    /// Accepts compressed messages (permessage-deflate agreed), inflated
+    /// with `context` as the dictionary when the client keeps one (each
+    /// inflated message, compressed frames joined, capped at `max_message`).
+    pub fn with_deflate(mut self, context: Option<Context>) -> Assembler {
+        self.deflate = Some(context);
+        self
+    }
+
+    /// Bytes held for a message in progress, and the compression context.
     pub fn buffered(&self) -> usize {
         self.partial.as_ref().map_or(0, |(_, b)| b.capacity())
+            + self.inflated.capacity()
+            + self.deflate.as_ref().and_then(|c| c.as_ref()).map_or(0, Context::held)
     }
 
     /// Takes one frame whose payload is already unmasked. Returns a message
     /// when one is complete, `None` while fragments are still coming.
     pub fn push<'a>(&'a mut self, head: &FrameHead, payload: &'a [u8]) -> Result<Option<Incoming<'a>>, ProtocolError> {
         self.finish();
+        if head.compressed && self.deflate.is_none() {
+            return Err(ProtocolError::ReservedBits);
+        }
         match head.opcode {
             OpCode::Ping => Ok(Some(Incoming::Ping(payload))),
             OpCode::Pong => Ok(Some(Incoming::Pong)),
             OpCode::Close => parse_close(payload).map(|c| Some(Incoming::Close(c))),
             OpCode::Text | OpCode::Binary if self.partial.is_some() => Err(ProtocolError::BadContinuation),
+            OpCode::Text | OpCode::Binary if head.fin && head.compressed => {
+                self.inflated = inflate(payload, &mut self.deflate, self.max_message)?;
+                self.stats.count(payload.len(), self.inflated.len());
+                data(head.opcode, &self.inflated).map(Some)
+            }
             OpCode::Text | OpCode::Binary if head.fin => data(head.opcode, payload).map(Some),
             OpCode::Text | OpCode::Binary => {
                 if payload.len() > self.max_message {
                     return Err(ProtocolError::TooLarge);
                 }
+                self.compressed = head.compressed;
                 self.partial = Some((head.opcode, payload.to_vec()));
                 Ok(None)
             }
@@ -78,6 +120,11 @@ impl Assembler {
                     return Ok(None);
                 }
                 let (op, buf) = self.partial.take().unwrap_or((OpCode::Binary, Vec::new()));
+                if self.compressed {
+                    self.inflated = inflate(&buf, &mut self.deflate, self.max_message)?;
+                    self.stats.count(buf.len(), self.inflated.len());
+                    return data(op, &self.inflated).map(Some);
+                }
                 // Keep the finished buffer until the caller is done with the message.
                 self.partial = Some((OpCode::Continuation, buf));
                 let done = self.partial.as_ref().map_or(&[][..], |(_, b)| b.as_slice());
@@ -86,13 +133,37 @@ impl Assembler {
         }
     }
 
+    /// What was inflated since the last call.
+    pub fn take_stats(&mut self) -> InflateStats {
+        std::mem::take(&mut self.stats)
+    }
+
     /// Releases the buffer of a message that [`Assembler::push`] completed
     /// (the next `push` does it too).
     pub fn finish(&mut self) {
         if matches!(self.partial, Some((OpCode::Continuation, _))) {
             self.partial = None;
         }
+        if self.inflated.capacity() > 0 {
+            self.inflated = Vec::new();
+        }
     }
+}
+
+impl InflateStats {
+    fn count(&mut self, bytes_in: usize, bytes_out: usize) {
+        self.messages += 1;
+        self.bytes_in += bytes_in as u64;
+        self.bytes_out += bytes_out as u64;
+    }
+}
+
+fn inflate(data: &[u8], deflate: &mut Option<Option<Context>>, cap: usize) -> Result<Vec<u8>, ProtocolError> {
+    let context = deflate.as_mut().and_then(Option::as_mut);
+    deflate::inflate(data, context, cap).map_err(|e| match e {
+        InflateError::TooLarge => ProtocolError::TooLarge,
+        InflateError::Invalid => ProtocolError::BadDeflate,
+    })
 }
 
 fn data(op: OpCode, payload: &[u8]) -> Result<Incoming<'_>, ProtocolError> {
@@ -128,7 +199,47 @@ mod tests {
     use super::*;
 
     fn head(fin: bool, opcode: OpCode, len: usize) -> FrameHead {
-        FrameHead { fin, opcode, mask: [0; 4], header_len: 6, payload_len: len }
+        FrameHead { fin, opcode, mask: [0; 4], header_len: 6, payload_len: len, compressed: false }
+    }
+
+    fn zhead(fin: bool, opcode: OpCode, len: usize) -> FrameHead {
+        FrameHead { compressed: true, ..head(fin, opcode, len) }
+    }
+
+    fn deflated(msg: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        assert!(deflate::deflate_into(msg, 6, &mut out));
+        out
+    }
+
+    #[test]
+    fn compressed_messages_inflate_whole_or_fragmented() {
+        let msg = "hello hello hello hello hello hello".as_bytes();
+        let z = deflated(msg);
+        let mut a = Assembler::new(100).with_deflate(None);
+        assert_eq!(a.push(&zhead(true, OpCode::Text, z.len()), &z), Ok(Some(Incoming::Text(std::str::from_utf8(msg).unwrap()))));
+        // Fragmented: RSV1 on the first frame only, pings between.
+        let (x, y) = z.split_at(3);
+        assert_eq!(a.push(&zhead(false, OpCode::Binary, x.len()), x), Ok(None));
+        assert_eq!(a.push(&head(true, OpCode::Ping, 0), b""), Ok(Some(Incoming::Ping(b""))));
+        assert_eq!(a.push(&head(true, OpCode::Continuation, y.len()), y), Ok(Some(Incoming::Binary(msg))));
+        // A plain message still passes on a compressing connection.
+        assert_eq!(a.push(&head(true, OpCode::Text, 2), b"hi"), Ok(Some(Incoming::Text("hi"))));
+        a.finish();
+        assert_eq!(a.buffered(), 0);
+    }
+
+    #[test]
+    fn compressed_messages_are_capped_checked_and_refused_without_agreement() {
+        let z = deflated(&[b'a'; 5000]);
+        assert!(z.len() < 100);
+        let mut a = Assembler::new(4096).with_deflate(None);
+        assert_eq!(a.push(&zhead(true, OpCode::Binary, z.len()), &z), Err(ProtocolError::TooLarge));
+        let bad_utf8 = deflated(&[0xff; 300]);
+        assert_eq!(a.push(&zhead(true, OpCode::Text, bad_utf8.len()), &bad_utf8), Err(ProtocolError::InvalidUtf8));
+        assert_eq!(a.push(&zhead(true, OpCode::Text, 4), b"\xff\xff\xff\xff"), Err(ProtocolError::BadDeflate));
+        let mut plain = Assembler::new(4096);
+        assert_eq!(plain.push(&zhead(true, OpCode::Text, z.len()), &z), Err(ProtocolError::ReservedBits));
     }
 
     #[test]

@@ -18,11 +18,40 @@ pub enum Form {
     SseJsonId = 4,
     /// [`Form::SseRaw`] with an `id:` line.
     SseRawId = 5,
+    /// [`Form::WsJson`] compressed (permessage-deflate), or the plain frame
+    /// when it is too small to gain.
+    WsJsonDeflate = 6,
+    /// [`Form::WsRaw`] compressed, or plain when too small to gain.
+    WsRawDeflate = 7,
 }
 
 impl Form {
     /// Every form, in index order.
-    pub const ALL: [Form; 6] = [Form::WsJson, Form::WsRaw, Form::SseJson, Form::SseRaw, Form::SseJsonId, Form::SseRawId];
+    pub const ALL: [Form; 8] =
+        [Form::WsJson, Form::WsRaw, Form::SseJson, Form::SseRaw, Form::SseJsonId, Form::SseRawId, Form::WsJsonDeflate, Form::WsRawDeflate];
+
+    /// The compressed counterpart (WebSocket forms only).
+    pub fn deflated(self) -> Form {
+        match self {
+            Form::WsJson => Form::WsJsonDeflate,
+            Form::WsRaw => Form::WsRawDeflate,
+            other => other,
+        }
+    }
+
+    /// The plain form a compressed one is made from.
+    pub fn plain(self) -> Form {
+        match self {
+            Form::WsJsonDeflate => Form::WsJson,
+            Form::WsRawDeflate => Form::WsRaw,
+            other => other,
+        }
+    }
+
+    /// A permessage-deflate form.
+    pub fn is_deflate(self) -> bool {
+        matches!(self, Form::WsJsonDeflate | Form::WsRawDeflate)
+    }
 
     /// The same form with the event's `id:` line (SSE forms only).
     pub fn with_id(self) -> Form {
@@ -42,6 +71,8 @@ impl Form {
             Form::SseRaw => "sse_raw",
             Form::SseJsonId => "sse_json_id",
             Form::SseRawId => "sse_raw_id",
+            Form::WsJsonDeflate => "ws_json_deflate",
+            Form::WsRawDeflate => "ws_raw_deflate",
         }
     }
 }

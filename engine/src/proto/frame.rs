@@ -77,6 +77,18 @@ pub fn header_len(len: usize) -> usize {
     }
 }
 
+/// The payload of a complete unmasked server frame (empty if `frame` is
+/// too short to be one).
+pub fn server_payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(header..).unwrap_or(&[])
+}
+
 /// Starts a complete single-frame message in a buffer sized for header and
 /// payload; the caller then writes exactly `len` payload bytes.
 pub fn begin_frame(opcode: OpCode, len: usize) -> BytesMut {
@@ -136,16 +148,23 @@ pub enum ProtocolError {
     /// Text (or a close reason) that is not UTF-8.
     #[error("invalid UTF-8")]
     InvalidUtf8,
-    /// A frame or reassembled message over the configured maximum.
+    /// A frame or reassembled message over the configured maximum (or a
+    /// compressed one that inflates past it).
     #[error("message too big")]
     TooLarge,
+    /// RSV1 (compressed) on a continuation or control frame.
+    #[error("compressed continuation or control frame")]
+    CompressedFragment,
+    /// A compressed message whose deflate data does not inflate.
+    #[error("invalid compressed data")]
+    BadDeflate,
 }
 
 impl ProtocolError {
     /// The RFC 6455 close code for this error.
     pub fn close_code(self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 => 1007,
+            ProtocolError::InvalidUtf8 | ProtocolError::BadDeflate => 1007,
             ProtocolError::TooLarge => 1009,
             _ => 1002,
         }
@@ -165,6 +184,8 @@ pub struct FrameHead {
     pub header_len: usize,
     /// Bytes of payload.
     pub payload_len: usize,
+    /// RSV1: the first frame of a compressed message (permessage-deflate).
+    pub compressed: bool,
 }
 
 impl FrameHead {
@@ -180,15 +201,37 @@ impl FrameHead {
 /// that declares a payload over `max_payload` is refused before anything is
 /// buffered for it.
 pub fn decode_head(buf: &[u8], max_payload: usize) -> Result<Option<FrameHead>, ProtocolError> {
+    decode_head_ext(buf, max_payload, false)
+}
+
+/// Checks the reserved bits: RSV2 and RSV3 are never set; RSV1 only with
+/// `compression` agreed, and then only on the first frame of a data
+/// message. Returns RSV1.
+fn check_rsv(b0: u8, opcode: OpCode, compression: bool) -> Result<bool, ProtocolError> {
+    let rsv1 = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (rsv1 && !compression) {
+        return Err(ProtocolError::ReservedBits);
+    }
+    if rsv1 && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+        return Err(ProtocolError::CompressedFragment);
+    }
+    Ok(rsv1)
+}
+
+/// [`decode_head`] on a connection that agreed permessage-deflate when
+/// `compression` is true: RSV1 then marks a compressed message
+/// ([`FrameHead::compressed`]).
+pub fn decode_head_ext(buf: &[u8], max_payload: usize, compression: bool) -> Result<Option<FrameHead>, ProtocolError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let b0 = buf[0];
     let b1 = buf[1];
-    if b0 & 0x70 != 0 {
+    if b0 & 0x70 != 0 && !compression {
         return Err(ProtocolError::ReservedBits);
     }
     let opcode = OpCode::from_u8(b0 & 0x0F).ok_or(ProtocolError::BadOpcode)?;
+    let compressed = check_rsv(b0, opcode, compression)?;
     let fin = b0 & 0x80 != 0;
     if b1 & 0x80 == 0 {
         return Err(ProtocolError::Unmasked);
@@ -229,6 +272,7 @@ pub fn decode_head(buf: &[u8], max_payload: usize) -> Result<Option<FrameHead>, 
         header_len,
         // check_len bounded it by max_payload, a usize.
         payload_len: payload_len as usize,
+        compressed,
     }))
 }
 
@@ -253,6 +297,8 @@ pub struct ServerHead {
     pub header_len: usize,
     /// Bytes of payload.
     pub payload_len: usize,
+    /// RSV1: the first frame of a compressed message (permessage-deflate).
+    pub compressed: bool,
 }
 
 impl ServerHead {
@@ -273,14 +319,22 @@ impl ServerHead {
 /// the length alone) are errors.
 #[inline]
 pub fn decode_server_head(buf: &[u8], max_payload: usize) -> Result<Option<ServerHead>, ProtocolError> {
+    decode_server_head_ext(buf, max_payload, false)
+}
+
+/// [`decode_server_head`] for a client that agreed permessage-deflate when
+/// `compression` is true (RSV1 then marks a compressed message).
+#[inline]
+pub fn decode_server_head_ext(buf: &[u8], max_payload: usize, compression: bool) -> Result<Option<ServerHead>, ProtocolError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    if b0 & 0x70 != 0 && !compression {
         return Err(ProtocolError::ReservedBits);
     }
     let opcode = OpCode::from_u8(b0 & 0x0F).ok_or(ProtocolError::BadOpcode)?;
+    let compressed = check_rsv(b0, opcode, compression)?;
     let fin = b0 & 0x80 != 0;
     if b1 & 0x80 != 0 {
         return Err(ProtocolError::Masked);
@@ -297,7 +351,7 @@ pub fn decode_server_head(buf: &[u8], max_payload: usize) -> Result<Option<Serve
     };
     check_len(opcode, payload_len, max_payload)?;
     // check_len bounded it by max_payload, a usize.
-    Ok(Some(ServerHead { fin, opcode, header_len, payload_len: payload_len as usize }))
+    Ok(Some(ServerHead { fin, opcode, header_len, payload_len: payload_len as usize, compressed }))
 }
 
 /// Appends a masked client frame to `out` (§5.2): header, masking key and
@@ -407,7 +461,7 @@ mod tests {
     }
 
     fn server_head(fin: bool, opcode: OpCode, header_len: usize, payload_len: usize) -> Option<ServerHead> {
-        Some(ServerHead { fin, opcode, header_len, payload_len })
+        Some(ServerHead { fin, opcode, header_len, payload_len, compressed: false })
     }
 
     #[test]
@@ -504,6 +558,28 @@ mod tests {
         assert_eq!(ProtocolError::TooLarge.close_code(), 1009);
         assert_eq!(ProtocolError::InvalidUtf8.close_code(), 1007);
         assert_eq!(ProtocolError::Unmasked.close_code(), 1002);
+    }
+
+    #[test]
+    fn rsv1_marks_a_compressed_message_only_where_agreed() {
+        let max = 1024;
+        let f = client_frame(true, OpCode::Text, b"x", [1, 2, 3, 4]);
+        let mut z = f.clone();
+        z[0] |= 0x40;
+        assert_eq!(decode_head(&z, max), Err(ProtocolError::ReservedBits));
+        assert!(decode_head_ext(&z, max, true).unwrap().unwrap().compressed);
+        assert!(!decode_head_ext(&f, max, true).unwrap().unwrap().compressed);
+        // Not on continuations or control frames; RSV2 and RSV3 never.
+        assert_eq!(decode_head_ext(&[0xC0, 0x80, 0, 0, 0, 0], max, true), Err(ProtocolError::CompressedFragment));
+        assert_eq!(decode_head_ext(&[0xC9, 0x80, 0, 0, 0, 0], max, true), Err(ProtocolError::CompressedFragment));
+        assert_eq!(decode_head_ext(&[0xA1, 0x80, 0, 0, 0, 0], max, true), Err(ProtocolError::ReservedBits));
+        assert_eq!(decode_head_ext(&[0x91, 0x80, 0, 0, 0, 0], max, true), Err(ProtocolError::ReservedBits));
+        assert_eq!(ProtocolError::BadDeflate.close_code(), 1007);
+        assert_eq!(ProtocolError::CompressedFragment.close_code(), 1002);
+        // The client side mirrors it.
+        assert_eq!(decode_server_head(&[0xC1, 1, b'x'], max), Err(ProtocolError::ReservedBits));
+        assert!(decode_server_head_ext(&[0xC1, 1, b'x'], max, true).unwrap().unwrap().compressed);
+        assert_eq!(decode_server_head_ext(&[0xCA, 0], max, true), Err(ProtocolError::CompressedFragment));
     }
 
     #[test]

@@ -399,7 +399,7 @@ pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<By
     r = r.raw_field("missed_from", itoa::Buffer::new().format(from));
     r = r.raw_field("missed_to", itoa::Buffer::new().format(to));
     r.0.push(b'}');
-    match form {
+    match form.plain() {
         Form::WsJson => Some(frame::encode_frame(OpCode::Text, &r.0)),
         Form::SseJson | Form::SseJsonId => {
             let mut out = BytesMut::with_capacity(r.0.len() + 24);
@@ -407,7 +407,7 @@ pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<By
             super::sse::write_event(&mut out, &r.0);
             Some(out.freeze())
         }
-        Form::WsRaw | Form::SseRaw | Form::SseRawId => None,
+        Form::WsRaw | Form::SseRaw | Form::SseRawId | Form::WsJsonDeflate | Form::WsRawDeflate => None,
     }
 }
 
@@ -416,7 +416,7 @@ pub(crate) fn lagged(form: Form, channel: &str, from: u64, to: u64) -> Option<By
 pub(crate) fn presence_event(form: Form, channel: &str, user: &str, join: bool) -> Option<Bytes> {
     let op = if join { "join" } else { "leave" };
     let r = Reply::new(op).str_field("channel", channel).str_field("user", user);
-    match form {
+    match form.plain() {
         Form::WsJson => Some(r.frame()),
         Form::SseJson | Form::SseJsonId => {
             let mut body = r.0;
@@ -426,7 +426,7 @@ pub(crate) fn presence_event(form: Form, channel: &str, user: &str, join: bool) 
             super::sse::write_event(&mut out, &body);
             Some(out.freeze())
         }
-        Form::WsRaw | Form::SseRaw | Form::SseRawId => None,
+        Form::WsRaw | Form::SseRaw | Form::SseRawId | Form::WsJsonDeflate | Form::WsRawDeflate => None,
     }
 }
 
@@ -454,7 +454,7 @@ pub(crate) fn reply_presence(channel: &str, clients: u64, users: &[&str], trunca
 /// `{"op":"epoch","channel":…,"epoch":…}` (SSE: `event: epoch` with the
 /// object without `op`). Raw forms carry payloads only: `None`.
 pub(crate) fn epoch_notice(form: Form, channel: &str, epoch: &str) -> Option<Bytes> {
-    match form {
+    match form.plain() {
         Form::WsJson => Some(Reply::new("epoch").str_field("channel", channel).str_field("epoch", epoch).frame()),
         Form::SseJson | Form::SseJsonId => {
             let mut r = Vec::with_capacity(48 + channel.len());
@@ -468,7 +468,7 @@ pub(crate) fn epoch_notice(form: Form, channel: &str, epoch: &str) -> Option<Byt
             super::sse::write_event(&mut out, &r);
             Some(out.freeze())
         }
-        Form::WsRaw | Form::SseRaw | Form::SseRawId => None,
+        Form::WsRaw | Form::SseRaw | Form::SseRawId | Form::WsJsonDeflate | Form::WsRawDeflate => None,
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`form`]: the wire forms of a message (WebSocket or SSE, envelope or raw).
 //! - [`frame`]: WebSocket server-frame encoder and strict client-frame decoder.
 //! - [`assemble`]: message reassembly over client frames, with a size cap.
+//! - [`deflate`]: permessage-deflate: negotiation, compress once, capped inflate.
 //! - [`sse`]: Server-Sent-Events event encoder.
 //! - [`json`]: JSON string escaping and the wire envelope / reply encoders.
 //! - [`command`]: the client command parser.
@@ -19,6 +20,7 @@
 pub mod assemble;
 pub mod channel;
 pub mod command;
+pub mod deflate;
 pub mod form;
 pub mod frame;
 #[doc(hidden)]

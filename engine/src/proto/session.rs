@@ -86,12 +86,35 @@ pub struct Session {
     last_rx: Instant,
     last_ping: Instant,
     phase: Phase,
+    /// permessage-deflate agreed: RSV1 marks compressed messages.
+    compression: bool,
 }
 
 impl Session {
     /// A session opened at `now`.
     pub fn new(cfg: SessionConfig, now: Instant) -> Session {
-        Session { cfg, assembler: Assembler::new(cfg.max_message), partial: Vec::new(), last_rx: now, last_ping: now, phase: Phase::Open }
+        Session {
+            cfg,
+            assembler: Assembler::new(cfg.max_message),
+            partial: Vec::new(),
+            last_rx: now,
+            last_ping: now,
+            phase: Phase::Open,
+            compression: false,
+        }
+    }
+
+    /// Compressed messages inflated since the last call.
+    pub fn take_inflate_stats(&mut self) -> super::assemble::InflateStats {
+        self.assembler.take_stats()
+    }
+
+    /// Accepts compressed messages (permessage-deflate agreed), with the
+    /// client's context when it keeps one between messages.
+    pub fn with_deflate(mut self, context: Option<super::deflate::Context>) -> Session {
+        self.assembler = Assembler::new(self.cfg.max_message).with_deflate(context);
+        self.compression = true;
+        self
     }
 
     /// Whether the session is closing (input is then dropped).
@@ -152,7 +175,7 @@ impl Session {
     fn process(&mut self, buf: &mut [u8], on: &mut impl FnMut(Event<'_>) -> bool) -> usize {
         let mut pos = 0;
         while !self.is_closing() {
-            let head = match frame::decode_head(&buf[pos..], self.cfg.max_message) {
+            let head = match frame::decode_head_ext(&buf[pos..], self.cfg.max_message, self.compression) {
                 Ok(Some(h)) if buf.len() - pos >= h.total_len() => h,
                 Ok(_) => break,
                 Err(e) => {

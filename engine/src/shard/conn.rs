@@ -275,6 +275,8 @@ pub(crate) struct Conn {
     pub transport: Transport,
     pub format: Format,
     pub form: Form,
+    /// permessage-deflate, when this WebSocket agreed it.
+    pub deflate: Option<crate::proto::deflate::Agreed>,
     pub out: RefCell<Outbound>,
     /// Channels this connection is subscribed to.
     pub subs: RefCell<Vec<Arc<str>>>,
@@ -315,6 +317,7 @@ impl Conn {
             transport,
             format,
             form: format.form(transport),
+            deflate: None,
             out: RefCell::new(Outbound::default()),
             subs: RefCell::new(Vec::new()),
             in_flight: Cell::new(0),
@@ -329,6 +332,26 @@ impl Conn {
             hooked: RefCell::new(Vec::new()),
             _permit: permit,
         }
+    }
+
+    /// It agreed compression with a window under 32 KiB: the shared
+    /// compressed frame of a message longer than the window is not for it.
+    pub(crate) fn narrow_window(&self) -> bool {
+        self.form.is_deflate() && self.deflate.is_some_and(|a| a.send_limit() != usize::MAX)
+    }
+
+    /// The frame of `msg` for this connection: its form's, but the plain
+    /// one where its window is too small for the shared compressed frame.
+    pub(crate) fn frame_of<'m>(&self, msg: &'m Message, enc: &crate::message::Encode<'_>) -> &'m Bytes {
+        let frame = msg.frame(self.form, enc);
+        if self.narrow_window() && crate::proto::deflate::is_compressed(frame) {
+            let plain = msg.frame(self.form.plain(), enc);
+            let limit = self.deflate.map_or(usize::MAX, |a| a.send_limit());
+            if crate::proto::frame::server_payload(plain).len() > limit {
+                return plain;
+            }
+        }
+        frame
     }
 
     /// Makes this SSE stream write its channels' positions before each

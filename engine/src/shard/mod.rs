@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::broker::{HistoryError, Page, Pending as Answer, Start};
 use crate::config::Config;
-use crate::message::{Epoch, Message, Position, PublishFuture};
+use crate::message::{Encode, Epoch, Message, Position, PublishFuture};
 use crate::metrics::{Disconnect, Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::proto::ErrorCode;
@@ -204,6 +204,8 @@ impl Shard {
     /// top (announced by `event: subscribed` in `format=json`) and, given
     /// `since` (its `Last-Event-ID`: one position per channel, in order),
     /// replays what it missed first.
+    // `since` is for SSE streams, `deflate` for WebSockets: one call site each.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open_conn(
         self: &Rc<Self>,
         transport: Transport,
@@ -212,6 +214,7 @@ impl Shard {
         since: Option<Vec<Position>>,
         access: Access,
         permit: Permit,
+        deflate: Option<crate::proto::deflate::Agreed>,
     ) -> Result<Rc<Conn>, OpenError> {
         if self.draining() {
             return Err(OpenError::ShuttingDown);
@@ -223,6 +226,15 @@ impl Shard {
             let mut conn = Conn::new(entry.key(), transport, format, permit);
             if positioned {
                 conn.form = conn.form.with_id();
+            }
+            if let Some(agreed) = deflate {
+                conn.deflate = Some(agreed);
+                // The benchmarks' per-connection mode keeps the plain form
+                // and compresses each delivery (see `fan_out`).
+                if !self.config().compression_per_connection {
+                    conn.form = conn.form.deflated();
+                }
+                self.metrics().compression_opened.inc();
             }
             let conn = Rc::new(conn);
             entry.insert(Rc::clone(&conn));
@@ -299,12 +311,12 @@ impl Shard {
         if n > 1 {
             // All the replays, with their id lines, must fit the queue
             // together, or none is made.
-            let metrics = self.metrics();
+            let enc = self.encode();
             let id_bytes = 4 + n * 30;
             let bytes: usize = starts
                 .iter()
                 .filter_map(|s| match &s.recovery {
-                    Some(Recovery::Recovered(m)) => Some(m.iter().map(|m| m.frame(conn.form, metrics).len() + id_bytes).sum::<usize>()),
+                    Some(Recovery::Recovered(m)) => Some(m.iter().map(|m| m.frame(conn.form, &enc).len() + id_bytes).sum::<usize>()),
                     _ => None,
                 })
                 .sum();
@@ -432,6 +444,9 @@ impl Shard {
                 Transport::Ws => m.ws_closed.inc(),
                 Transport::Sse => m.sse_closed.inc(),
             }
+            if conn.deflate.is_some() {
+                m.compression_closed.inc();
+            }
             m.disconnect(reason);
         }
     }
@@ -519,13 +534,14 @@ impl Shard {
             }
         }
         let metrics = self.metrics();
+        let enc = self.encode();
         let cfg = self.config();
         let mut recovery = start.recovery;
         // The replay must fit the connection's queue whole, with room for the
         // reply, or it would meet the slow-consumer policy half way: all or
         // nothing, so nothing.
         if let Some(Recovery::Recovered(messages)) = &recovery {
-            let bytes: usize = messages.iter().map(|m| m.frame(conn.form, metrics).len()).sum();
+            let bytes: usize = messages.iter().map(|m| conn.frame_of(m, &enc).len()).sum();
             if bytes + conn.queued_bytes() + conn.held_bytes() + 256 + channel.len() > cfg.outbound_queue_bytes {
                 recovery = Some(Recovery::Missed(Miss::TooMany));
             }
@@ -541,7 +557,7 @@ impl Shard {
                 metrics.recoveries[0].inc();
                 metrics.replayed.add(messages.len() as u64);
                 for m in &messages {
-                    let frame = m.frame(conn.form, metrics);
+                    let frame = conn.frame_of(m, &enc);
                     if conn.replay(m, frame, cfg.outbound_queue_bytes, cfg.slow_consumer, metrics) == Offer::Closed {
                         break;
                     }
@@ -549,7 +565,7 @@ impl Shard {
             }
         }
         for m in &held {
-            self.offer_live(conn, m, m.frame(conn.form, metrics));
+            self.offer_live(conn, m, conn.frame_of(m, &enc));
         }
         if !held.is_empty() && conn.take_flush_due() {
             conn.out.borrow_mut().wake();
@@ -576,10 +592,22 @@ impl Shard {
         }
     }
 
+    /// How this shard encodes messages: its counters, the compression settings.
+    pub(crate) fn encode(&self) -> Encode<'_> {
+        let cfg = self.config();
+        Encode { metrics: self.metrics(), level: cfg.compression_level, min_bytes: cfg.compression_min_bytes }
+    }
+
     /// Queues a reply or control frame for `conn` under the configured
-    /// bound and slow-consumer policy.
+    /// bound and slow-consumer policy; a data frame to a connection that
+    /// agreed compression is compressed first (by the same rules as
+    /// messages).
     pub(crate) fn send_to(&self, conn: &Conn, frame: bytes::Bytes) -> bool {
         let cfg = self.config();
+        let frame = match conn.deflate {
+            Some(agreed) => self.encode().deflate_reply(frame, agreed.send_limit()),
+            None => frame,
+        };
         conn.send_control(frame, cfg.outbound_queue_bytes, cfg.slow_consumer, self.metrics())
     }
 
@@ -589,11 +617,21 @@ impl Shard {
         let index = self.index.borrow();
         let Some(subs) = index.get(&*msg.channel) else { return };
         let conns = self.conns.borrow();
-        let metrics = self.metrics();
-        let mut forms: [Option<&bytes::Bytes>; 6] = [None; 6];
+        let enc = self.encode();
+        let per_connection = self.config().compression_per_connection;
+        let mut forms: [Option<&bytes::Bytes>; 8] = [None; 8];
         for &key in subs {
             let Some(conn) = conns.get(key) else { continue };
-            let frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, metrics));
+            let mut frame = *forms[conn.form as usize].get_or_insert_with(|| msg.frame(conn.form, &enc));
+            if conn.narrow_window() {
+                frame = conn.frame_of(msg, &enc);
+            }
+            let owned;
+            if per_connection && conn.deflate.is_some() {
+                // The benchmarks' baseline: one deflate per delivery.
+                owned = enc.deflate(frame, 0).unwrap_or_else(|| frame.clone());
+                frame = &owned;
+            }
             let Some(offer) = self.offer_live(conn, msg, frame) else { continue };
             match offer {
                 Offer::Overflow => self.overflowed.borrow_mut().push(key),
@@ -766,6 +804,7 @@ pub(crate) fn spawn(
 pub struct FanoutBench {
     conns: Vec<Conn>,
     metrics: ShardMetrics,
+    per_connection: bool,
 }
 
 impl FanoutBench {
@@ -775,7 +814,23 @@ impl FanoutBench {
         let conns = (0..n)
             .filter_map(|key| Permit::acquire(&counter, usize::MAX).map(|p| Conn::new(key, Transport::Ws, Format::Json, p)))
             .collect();
-        FanoutBench { conns, metrics: ShardMetrics::default() }
+        FanoutBench { conns, metrics: ShardMetrics::default(), per_connection: false }
+    }
+
+    /// `n` WebSocket subscribers in the JSON format that agreed
+    /// compression: the message is deflated once for all of them, or with
+    /// `per_connection` once for each (what sharing saves).
+    pub fn deflating(n: usize, per_connection: bool) -> FanoutBench {
+        let mut b = FanoutBench::new(n);
+        let agreed = crate::proto::deflate::negotiate(["permessage-deflate"]);
+        for c in &mut b.conns {
+            c.deflate = agreed;
+            if !per_connection {
+                c.form = c.form.deflated();
+            }
+        }
+        b.per_connection = per_connection;
+        b
     }
 
     /// Encodes `payload` once, queues it for every subscriber and drains
@@ -783,9 +838,15 @@ impl FanoutBench {
     pub fn run(&self, channel: &Arc<str>, offset: u64, payload: &crate::Payload) -> usize {
         let msg = Message::new(Arc::clone(channel), crate::message::Epoch::random(), offset, payload.clone());
         let policy = crate::SlowConsumerPolicy::Disconnect;
+        let enc = Encode::new(&self.metrics);
         for c in &self.conns {
-            let frame = msg.frame(c.form, &self.metrics);
-            c.offer(&msg, frame, 1 << 20, policy, &self.metrics);
+            let frame = msg.frame(c.form, &enc);
+            if self.per_connection {
+                let owned = enc.deflate(frame, 0).unwrap_or_else(|| frame.clone());
+                c.offer(&msg, &owned, 1 << 20, policy, &self.metrics);
+            } else {
+                c.offer(&msg, frame, 1 << 20, policy, &self.metrics);
+            }
         }
         for c in &self.conns {
             let mut out = c.out.borrow_mut();

@@ -137,7 +137,7 @@ where
 {
     let cfg = shard.config();
     let now = Instant::now();
-    let session = Session::new(
+    let mut session = Session::new(
         SessionConfig {
             ping_interval: Config::dur(cfg.ping_interval_ms),
             idle_timeout: Config::dur(cfg.idle_timeout_ms),
@@ -146,6 +146,9 @@ where
         },
         now,
     );
+    if let Some(agreed) = conn.deflate {
+        session = session.with_deflate(agreed.client_context());
+    }
     let armed = session.deadline();
     let mut task = WsTask { timer: Box::pin(tokio::time::sleep_until(armed.into())), armed, session, write: Write::Open, shard, conn, io };
     if !leftover.is_empty() {
@@ -212,6 +215,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
             }
             conn.out.borrow().closing().is_none()
         });
+        if conn.deflate.is_some() {
+            let st = self.session.take_inflate_stats();
+            if st.messages > 0 {
+                let m = shard.metrics();
+                m.inflated.add(st.messages);
+                m.inflate_in.add(st.bytes_in);
+                m.inflate_out.add(st.bytes_out);
+            }
+        }
     }
 
     /// Reads, writes and closes as far as the socket allows.

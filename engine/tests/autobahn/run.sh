@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Autobahn|Testsuite (fuzzingclient) against Herald's WebSocket endpoint.
 #
-#   bash engine/tests/autobahn/run.sh           # sections 1-7, 9 and 10
+#   bash engine/tests/autobahn/run.sh           # sections 1-7, 9, 10, 12 and 13
 #   CASES='["1.*"]' bash engine/tests/autobahn/run.sh
 #
-# Herald runs with `--echo` (GET /echo sends every data message back), and
-# with a 16 MiB message limit, since section 9 sends messages that large.
+# Herald runs with `--echo` (GET /echo sends every data message back),
+# `--compression` (sections 12 and 13: permessage-deflate), and with a
+# 16 MiB message limit, since section 9 sends messages that large.
 # Exits non-zero on any case whose result is FAILED or whose close is
 # UNCLEAN. The suite is Python 2.7 only: it is installed with pyenv's
 # 2.7.18 into target/autobahn/py; without Python 2.7 this script fails
@@ -30,7 +31,7 @@ touch "$out/py/zope/__init__.py"
 
 cargo build -q -p herald
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-target/debug/herald --listen "127.0.0.1:$port" --echo --max-message-bytes 16777216 \
+target/debug/herald --listen "127.0.0.1:$port" --echo --compression --max-message-bytes 16777216 \
   --outbound-queue-bytes 134217728 >"$out/herald.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
@@ -39,7 +40,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-cases=${CASES:-'["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]'}
+cases=${CASES:-'["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*", "12.*", "13.*"]'}
 cat >"$out/spec.json" <<EOF
 {
   "outdir": "$out/reports",

@@ -8,6 +8,7 @@ mod browser;
 mod churn;
 mod clients;
 mod common;
+mod compression;
 mod config_table;
 mod embed;
 mod embed_shutdown;

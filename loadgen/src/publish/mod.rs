@@ -199,6 +199,8 @@ pub struct Job {
     pub plan: Plan,
     pub rate: f64,
     pub payload_bytes: usize,
+    /// JSON payloads ([`payload::encode_json`]).
+    pub payload_json: bool,
     /// Requests awaiting their reply on one connection at most; `None`:
     /// unlimited (pipelined, open loop).
     pub inflight: Option<usize>,
@@ -327,7 +329,11 @@ fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Ve
                 let _ = lag.record(now.saturating_sub(due).max(1));
             }
             let c = (g % job.plan.channels) as usize;
-            payload::encode(&mut buf, job.plan.nonce, g, due, job.payload_bytes);
+            if job.payload_json {
+                payload::encode_json(&mut buf, job.plan.nonce, g, due, job.payload_bytes);
+            } else {
+                payload::encode(&mut buf, job.plan.nonce, g, due, job.payload_bytes);
+            }
             let bytes = match &job.method {
                 Method::Http { body: Some(t), .. } => {
                     let p = std::str::from_utf8(&buf).unwrap_or("");
@@ -335,11 +341,12 @@ fn schedule(job: &Job, queues: Vec<Queue>, start_ns: u64) -> (Histogram<u64>, Ve
                 }
                 Method::Http { .. } | Method::Redis { .. } => Bytes::copy_from_slice(&buf),
                 Method::Ws { .. } => {
-                    let text = format!(
-                        r#"{{"op":"publish","channel":"{}","data":"{}","id":{g}}}"#,
-                        job.channel_names[c],
-                        std::str::from_utf8(&buf).unwrap_or("")
-                    );
+                    let p = std::str::from_utf8(&buf).unwrap_or("");
+                    let text = if job.payload_json {
+                        format!(r#"{{"op":"publish","channel":"{}","data":{p},"id":{g}}}"#, job.channel_names[c])
+                    } else {
+                        format!(r#"{{"op":"publish","channel":"{}","data":"{p}","id":{g}}}"#, job.channel_names[c])
+                    };
                     frame.clear();
                     crate::ws::client_frame(&mut frame, OpCode::Text, text.as_bytes(), masker.next());
                     Bytes::copy_from_slice(&frame)

@@ -51,8 +51,8 @@ pub(super) async fn ws_conn(
     let addr = url.resolve().await?;
     let mut stream =
         net::connect(addr, None, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("cannot connect to {url}: {e}"))?;
-    let first = match tokio::time::timeout(Duration::from_secs(10), wire::upgrade(&mut stream, url, path)).await {
-        Ok(r) => r.map_err(|e| anyhow::anyhow!("publisher handshake with {url}{path}: {e}"))?,
+    let first = match tokio::time::timeout(Duration::from_secs(10), wire::upgrade(&mut stream, url, path, false)).await {
+        Ok(r) => r.map_err(|e| anyhow::anyhow!("publisher handshake with {url}{path}: {e}"))?.0,
         Err(_) => anyhow::bail!("publisher handshake with {url}{path}: no answer within 10 s"),
     };
     let (mut read, write) = stream.into_split();
@@ -72,7 +72,7 @@ pub(super) async fn ws_conn(
         loop {
             let mut at = 0;
             loop {
-                let (f, used) = match wire::parse_frame(&buf[at..]) {
+                let (f, used) = match wire::parse_frame(&buf[at..], false) {
                     Ok(Some(x)) => x,
                     Ok(None) => break,
                     // Not a WebSocket stream any more: stop reading it.
