@@ -31,7 +31,13 @@ const server = http.createServer((req, res) => {
   res.end();
 });
 
-const wss = new WebSocketServer({ server, perMessageDeflate: false });
+// DEFLATE=1: permessage-deflate as ws offers it, tuned as Herald is
+// (level 1, no server context takeover, 128-byte threshold). ws compresses
+// each send for its socket: one deflate per delivery.
+const perMessageDeflate = process.env.DEFLATE === '1'
+  ? { threshold: 128, serverNoContextTakeover: true, zlibDeflateOptions: { level: 1 } }
+  : false;
+const wss = new WebSocketServer({ server, perMessageDeflate });
 wss.on('connection', (ws, req) => {
   const channel = new URL(req.url, 'http://x').searchParams.get('channel') || '';
   let subs = channels.get(channel);

@@ -41,6 +41,8 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+mod deflate;
+
 /// A token source: called before each connect and before a token expires.
 pub type TokenSource = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
 
@@ -62,6 +64,10 @@ pub struct Config {
     pub queue: usize,
     /// A command without a reply for this long fails (10 s).
     pub command_timeout: Duration,
+    /// Offer permessage-deflate (`server_no_context_takeover`): a server
+    /// with `compression = true` then sends messages compressed, and they
+    /// are inflated here (at most 64 MiB each). Off by default.
+    pub compression: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -81,6 +87,7 @@ impl Config {
             max_delay: Duration::from_secs(20),
             queue: 1024,
             command_timeout: Duration::from_secs(10),
+            compression: false,
         }
     }
 }
@@ -370,7 +377,26 @@ struct Task {
     token: Option<String>,
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// The WebSocket: over the socket as it is, or over one that inflates
+/// compressed messages ([`deflate`]).
+type Ws = tokio_tungstenite::WebSocketStream<deflate::Inflating<tokio::net::TcpStream>>;
+
+/// Opens the WebSocket at `url` (`ws://host[:port]/…`), offering
+/// compression when asked.
+async fn open(url: &str, compression: bool) -> Result<Ws, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+    if compression {
+        request.headers_mut().insert("sec-websocket-extensions", http::HeaderValue::from_static(deflate::OFFER));
+    }
+    let uri = request.uri();
+    let host = uri.host().ok_or("no host in the URL")?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let (ws, _) = tokio_tungstenite::client_async(request, deflate::Inflating::new(tcp)).await.map_err(|e| e.to_string())?;
+    Ok(ws)
+}
 
 /// A JWT's `exp`, if it has one.
 fn expiry(token: &str) -> Option<u64> {
@@ -433,8 +459,8 @@ impl Task {
                 None => self.config.url.clone(),
             };
             let mut lasted = false;
-            let ended = match tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(url.as_str())).await {
-                Ok(Ok((ws, _))) => {
+            let ended = match tokio::time::timeout(CONNECT_TIMEOUT, open(&url, self.config.compression)).await {
+                Ok(Ok(ws)) => {
                     let opened = tokio::time::Instant::now();
                     let ended = self.serve(ws).await;
                     // Only a connection that lasted resets the backoff: a

@@ -208,3 +208,39 @@ async fn a_dropped_subscription_unsubscribes_and_a_newer_one_stays() {
     h.publish("a", herald::Payload::text("still")).await.unwrap();
     assert_eq!(data(next(&mut newer).await), json!("still"), "dropping the older handle left the newer one");
 }
+
+/// With `compression`, large messages come compressed and are read right,
+/// and through a cut the client reconnects compressed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_messages_are_inflated_and_survive_a_reconnect() {
+    let h = herald(|c| {
+        c.compression(true);
+    });
+    let proxy = Proxy::start(h.local_addr().unwrap()).await;
+    let mut config = Config::new(format!("ws://{}/ws", proxy.addr));
+    config.compression = true;
+    let client = Client::connect(config);
+    let mut sub = client.subscribe("zip", None).await.unwrap();
+    let big = |i: usize| json!({ "i": i, "items": (0..50).map(|j| json!({"id": j, "title": format!("item {j}")})).collect::<Vec<_>>() });
+    for i in 0..5 {
+        client.publish("zip", big(i)).await.unwrap();
+    }
+    for i in 0..5 {
+        assert_eq!(data(next(&mut sub).await), big(i));
+    }
+    let metrics = h.metrics_text();
+    let series = |name: &str| -> u64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name}"))
+    };
+    assert_eq!(series("herald_compression_connections "), 1);
+    assert_eq!(series("herald_compressed_frames_total{source=\"message\"} "), 5);
+    proxy.cut();
+    for i in 5..8 {
+        // Published while it is away or back: recovered either way.
+        h.publish("zip", herald::Payload::json(big(i).to_string()).unwrap()).await.unwrap();
+    }
+    for i in 5..8 {
+        assert_eq!(data(next(&mut sub).await), big(i));
+    }
+    client.close().await;
+}

@@ -320,3 +320,45 @@ async fn chromium_herald_js_over_sse_resumes_after_a_cut_from_its_position() {
     assert_eq!(metric(&h.metrics_text(), "herald_recoveries_total{outcome=\"recovered\"}"), 2);
     drop(b.child.stdin.take());
 }
+
+/// Chromium offers permessage-deflate on every WebSocket: with compression
+/// on it gets compressed broadcasts and reads them right, beside a plain
+/// client on the same channel, and its own (compressed) command is inflated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_reads_compressed_broadcasts_and_sends_compressed_commands() {
+    let h = start(2, |c| {
+        c.compression(true);
+    });
+    let a = addr(&h);
+    let mut plain = ws(a, "/ws?channel=zip").await;
+    let mut b = Browser::script("websocket", &[&format!("http://{a}"), "zip"]);
+    let open = b.next_of("open").await;
+    assert!(open["extensions"].as_str().unwrap_or("").starts_with("permessage-deflate"), "{open}");
+    // Its publish reply, then its change as every subscriber sees it.
+    let reply: Value = serde_json::from_str(b.next_of("message").await["data"].as_str().unwrap()).unwrap();
+    assert_eq!((reply["op"].as_str(), reply["offset"].as_u64()), (Some("published"), Some(1)), "{reply}");
+    let mine: Value = serde_json::from_str(b.next_of("message").await["data"].as_str().unwrap()).unwrap();
+    assert_eq!(mine["data"]["items"].as_array().map(Vec::len), Some(40));
+    assert_eq!(next_json(&mut plain).await["data"], mine["data"]);
+    let sent: Vec<String> = (0..20)
+        .map(|i| {
+            let items: Vec<Value> = (0..i * 3).map(|j| serde_json::json!({"id": j, "title": format!("item {j} of {i}")})).collect();
+            serde_json::json!({"i": i, "items": items}).to_string()
+        })
+        .collect();
+    for m in &sent {
+        publish(a, "zip", m, true).await;
+    }
+    for (i, m) in sent.iter().enumerate() {
+        let want: Value = serde_json::from_str(m).unwrap();
+        let got: Value = serde_json::from_str(b.next_of("message").await["data"].as_str().unwrap()).unwrap();
+        assert_eq!((got["offset"].as_u64(), &got["data"]), (Some(i as u64 + 2), &want), "message {i} in Chromium");
+        assert_eq!(next_json(&mut plain).await["data"], want);
+    }
+    let text = h.metrics_text();
+    assert_eq!(metric(&text, "herald_compression_connections"), 1);
+    assert!(metric(&text, "herald_compressed_frames_total{source=\"message\"}") >= 15, "the larger messages went compressed");
+    assert!(metric(&text, "herald_inflated_messages_total") >= 1, "Chromium compressed its command");
+    drop(b.child.stdin.take());
+    let _ = tokio::time::timeout(WAIT, b.child.wait()).await;
+}
