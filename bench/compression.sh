@@ -6,6 +6,8 @@
 #
 #   herald-off      Herald without compression (the offer is declined)
 #   herald-shared   Herald --compression: each message deflated once, shared
+#   herald-shared-l6  the same at --compression-level 6 (smaller, 3× the
+#                   deflate time, paid once per message)
 #   herald-per-conn Herald --compression forced to deflate once per delivery
 #                   (a hidden benchmark flag): what sharing saves
 #   node-ws-off     Node's ws, no compression (bench/peers/node-ws)
@@ -13,6 +15,7 @@
 #                   context takeover): ws deflates per socket
 #
 #   bash bench/compression.sh           # ROUNDS=3 SUBS=1000 RATE=100 PAYLOAD=1024 DURATION=10
+#   SIDES="herald-off herald-shared" bash bench/compression.sh   # some sides only
 #
 # Sides are interleaved round by round. For each: bytes on the wire per
 # delivery (read by the subscribers, headers included), server CPU per
@@ -48,6 +51,7 @@ start() {
   case $1 in
     herald-off) target/release/herald --listen "127.0.0.1:$port" >"$out/$1.log" 2>&1 & ;;
     herald-shared) target/release/herald --listen "127.0.0.1:$port" --compression >"$out/$1.log" 2>&1 & ;;
+    herald-shared-l6) target/release/herald --listen "127.0.0.1:$port" --compression --compression-level 6 >"$out/$1.log" 2>&1 & ;;
     herald-per-conn) target/release/herald --listen "127.0.0.1:$port" --compression --bench-compression-per-connection >"$out/$1.log" 2>&1 & ;;
     node-ws-off) node bench/peers/node-ws/server.js "$port" >"$out/$1.log" 2>&1 & ;;
     node-ws-deflate) DEFLATE=1 node bench/peers/node-ws/server.js "$port" >"$out/$1.log" 2>&1 & ;;
@@ -56,8 +60,8 @@ start() {
   wait_port "$port"
 }
 
-sides="herald-off herald-shared herald-per-conn"
-[ "$node" = 1 ] && sides="$sides node-ws-off node-ws-deflate"
+sides=${SIDES:-"herald-off herald-shared herald-shared-l6 herald-per-conn"}
+[ "$node" = 1 ] && [ -z "${SIDES:-}" ] && sides="$sides node-ws-off node-ws-deflate"
 echo "== $subs subscribers, $rate msg/s of $payload B JSON, every subscriber offering permessage-deflate"
 for round in $(seq "$rounds"); do
   for side in $sides; do

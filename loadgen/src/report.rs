@@ -99,7 +99,7 @@ pub struct FanoutReport {
     pub compression: bool,
     /// Subscribers that agreed it.
     pub compressed_connections: u64,
-    /// Compressed messages received.
+    /// Compressed messages received in the measured window.
     pub compressed_messages: u64,
     /// Bytes WebSocket subscribers read from their sockets during the
     /// measured window (frames and their headers, pings included).

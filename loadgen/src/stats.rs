@@ -181,7 +181,7 @@ pub struct WorkerStats {
     pub wire_bytes: u64,
     /// Subscribers that agreed permessage-deflate.
     pub compressed_conns: u64,
-    /// Compressed messages received (whole run).
+    /// Compressed messages received in the window.
     pub compressed_frames: u64,
 }
 

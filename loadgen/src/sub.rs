@@ -201,7 +201,7 @@ fn ws_frames(ctx: &Ctx, r: &mut WsReader, channel: u64, data: &[u8], fresh: usiz
                         let message = match &mut r.inflate {
                             None => Some(f.payload),
                             Some(inf) => {
-                                if f.compressed {
+                                if f.compressed && in_window {
                                     stats.compressed_frames += 1;
                                 }
                                 match inf.frame(&f, &mut r.inflated) {

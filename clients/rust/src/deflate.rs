@@ -60,7 +60,12 @@ impl<S> Inflating<S> {
     /// Moves what can be handed up from `raw` to `ready`.
     fn process(&mut self) -> io::Result<()> {
         if !self.head_done {
-            let Some(end) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") else { return Ok(()) };
+            let Some(end) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if self.raw.len() > 16 * 1024 {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "response head over 16 KiB"));
+                }
+                return Ok(());
+            };
             let head: Vec<u8> = self.raw.drain(..end + 4).collect();
             let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
             self.enabled = text
@@ -85,6 +90,16 @@ impl<S> Inflating<S> {
             let (b0, opcode) = (self.raw[0], self.raw[0] & 0x0F);
             let fin = b0 & 0x80 != 0;
             let rsv1 = b0 & 0x40 != 0;
+            let bad = |m: &str| Err(io::Error::new(io::ErrorKind::InvalidData, m.to_string()));
+            if self.raw[1] & 0x80 != 0 {
+                return bad("masked server frame");
+            }
+            if rsv1 && !matches!(opcode, 1 | 2) {
+                return bad("RSV1 on a continuation or control frame");
+            }
+            if matches!(opcode, 1 | 2) && self.gathering.is_some() {
+                return bad("a new message inside a compressed fragmented one");
+            }
             let continuing = opcode == 0 && self.gathering.is_some();
             if !(rsv1 || continuing) {
                 self.ready.extend_from_slice(&self.raw[..total]);
@@ -257,6 +272,17 @@ mod tests {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, wire);
+    }
+
+    #[tokio::test]
+    async fn frames_no_server_may_send_are_errors() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n".to_vec();
+        for frames in [&[0xC9u8, 0][..], &[0xC0, 0], &[0x81, 0x80, 0, 0, 0, 0], &[0x41, 1, 0, 0x81, 0]] {
+            let mut wire = head.clone();
+            wire.extend_from_slice(frames);
+            let mut got = Vec::new();
+            assert!(Inflating::new(&wire[..]).read_to_end(&mut got).await.is_err(), "{frames:?}");
+        }
     }
 
     #[test]

@@ -199,9 +199,11 @@ pub struct Context {
 }
 
 impl Context {
-    /// An empty context for a `bits`-bit window.
+    /// An empty context for a `bits`-bit window. An 8-bit window is kept
+    /// as 9 bits: zlib cannot deflate raw data with 8, so clients that
+    /// agree 8 compress with 9 and reach back up to 512 bytes.
     pub fn new(bits: u8) -> Context {
-        Context { window: Vec::new(), max: 1 << bits.clamp(8, MAX_WINDOW_BITS) }
+        Context { window: Vec::new(), max: 1 << bits.clamp(9, MAX_WINDOW_BITS) }
     }
 
     /// Bytes held.
@@ -210,6 +212,10 @@ impl Context {
     }
 
     fn remember(&mut self, inflated: &[u8]) {
+        if self.window.capacity() == 0 && !inflated.is_empty() {
+            // Exactly the window: growth by doubling would hold twice it.
+            self.window.reserve_exact(self.max);
+        }
         if inflated.len() >= self.max {
             self.window.clear();
             self.window.extend_from_slice(&inflated[inflated.len() - self.max..]);
@@ -529,5 +535,7 @@ mod tests {
             assert_eq!(inflate(&z, Some(&mut ctx), 4096).unwrap(), json_payload(300));
         }
         assert_eq!(ctx.window.len(), 512);
+        assert_eq!(ctx.held(), 512);
+        assert_eq!(Context::new(8).max, 512, "an 8-bit window is deflated with 9");
     }
 }

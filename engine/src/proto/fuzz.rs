@@ -53,6 +53,44 @@ pub fn frames(data: &[u8]) {
     }
 }
 
+/// permessage-deflate: the input as extension offers and answers, as
+/// deflate data inflated under a cap, and (after a mode byte) as client
+/// frames on a connection that agreed compression, with or without a
+/// client context: never a panic, never a message or a buffer over its cap.
+pub fn deflate(data: &[u8]) {
+    use super::deflate::{self, Context};
+    let Some((&mode, rest)) = data.split_first() else { return };
+    if let Ok(s) = std::str::from_utf8(rest) {
+        let _ = deflate::negotiate([s]).map(|a| a.response());
+        let _ = deflate::accept_response([s]);
+    }
+    let max = 1024;
+    if let Ok(out) = deflate::inflate(rest, None, max) {
+        assert!(out.len() <= max, "inflated past the cap");
+    }
+    let bits = 8 + mode % 8;
+    let mut asm = Assembler::new(max).with_deflate((mode & 0x80 != 0).then(|| Context::new(bits)));
+    let mut buf = rest.to_vec();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let head = match frame::decode_head_ext(&buf[pos..], max, true) {
+            Ok(Some(h)) if buf.len() - pos >= h.total_len() => h,
+            _ => return,
+        };
+        let payload = &mut buf[pos + head.header_len..pos + head.total_len()];
+        frame::apply_mask(payload, head.mask);
+        match asm.push(&head, payload) {
+            Ok(Some(Incoming::Text(t))) => assert!(t.len() <= max),
+            Ok(Some(Incoming::Binary(b))) => assert!(b.len() <= max),
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        asm.finish();
+        assert!(asm.buffered() <= max + (1 << 15), "reassembly or context over its cap");
+        pos += head.total_len();
+    }
+}
+
 /// The RESP decoder of the Redis subscriber connections.
 pub fn resp(data: &[u8]) {
     let mut buf = BytesMut::from(data);

@@ -205,6 +205,9 @@ impl Session {
             };
             let closes = matches!(event, Event::Close(..));
             let go_on = on(event);
+            // An inflated message is not kept past its handling: an idle
+            // client must not pin up to the cap with one small frame.
+            self.assembler.finish();
             if closes || !go_on {
                 // The caller's time of the close is the read's.
                 let now = self.last_rx;

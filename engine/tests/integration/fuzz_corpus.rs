@@ -27,6 +27,7 @@ fn the_fuzz_corpus_replays_cleanly() {
         ("resp", fuzz::resp),
         ("encoders", fuzz::encoders),
         ("tokens", fuzz::tokens),
+        ("deflate", fuzz::deflate),
     ] {
         let n = replay(target, f);
         eprintln!("{target}: {n} inputs");
