@@ -628,9 +628,14 @@ impl Config {
         // The JSON escaping of a text payload can make its frame up to six
         // times its size: the queue must hold the largest frame whole, or a
         // subscriber with an empty queue would overflow on it.
+        let needed = c.max_message_bytes.saturating_mul(6).saturating_add(1024);
         check(
-            c.outbound_queue_bytes >= c.max_message_bytes.saturating_mul(6).saturating_add(1024),
-            "outbound_queue_bytes must be at least 6 × max_message_bytes + 1024 (the largest frame must fit an empty queue)",
+            c.outbound_queue_bytes >= needed,
+            &format!(
+                "outbound_queue_bytes ({}) must be at least 6 × max_message_bytes + 1024 = {needed} with max_message_bytes = {}: the \
+                 largest frame must fit an empty queue; raise it (--outbound-queue-bytes {needed}) or lower --max-message-bytes",
+                c.outbound_queue_bytes, c.max_message_bytes
+            ),
         )?;
         check(c.close_timeout_ms >= 1, "close_timeout_ms must be at least 1")?;
         check(c.shard_queue_capacity >= 1, "shard_queue_capacity must be at least 1")?;

@@ -122,6 +122,8 @@ pub struct Herald {
 impl Herald {
     /// Binds `config.listen` and serves on it.
     pub fn start(config: Config) -> Result<Herald, StartError> {
+        // A bad setting is reported as itself, before the port is taken.
+        config.validated()?;
         let listener = bind(config.listen, config.listen_backlog)
             .map_err(|source| StartError::Io { what: format!("cannot listen on {}", config.listen), source })?;
         Herald::start_on(listener, config)

@@ -21,9 +21,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "herald", version, about)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on: `IP:PORT` or `HOST:PORT` (`localhost:8080`;
+    /// a name is resolved once, at start, to its first address).
     #[arg(long, env = "HERALD_LISTEN")]
-    listen: Option<std::net::SocketAddr>,
+    listen: Option<String>,
     /// Connections the kernel queues for the acceptor (capped by net.core.somaxconn).
     #[arg(long, env = "HERALD_LISTEN_BACKLOG")]
     listen_backlog: Option<u32>,
@@ -171,16 +172,10 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = args.$f { c.$f = v; } )* };
     }
-    set!(
-        listen,
-        listen_backlog,
-        shards,
-        max_message_bytes,
-        max_connections,
-        max_subscriptions,
-        outbound_queue_bytes,
-        max_request_head_bytes
-    );
+    if let Some(l) = &args.listen {
+        c.listen = resolve(l)?;
+    }
+    set!(listen_backlog, shards, max_message_bytes, max_connections, max_subscriptions, outbound_queue_bytes, max_request_head_bytes);
     set!(
         request_head_timeout_ms,
         ping_interval_ms,
@@ -247,6 +242,69 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     Ok(c)
 }
 
+/// Logs, once, where the configuration came from and every setting that
+/// differs from its default (secrets print as `<redacted>`).
+fn log_config(file: Option<&std::path::Path>, config: &Config) {
+    let (Ok(toml::Value::Table(now)), Ok(toml::Value::Table(default))) =
+        (toml::Value::try_from(config), toml::Value::try_from(Config::default()))
+    else {
+        return;
+    };
+    let changed: Vec<String> = now.iter().filter(|(k, v)| default.get(*k) != Some(v)).map(|(k, v)| format!("{k}={v}")).collect();
+    let file = file.map_or_else(|| "none".to_string(), |p| p.display().to_string());
+    let changed = if changed.is_empty() { "none (all defaults)".to_string() } else { changed.join(" ") };
+    tracing::info!(%file, %changed, "configuration");
+}
+
+/// `--listen`'s address: a socket address as it is, else a `host:port`
+/// resolved (its first address, IPv4 first: `localhost` means 127.0.0.1).
+fn resolve(listen: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = listen.parse() {
+        return Ok(a);
+    }
+    let addrs: Vec<std::net::SocketAddr> = listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {listen:?} is neither IP:PORT nor a HOST:PORT that resolves"))?
+        .collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().with_context(|| format!("--listen {listen:?} resolves to no address"))
+}
+
+/// Each cause of `e` once: a cause whose text its parent's message already
+/// contains is not repeated.
+fn report(e: &anyhow::Error) -> String {
+    let mut kept: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !kept.iter().any(|k| k.contains(&text)) {
+            kept.push(text);
+        }
+    }
+    kept.join(": ")
+}
+
+/// The parser, each flag's help ending with its default (from
+/// `Config::default()`, so the help and the defaults cannot drift).
+fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let defaults = toml::Value::try_from(Config::default()).ok();
+    let mut cmd = Args::command();
+    let ids: Vec<String> = cmd.get_arguments().map(|a| a.get_id().to_string()).collect();
+    for id in ids {
+        let Some(v) = defaults.as_ref().and_then(|d| d.get(&id)) else { continue };
+        let shown = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Array(a) if a.is_empty() => "none".into(),
+            other => other.to_string(),
+        };
+        cmd = cmd.mut_arg(&id, |a| {
+            let help = a.get_help().map(ToString::to_string).unwrap_or_default();
+            a.help(format!("{help} [default: {shown}]"))
+        });
+    }
+    cmd
+}
+
 async fn signal() -> std::io::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -257,20 +315,36 @@ async fn signal() -> std::io::Result<&'static str> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    let args = Args::parse();
+    let args = match <Args as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {}", report(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let config = config(&args)?;
+    // Checked before anything is bound: a bad setting is reported as
+    // itself, not as whatever binding the port says.
+    config.validated()?;
     if args.print_config {
-        // Printed as given (`shards = 0` stays "one per core"), once it is known to be valid.
-        config.validated()?;
+        // Printed as given (`shards = 0` stays "one per core").
         print!("{}", toml::to_string(&config).context("cannot render the configuration")?);
         return Ok(());
     }
+    log_config(args.config.as_deref(), &config);
     let herald = Herald::start(config).context("cannot start herald")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {

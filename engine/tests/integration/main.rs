@@ -6,6 +6,7 @@ mod auth;
 mod broker;
 mod browser;
 mod churn;
+mod cli;
 mod clients;
 mod common;
 mod compression;

@@ -1,0 +1,103 @@
+//! The `herald` binary as an operator meets it: errors said once and
+//! before the port is taken, `--listen` with a host name, defaults in
+//! `--help`, the configuration logged at start.
+
+use crate::common::*;
+
+async fn run(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env("HERALD_LOG", "info")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn a_bad_setting_is_reported_before_the_port_is_bound() {
+    // A port that is taken: the bad value must still be what is reported.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let (code, text) = run(&["--listen", &port, "--max-message-bytes", "0"]).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("max_message_bytes must be at least 1"), "{text}");
+    assert!(!text.contains("in use"), "{text}");
+    // The port itself, once, with its cause once.
+    let (code, text) = run(&["--listen", &port]).await;
+    assert_eq!(code, 1);
+    assert_eq!(text.matches("Address already in use").count(), 1, "{text}");
+    // The queue bound says the number it needs and the flag.
+    let (_, text) = run(&["--max-message-bytes", "1048576", "--print-config"]).await;
+    assert!(text.contains("= 6292480") && text.contains("--outbound-queue-bytes 6292480"), "{text}");
+}
+
+#[tokio::test]
+async fn a_config_file_error_is_printed_once() {
+    let dir = std::env::temp_dir().join(format!("herald-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "max_message_bytes = \"x\"\n").unwrap();
+    let (code, text) = run(&["--config", file.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert_eq!(text.matches("TOML parse error").count(), 1, "{text}");
+    assert!(text.contains("expected usize"), "{text}");
+    let (code, text) = run(&["--listen", "nowhere.invalid:1"]).await;
+    assert_eq!(code, 1);
+    assert!(text.contains("--listen \"nowhere.invalid:1\""), "{text}");
+}
+
+#[tokio::test]
+async fn listen_takes_a_host_name_and_help_shows_the_defaults() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", "localhost:0"])
+        .env("HERALD_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr: std::net::SocketAddr = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("herald logs").unwrap().expect("herald started");
+        if let Some((_, rest)) = line.split_once("addr=") {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    assert!(addr.ip().is_loopback(), "{addr}");
+    let (status, _, body) = http(addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (code, help) = run(&["--help"]).await;
+    assert_eq!(code, 0);
+    for default in ["[default: 127.0.0.1:8080]", "[default: 65536]", "[default: 1048576]", "[default: 100000]"] {
+        assert!(help.contains(default), "no {default} in --help");
+    }
+}
+
+#[tokio::test]
+async fn the_configuration_is_logged_once_at_start() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--listen", "127.0.0.1:0", "--max-connections", "500", "--api-key", "a-very-secret-key-123"])
+        .env("HERALD_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(WAIT, lines.next_line()).await.expect("herald logs") {
+        let started = line.contains("herald started");
+        seen.push(line);
+        if started {
+            break;
+        }
+    }
+    let config: Vec<&String> = seen.iter().filter(|l| l.contains("configuration")).collect();
+    assert_eq!(config.len(), 1, "{seen:#?}");
+    assert!(config[0].contains("max_connections=500") && config[0].contains("file=none"), "{}", config[0]);
+    assert!(!config[0].contains("a-very-secret-key-123"), "the API key is never logged");
+    assert_eq!(seen.iter().filter(|l| l.contains("herald started")).count(), 1);
+}
