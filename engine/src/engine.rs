@@ -344,7 +344,57 @@ impl Engine {
         }
         self.render_api(&mut out);
         self.render_presence(&mut out);
+        render_process(&mut out);
         out
+    }
+}
+
+/// `herald_build_info` and the standard `process_*` metrics of the
+/// process, read from `/proc` (Linux; elsewhere only the build info).
+fn render_process(out: &mut String) {
+    use std::fmt::Write as _;
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(out, "herald_build_info", "gauge", "Always 1; the version of this build.");
+    let _ = writeln!(out, "herald_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    // /proc reports times in USER_HZ, 100 on every Linux ABI.
+    const HZ: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+    // Fields after the command name (which may hold spaces), from field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    if let (Some(utime), Some(stime)) = (field(14), field(15)) {
+        head(out, "process_cpu_seconds_total", "counter", "User and system CPU time spent, in seconds.");
+        let _ = writeln!(out, "process_cpu_seconds_total {}", (utime + stime) / HZ);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    if let Some(rss) = kib("VmRSS:") {
+        head(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+        let _ = writeln!(out, "process_resident_memory_bytes {}", rss * 1024);
+    }
+    if let Some(vm) = kib("VmSize:") {
+        head(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.");
+        let _ = writeln!(out, "process_virtual_memory_bytes {}", vm * 1024);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        head(out, "process_open_fds", "gauge", "Open file descriptors.");
+        let _ = writeln!(out, "process_open_fds {}", fds.count());
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    if let Some(max) =
+        limits.lines().find_map(|l| l.strip_prefix("Max open files")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    {
+        head(out, "process_max_fds", "gauge", "The soft limit of open file descriptors.");
+        let _ = writeln!(out, "process_max_fds {max}");
+    }
+    let btime = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse::<f64>().ok()));
+    if let (Some(btime), Some(start)) = (btime, field(22)) {
+        head(out, "process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch, in seconds.");
+        let _ = writeln!(out, "process_start_time_seconds {}", btime + start / HZ);
     }
 }
 

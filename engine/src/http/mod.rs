@@ -72,6 +72,21 @@ fn is_json<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// 405 with the `Allow` header listing the methods the path takes.
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", &format!("use {allow}"));
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Paths whose `GET` answers a document, which `HEAD` answers too (its
+/// headers, no body); not the WebSocket and SSE endpoints.
+fn takes_head(path: &str) -> bool {
+    matches!(path, "/healthz" | "/metrics" | "/herald.js" | "/admin" | "/demo" | "/api/channels" | "/api/stats")
+        || path.starts_with("/history/")
+        || path.starts_with("/presence/")
+}
+
 fn text_response(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::full(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -111,7 +126,20 @@ where
         }
     }
     let cors = origin.filter(|_| for_pages(req.uri().path()));
+    let mut req = req;
+    let head = req.method() == Method::HEAD && takes_head(req.uri().path());
+    if head {
+        *req.method_mut() = Method::GET;
+    }
     let mut r = route(engine, req).await;
+    if head {
+        // The GET's headers, its length included, and no body.
+        let len = http_body::Body::size_hint(r.body()).exact();
+        *r.body_mut() = Body::empty();
+        if let Some(n) = len {
+            r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
     if let Some(o) = cors {
         let h = r.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
@@ -181,14 +209,14 @@ where
                 (&Method::GET, "/api/channels") => api::channels(engine, req).await,
                 (&Method::GET, "/api/stats") => api::stats(engine).await,
                 (_, "/api/broadcast" | "/api/disconnect" | "/api/unsubscribe") => {
-                    let r = error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST");
+                    let r = method_not_allowed("POST");
                     match api::call_of(p) {
                         Some(call) => engine.api_done(call, r),
                         None => r,
                     }
                 }
                 (_, "/api/channels" | "/api/stats") => {
-                    let r = error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
+                    let r = method_not_allowed("GET, HEAD");
                     match api::call_of(p) {
                         Some(call) => engine.api_done(call, r),
                         None => r,
@@ -210,13 +238,12 @@ where
         (&Method::GET, "/demo") if engine.config.demo => text_response("text/html; charset=utf-8", DEMO_HTML),
         (&Method::GET, "/healthz") => shutting_down(&engine).unwrap_or_else(|| text_response("text/plain", "ok\n")),
         (&Method::GET, "/metrics") => text_response("text/plain; version=0.0.4", engine.metrics_text()),
-        (_, "/ws" | "/sse" | "/healthz" | "/metrics" | "/herald.js") => {
-            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET")
-        }
-        (_, p) if p.starts_with("/publish/") => error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST"),
-        (_, p) if p.starts_with("/history/") || p.starts_with("/presence/") => {
-            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET")
-        }
+        (_, "/ws" | "/sse") => method_not_allowed("GET"),
+        (_, "/echo") if engine.config.echo => method_not_allowed("GET"),
+        (_, "/healthz" | "/metrics" | "/herald.js" | "/admin") => method_not_allowed("GET, HEAD"),
+        (_, "/demo") if engine.config.demo => method_not_allowed("GET, HEAD"),
+        (_, p) if p.starts_with("/publish/") => method_not_allowed("POST"),
+        (_, p) if p.starts_with("/history/") || p.starts_with("/presence/") => method_not_allowed("GET, HEAD"),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
     }
 }

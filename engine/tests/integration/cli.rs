@@ -101,3 +101,56 @@ async fn the_configuration_is_logged_once_at_start() {
     assert!(!config[0].contains("a-very-secret-key-123"), "the API key is never logged");
     assert_eq!(seen.iter().filter(|l| l.contains("herald started")).count(), 1);
 }
+
+#[tokio::test]
+async fn head_allow_build_info_and_process_metrics() {
+    let h = start(1, |c| {
+        c.api_key = Some(herald::auth::Secret::new("an-api-key-of-16-bytes+".to_string()));
+    });
+    let a = addr(&h);
+    let (status, head, body) = http(a, "HEAD", "/healthz", &[], b"").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert!(head.contains("content-length: 3"), "{head}");
+    let (status, head, body) = http(a, "HEAD", "/metrics", &[], b"").await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    // Behind the API key, HEAD is refused as GET is.
+    let (status, _, _) = http(a, "HEAD", "/history/news", &[], b"").await;
+    assert_eq!(status, 401);
+    for (method, path, allow) in [
+        ("POST", "/healthz", "get, head"),
+        ("DELETE", "/metrics", "get, head"),
+        ("GET", "/publish/news", "post"),
+        ("PUT", "/ws", "get"),
+        ("POST", "/sse", "get"),
+        ("POST", "/history/news", "get, head"),
+        ("GET", "/api/broadcast", "post"),
+        ("POST", "/api/stats", "get, head"),
+    ] {
+        let auth = [("authorization", "Bearer an-api-key-of-16-bytes+")];
+        let (status, head, _) = http(a, method, path, &auth, b"").await;
+        assert_eq!(status, 405, "{method} {path}");
+        assert!(head.contains(&format!("\r\nallow: {allow}")), "{method} {path}: {head}");
+    }
+    let text = h.metrics_text();
+    assert_eq!(metric(&text, &format!("herald_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"))), 1);
+    assert!(metric(&text, "process_open_fds") > 0);
+    assert!(metric(&text, "process_resident_memory_bytes") > 1 << 20);
+    assert!(metric(&text, "process_max_fds") >= metric(&text, "process_open_fds"));
+    let start = metric(&text, "process_start_time_seconds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(start <= now && start + 24 * 3600 > now, "{start} vs {now}");
+    let _ = metric(&text, "process_cpu_seconds_total");
+}
+
+#[tokio::test]
+async fn broker_nodes_count_the_configured_node_before_it_connects() {
+    // Nothing listens there: the broker never connects.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let h = start(1, |c| {
+        c.redis = Some(format!("redis://{closed}"));
+    });
+    let text = h.metrics_text();
+    assert_eq!(metric(&text, "herald_broker_nodes"), 1);
+    assert_eq!(metric(&text, "herald_broker_up"), 0);
+}

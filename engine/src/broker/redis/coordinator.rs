@@ -169,6 +169,8 @@ impl Coordinator {
                 n.tx = Some(spawn_node(shared, &n.addr, stop));
             }
         }
+        // The slot map says how many masters there are: the seeds no longer.
+        shared.metrics.nodes_expected.store(0, Ordering::Relaxed);
         self.slots = map;
         true
     }

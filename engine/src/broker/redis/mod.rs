@@ -75,6 +75,10 @@ pub(crate) struct BrokerMetrics {
     /// Subscriber connections up, and in all.
     pub nodes_up: AtomicU64,
     pub nodes: AtomicU64,
+    /// Nodes expected before any is connected (1, or the cluster's seeds
+    /// until its slot map is known): `herald_broker_nodes` is never 0
+    /// while Redis is unreachable, so `up < nodes` alerts fire.
+    pub nodes_expected: AtomicU64,
 }
 
 /// A configured Redis broker that cannot be used.
@@ -357,6 +361,7 @@ impl RedisBroker {
             seeds.push(info);
         }
         let timeout = Config::dur(c.redis_timeout_ms);
+        let seed_count = seeds.len() as u64;
         let shared = Shared {
             cluster,
             seeds,
@@ -375,7 +380,7 @@ impl RedisBroker {
             wake: Notify::new(),
             confirmed: watch::channel(0).0,
             stop: watch::channel(false).0,
-            metrics: BrokerMetrics::default(),
+            metrics: BrokerMetrics { nodes_expected: AtomicU64::new(seed_count), ..BrokerMetrics::default() },
             node: format!("{:016x}", fastrand::u64(..)).into(),
             control_up: AtomicBool::new(false),
             command_sink: OnceLock::new(),
@@ -613,7 +618,13 @@ impl RedisBroker {
             &[("", shard_publishers)],
         );
         metric("herald_broker_up", "gauge", "Redis subscriber connections up (of herald_broker_nodes).", &[("", g(&m.nodes_up))]);
-        metric("herald_broker_nodes", "gauge", "Redis nodes this node reads pub/sub from.", &[("", g(&m.nodes))]);
+        let nodes = g(&m.nodes).max(g(&m.nodes_expected));
+        metric(
+            "herald_broker_nodes",
+            "gauge",
+            "Redis nodes this node reads pub/sub from (configured ones until it knows them).",
+            &[("", nodes)],
+        );
         metric("herald_broker_subscriptions", "gauge", "Channels this node is subscribed to in Redis.", &[("", g(&m.subscribed))]);
         metric("herald_broker_messages_total", "counter", "Messages received from Redis.", &[("", g(&m.received))]);
         metric(
