@@ -75,15 +75,15 @@ pub(crate) struct ScenarioArgs {
     /// Messages per second, all channels together.
     #[arg(long, default_value_t = 100.0)]
     pub(crate) rate: f64,
-    /// Seconds measured.
-    #[arg(long, default_value_t = 10.0)]
+    /// Time measured: `10s`, `2m`, `500ms`, or seconds.
+    #[arg(long, default_value = "10s", value_parser = seconds)]
     pub(crate) duration: f64,
-    /// Seconds of publishing before measuring.
-    #[arg(long, default_value_t = 2.0)]
+    /// Publishing before measuring (`2s`, or seconds).
+    #[arg(long, default_value = "2s", value_parser = seconds)]
     pub(crate) warmup: f64,
-    /// Seconds to wait after the last publish for deliveries still on
-    /// their way; what has not arrived then is lost.
-    #[arg(long, default_value_t = 3.0)]
+    /// Wait after the last publish for deliveries still on their way
+    /// (`3s`, or seconds); what has not arrived then is lost.
+    #[arg(long, default_value = "3s", value_parser = seconds)]
     pub(crate) drain: f64,
     /// Payload size in bytes (at least the ~30-byte header).
     #[arg(long, default_value_t = 64)]
@@ -102,8 +102,8 @@ pub(crate) struct ScenarioArgs {
     /// New connections per second while connecting.
     #[arg(long, default_value_t = 2000.0)]
     pub(crate) connect_rate: f64,
-    /// Seconds a connection and its handshake may take.
-    #[arg(long, default_value_t = 10.0)]
+    /// Time a connection and its handshake may take (`10s`, or seconds).
+    #[arg(long, default_value = "10s", value_parser = seconds)]
     pub(crate) connect_timeout: f64,
     #[arg(long, value_enum, default_value = "http")]
     pub(crate) publish: PublishArg,
@@ -171,6 +171,68 @@ pub(crate) struct FanoutArgs {
     /// No progress output.
     #[arg(long)]
     pub(crate) quiet: bool,
+    #[command(flatten)]
+    pub(crate) thresholds: Thresholds,
+}
+
+/// Pass/fail criteria: a run that crosses one exits with status 3.
+#[derive(Args, Debug, Clone, Default)]
+pub(crate) struct Thresholds {
+    /// Most deliveries that may be lost, as a fraction of those expected
+    /// (`0`: none; `0.01`: 1 %).
+    #[arg(long)]
+    pub(crate) max_loss: Option<f64>,
+    /// Highest delivery latency p99 allowed (`50ms`, `1s`, or seconds).
+    #[arg(long, value_parser = seconds)]
+    pub(crate) max_p99: Option<f64>,
+    /// Highest fan-out completion p99 allowed (`100ms`, or seconds).
+    #[arg(long, value_parser = seconds)]
+    pub(crate) max_completion_p99: Option<f64>,
+    /// Fewest deliveries per second the target must sustain.
+    #[arg(long)]
+    pub(crate) min_deliveries_per_s: Option<f64>,
+}
+
+impl Thresholds {
+    /// The thresholds `r` crossed, in words.
+    pub(crate) fn crossed(&self, r: &crate::report::FanoutReport) -> Vec<String> {
+        let mut out = Vec::new();
+        let loss = r.lost as f64 / r.expected.max(1) as f64;
+        if let Some(max) = self.max_loss.filter(|m| loss > *m) {
+            out.push(format!("loss {:.4} % > --max-loss {:.4} %", loss * 100.0, max * 100.0));
+        }
+        if let Some(max) = self.max_p99.filter(|m| r.delivery_latency_us.p99 / 1e6 > *m) {
+            out.push(format!("delivery p99 {} > --max-p99 {}", crate::report::us(r.delivery_latency_us.p99), crate::report::us(max * 1e6)));
+        }
+        if let Some(max) = self.max_completion_p99.filter(|m| r.completion_latency_us.p99 / 1e6 > *m) {
+            out.push(format!(
+                "completion p99 {} > --max-completion-p99 {}",
+                crate::report::us(r.completion_latency_us.p99),
+                crate::report::us(max * 1e6)
+            ));
+        }
+        if let Some(min) = self.min_deliveries_per_s.filter(|m| r.deliveries_per_s < *m) {
+            out.push(format!("{:.0} deliveries/s < --min-deliveries-per-s {min:.0}", r.deliveries_per_s));
+        }
+        out
+    }
+}
+
+/// A duration: `500ms`, `30s`, `2m`, `1h`, `250us`, or a number of seconds.
+pub(crate) fn seconds(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (500ms, 30s, 2m, or seconds)"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {s:?} (use ms, s, m or h)")),
+    };
+    Ok(n * scale)
 }
 
 #[derive(Args, Debug)]
@@ -187,12 +249,12 @@ pub(crate) struct ConnectArgs {
     /// New connections per second.
     #[arg(long, default_value_t = 1000.0)]
     pub(crate) rate: f64,
-    /// Seconds to hold them open.
-    #[arg(long, default_value_t = 5.0)]
+    /// How long to hold them open (`5s`, `1m`, or seconds).
+    #[arg(long, default_value = "5s", value_parser = seconds)]
     pub(crate) hold: f64,
     #[arg(long, default_value_t = 1)]
     pub(crate) channels: u64,
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value = "10s", value_parser = seconds)]
     pub(crate) connect_timeout: f64,
     #[arg(long)]
     pub(crate) threads: Option<usize>,
@@ -308,6 +370,13 @@ impl ScenarioArgs {
             if !(1..=publish::MAX_INFLIGHT).contains(&n) {
                 bail!("--publish-inflight must be from 1 to {} (omit it for unlimited)", publish::MAX_INFLIGHT);
             }
+        }
+        let by_message = self.subscribe_message.as_ref().is_some_and(|m| m.contains("{channel}"));
+        if self.channels > 1 && !by_message && urls.iter().any(|u| !u.path.contains("{channel}")) {
+            bail!(
+                "--channels {} needs {{channel}} in every --url (each subscriber's channel goes there), e.g. 'ws://host/ws?channel={{channel}}'",
+                self.channels
+            );
         }
         if self.payload > 16 * 1024 * 1024 {
             bail!("--payload is limited to 16 MiB");

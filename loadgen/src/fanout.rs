@@ -23,6 +23,19 @@ use crate::sys;
 const SERVER_THREADS: &str = "herald-shard";
 
 /// Runs one fan-out scenario and reports it.
+/// A run in which no subscriber connected: nothing was measured (exit
+/// status 4).
+#[derive(Debug)]
+pub struct NoSubscriber(pub String);
+
+impl std::fmt::Display for NoSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoSubscriber {}
+
 pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutReport> {
     let plan = sc.plan()?;
     let rss_before = sys::servers_rss_kib(&sc.conns.server_pids);
@@ -37,7 +50,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
             }
         }
         let hint = errs.keys().find_map(|k| ConnectError::hint(k)).map(|h| format!("; {h}")).unwrap_or_default();
-        bail!("no subscriber could connect to {} (errors: {errs:?}){hint}", sc.conns.target);
+        return Err(NoSubscriber(format!("no subscriber could connect to {} (errors: {errs:?}){hint}", sc.conns.target)).into());
     }
     // Let the target finish its subscriptions before publishing.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -198,9 +211,16 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     let lag = Percentiles::from_ns(&outcome.lag);
 
     let mut warnings = Vec::new();
+    let by_message = sc.conns.subscribe_message.as_ref().is_some_and(|m| m.contains("{channel}"));
+    if !by_message && sc.conns.urls.iter().any(|u| !u.path.contains("{channel}")) {
+        warnings.push("a --url has no {channel}: its subscribers all connect to it as it is (one channel)".to_string());
+    }
     let mut saturated = false;
+    // Which signal said the client may be the bottleneck, with its remedy.
+    let mut causes: Vec<String> = Vec::new();
     if busiest / window_s >= 0.9 {
         saturated = true;
+        causes.push(format!("a loadgen thread used {:.0} % of a core: add --threads or run loadgen elsewhere", busiest / window_s * 100.0));
         warnings.push(format!(
             "a loadgen thread used {:.0}% of a core: loadgen itself may be the bottleneck (add --threads, or run it on another machine)",
             busiest / window_s * 100.0
@@ -208,6 +228,10 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     }
     if client_cpu / window_s >= 0.9 * cores {
         saturated = true;
+        causes.push(format!(
+            "loadgen used {:.0} % of all {cores} cores: run it on another machine, or lower the load",
+            client_cpu / window_s * 100.0
+        ));
         warnings.push(format!(
             "loadgen used {:.0}% of all {cores} cores: the figures measure the machine, not only the target",
             client_cpu / window_s * 100.0
@@ -225,6 +249,11 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
             )),
             None => {
                 saturated = true;
+                causes.push(format!(
+                    "the publisher fell behind schedule (lag p99 {}): the machine is busy (hiccup p99 {}); lower --rate or give loadgen a core",
+                    crate::report::us(lag.p99),
+                    crate::report::us(hiccup.p99)
+                ));
                 warnings.push(format!(
                     "the publisher fell behind schedule (lag p99 {:.1} ms): latency still counts from the intended send times",
                     lag.p99 / 1000.0
@@ -241,7 +270,12 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     }
     if let Some(n) = outcome.errors.get("backlog") {
         // With an in-flight limit, the queue fills while replies are awaited.
-        saturated |= sc.load.inflight.is_none();
+        if sc.load.inflight.is_none() {
+            saturated = true;
+            causes.push(format!(
+                "{n} publishes refused for a full publisher backlog: the target (or the machine) took them slower than --rate"
+            ));
+        }
         warnings
             .push(format!("{n} messages were refused because the target did not take them as fast as planned (publisher backlog full)"));
     }
@@ -323,6 +357,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
         client_busiest_thread: busiest / window_s,
         client_threads,
         client_saturated: saturated,
+        saturation: causes,
         server_cpu_s,
         server_cpu_us_per_delivery: server_cpu_s.map(|s| s * 1e6 / deliveries_in_window),
         server_rss_kib: rss_end,

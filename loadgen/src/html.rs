@@ -96,9 +96,9 @@ fn alerts(out: &mut String, r: &FanoutReport) {
     if r.client_saturated {
         let _ = writeln!(
             out,
-            "<div class=\"banner\"><strong>Client saturated.</strong> loadgen's busiest thread used {}% of a core: \
-             the figures may measure the load generator rather than the target.</div>",
-            num(r.client_busiest_thread * 100.0)
+            "<div class=\"banner\"><strong>Client saturated.</strong> The figures may measure the load generator or the machine \
+             rather than the target: {}.</div>",
+            esc(&r.saturation.join("; "))
         );
     }
     if !r.warnings.is_empty() {

@@ -68,17 +68,29 @@ fn main() {
     let r = rt.block_on(async {
         match cli.cmd {
             Cmd::Fanout(a) => cmd_fanout(a).await,
-            Cmd::Connect(a) => connect::run(a).await,
-            Cmd::Compare(a) => compare::run(a).await,
+            Cmd::Connect(a) => connect::run(a).await.map(|()| 0),
+            Cmd::Compare(a) => compare::run(a).await.map(|()| 0),
         }
     });
-    if let Err(e) = r {
-        eprintln!("loadgen: {e:#}");
-        std::process::exit(1);
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            let failed_run = e.downcast_ref::<fanout::NoSubscriber>().is_some();
+            std::process::exit(if failed_run { EXIT_FAILED_RUN } else { 1 });
+        }
     }
 }
 
-async fn cmd_fanout(a: FanoutArgs) -> anyhow::Result<()> {
+/// Exit status of a run whose threshold was crossed.
+const EXIT_THRESHOLD: i32 = 3;
+/// Exit status of a run that measured nothing: no subscriber connected,
+/// or every delivery was lost.
+const EXIT_FAILED_RUN: i32 = 4;
+
+/// Runs a fan-out; its exit status: 0, [`EXIT_THRESHOLD`] or
+/// [`EXIT_FAILED_RUN`].
+async fn cmd_fanout(a: FanoutArgs) -> anyhow::Result<i32> {
     let progress = Progress::new(a.quiet);
     sys::fd_budget(a.scenario.subscribers, &progress);
     let (sc, herald) = a.scenario.build(None)?;
@@ -95,5 +107,17 @@ async fn cmd_fanout(a: FanoutArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.html {
         std::fs::write(path, html::render(&report)).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(())
+    if report.connected == 0 {
+        eprintln!("loadgen: FAILED: no subscriber connected");
+        return Ok(EXIT_FAILED_RUN);
+    }
+    if report.expected > 0 && report.deliveries == 0 {
+        eprintln!("loadgen: FAILED: every delivery was lost ({} expected)", report.expected);
+        return Ok(EXIT_FAILED_RUN);
+    }
+    let crossed = a.thresholds.crossed(&report);
+    for c in &crossed {
+        eprintln!("loadgen: THRESHOLD CROSSED: {c}");
+    }
+    Ok(if crossed.is_empty() { 0 } else { EXIT_THRESHOLD })
 }

@@ -77,6 +77,18 @@ pub struct Sample {
     pub p99_us: f64,
 }
 
+/// A latency given in microseconds, with its unit: `830 µs`, `4.21 ms`,
+/// `1.23 s`.
+pub fn us(v: f64) -> String {
+    if v < 1000.0 {
+        format!("{v:.0} µs")
+    } else if v < 1e6 {
+        format!("{:.2} ms", v / 1e3)
+    } else {
+        format!("{:.2} s", v / 1e6)
+    }
+}
+
 /// The report of one `loadgen fanout` run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FanoutReport {
@@ -160,6 +172,8 @@ pub struct FanoutReport {
     pub client_busiest_thread: f64,
     pub client_threads: usize,
     pub client_saturated: bool,
+    /// What made `client_saturated` true, each with its remedy.
+    pub saturation: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,7 +235,7 @@ impl FanoutReport {
             "deliveries   {} of {} expected  ({:.0}/s)  lost {}  duplicates {}  out of order {}",
             self.deliveries, self.expected, self.deliveries_per_s, self.lost, self.duplicates, self.out_of_order
         );
-        let _ = writeln!(s, "{:<24}{:>10}{:>10}{:>10}{:>10}{:>10}", "latency (us)", "p50", "p90", "p99", "p99.9", "max");
+        let _ = writeln!(s, "{:<24}{:>10}{:>10}{:>10}{:>10}{:>10}", "latency", "p50", "p90", "p99", "p99.9", "max");
         for (name, p) in [
             ("delivery", &self.delivery_latency_us),
             ("fan-out completion", &self.completion_latency_us),
@@ -230,7 +244,7 @@ impl FanoutReport {
             ("machine hiccup", &self.machine_hiccup_us),
             ("connect", &self.connect_latency_us),
         ] {
-            let _ = writeln!(s, "  {:<22}{:>10.0}{:>10.0}{:>10.0}{:>10.0}{:>10.0}", name, p.p50, p.p90, p.p99, p.p999, p.max);
+            let _ = writeln!(s, "  {:<22}{:>10}{:>10}{:>10}{:>10}{:>10}", name, us(p.p50), us(p.p90), us(p.p99), us(p.p999), us(p.max));
         }
         if let Some(per) = self.wire_bytes_per_delivery {
             let _ = write!(s, "wire         {} B received in the window ({per:.0} B per delivery)", self.wire_bytes);
@@ -259,7 +273,7 @@ impl FanoutReport {
             self.client_cpu_us_per_delivery,
             self.client_busiest_thread * 100.0,
             self.client_threads,
-            if self.client_saturated { "  SATURATED" } else { "" }
+            if self.client_saturated { format!("  SATURATED: {}", self.saturation.join("; ")) } else { String::new() }
         );
         if let (Some(cpu), Some(per)) = (self.server_cpu_s, self.server_cpu_us_per_delivery) {
             let _ = write!(s, "server CPU   {cpu:.2} s  ({per:.2} us per delivery)");

@@ -584,3 +584,35 @@ fn the_ws_publisher_waits_for_its_last_replies() {
     assert_eq!(r["publish_errors"]["error_overloaded"].as_u64(), Some(100), "{}", r["publish_errors"]);
     assert_eq!((u(&r, "sent"), u(&r, "expected"), u(&r, "lost")), (0, 0, 0));
 }
+
+/// The exit status and stderr of a run.
+fn status(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).arg("--quiet").output().expect("run loadgen");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn exit_status_says_whether_the_run_passed() {
+    let short = ["fanout", "--subscribers", "20", "--rate", "100", "--duration", "1s", "--warmup", "200ms", "--drain", "500ms"];
+    // Clean, with thresholds it meets: 0.
+    let (code, text) = status(&[&short[..], &["--max-loss", "0", "--max-p99", "10s"]].concat());
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(" ms") || text.contains(" µs"), "latencies carry their unit: {text}");
+    // A threshold no run meets: 3, and which one.
+    let (code, text) = status(&[&short[..], &["--max-p99", "1us"]].concat());
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("THRESHOLD CROSSED: delivery p99"), "{text}");
+    // Nothing listens there: no subscriber connected, 4.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let url = format!("ws://{closed}/ws?channel={{channel}}");
+    let (code, text) = status(&[&short[..], &["--url", &url, "--connect-timeout", "1s"]].concat());
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("no subscriber could connect"), "{text}");
+    // Several channels and a URL without {channel}: refused before it runs.
+    let (code, text) = status(&["fanout", "--url", &format!("ws://{closed}/ws"), "--channels", "2"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("needs {channel}"), "{text}");
+    let (code, text) = status(&["fanout", "--duration", "ten"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("not a duration"), "{text}");
+}
