@@ -349,12 +349,11 @@ pub fn deflate_into(payload: &[u8], level: u32, out: &mut Vec<u8>) -> bool {
 /// The compressed form of a complete server frame `plain` (RSV1 set), or
 /// why it stays plain. `min` is the smallest payload worth compressing.
 pub fn deflate_frame(plain: &[u8], level: u32, min: usize) -> Result<Bytes, Plain> {
-    let (Some(&b0), Some(&b1)) = (plain.first(), plain.get(1)) else { return Err(Plain::NotData) };
+    let (Some(&b0), Some(_)) = (plain.first(), plain.get(1)) else { return Err(Plain::NotData) };
     let opcode = OpCode::from_u8(b0 & 0x0F);
     if b0 & 0x80 == 0 || b0 & 0x70 != 0 || !matches!(opcode, Some(OpCode::Text | OpCode::Binary)) {
         return Err(Plain::NotData);
     }
-    let _ = b1;
     let payload = frame::server_payload(plain);
     if payload.is_empty() || payload.len() < min {
         return Err(Plain::Small);

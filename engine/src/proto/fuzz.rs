@@ -32,11 +32,17 @@ pub fn command(data: &[u8]) {
 /// as a connection feeds them: never a panic, never a message over the cap.
 pub fn frames(data: &[u8]) {
     let max = 1024;
+    feed(&mut Assembler::new(max), data, max, false, max);
+}
+
+/// Feeds the client frames in `data` to `asm` as a connection does (with
+/// `compression` agreed or not), checking that no message passes `max`
+/// and the assembler never holds more than `held`.
+fn feed(asm: &mut Assembler, data: &[u8], max: usize, compression: bool, held: usize) {
     let mut buf = data.to_vec();
-    let mut asm = Assembler::new(max);
     let mut pos = 0;
     while pos < buf.len() {
-        let head = match frame::decode_head(&buf[pos..], max) {
+        let head = match frame::decode_head_ext(&buf[pos..], max, compression) {
             Ok(Some(h)) if buf.len() - pos >= h.total_len() => h,
             _ => return,
         };
@@ -48,7 +54,13 @@ pub fn frames(data: &[u8]) {
             Ok(_) => {}
             Err(_) => return,
         }
-        assert!(asm.buffered() <= max, "reassembly over its cap");
+        // Plain: what reassembly holds, the finished message's buffer
+        // included; compressed: what stays once the message is handled
+        // (the inflated buffer is released then), the context included.
+        let before = asm.buffered();
+        asm.finish();
+        let kept = if compression { asm.buffered() } else { before };
+        assert!(kept <= held, "reassembly or context over its cap");
         pos += head.total_len();
     }
 }
@@ -70,25 +82,7 @@ pub fn deflate(data: &[u8]) {
     }
     let bits = 8 + mode % 8;
     let mut asm = Assembler::new(max).with_deflate((mode & 0x80 != 0).then(|| Context::new(bits)));
-    let mut buf = rest.to_vec();
-    let mut pos = 0;
-    while pos < buf.len() {
-        let head = match frame::decode_head_ext(&buf[pos..], max, true) {
-            Ok(Some(h)) if buf.len() - pos >= h.total_len() => h,
-            _ => return,
-        };
-        let payload = &mut buf[pos + head.header_len..pos + head.total_len()];
-        frame::apply_mask(payload, head.mask);
-        match asm.push(&head, payload) {
-            Ok(Some(Incoming::Text(t))) => assert!(t.len() <= max),
-            Ok(Some(Incoming::Binary(b))) => assert!(b.len() <= max),
-            Ok(_) => {}
-            Err(_) => return,
-        }
-        asm.finish();
-        assert!(asm.buffered() <= max + (1 << 15), "reassembly or context over its cap");
-        pos += head.total_len();
-    }
+    feed(&mut asm, rest, max, true, max + (1 << 15));
 }
 
 /// The RESP decoder of the Redis subscriber connections.

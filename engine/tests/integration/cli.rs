@@ -51,21 +51,8 @@ async fn a_config_file_error_is_printed_once() {
 
 #[tokio::test]
 async fn listen_takes_a_host_name_and_help_shows_the_defaults() {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", "localhost:0"])
-        .env("HERALD_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr: std::net::SocketAddr = loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("herald logs").unwrap().expect("herald started");
-        if let Some((_, rest)) = line.split_once("addr=") {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
+    let h = spawn_herald_on("localhost:0", &[]).await;
+    let addr = h.addr;
     assert!(addr.ip().is_loopback(), "{addr}");
     let (status, _, body) = http(addr, "GET", "/healthz", &[], b"").await;
     assert_eq!((status, body.trim()), (200, "ok"));
@@ -78,23 +65,8 @@ async fn listen_takes_a_host_name_and_help_shows_the_defaults() {
 
 #[tokio::test]
 async fn the_configuration_is_logged_once_at_start() {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", "127.0.0.1:0", "--max-connections", "500", "--api-key", "a-very-secret-key-123"])
-        .env("HERALD_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = Vec::new();
-    while let Ok(Some(line)) = tokio::time::timeout(WAIT, lines.next_line()).await.expect("herald logs") {
-        let started = line.contains("herald started");
-        seen.push(line);
-        if started {
-            break;
-        }
-    }
+    let h = spawn_herald(&["--max-connections", "500", "--api-key", "a-very-secret-key-123"]).await;
+    let seen = &h.startup;
     let config: Vec<&String> = seen.iter().filter(|l| l.contains("configuration")).collect();
     assert_eq!(config.len(), 1, "{seen:#?}");
     assert!(config[0].contains("max_connections=500") && config[0].contains("file=none"), "{}", config[0]);

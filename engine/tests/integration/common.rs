@@ -57,6 +57,8 @@ pub async fn embedded_in_axum() -> (Herald, axum::Router, tokio::net::TcpListene
 pub struct Spawned {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    /// What it wrote to stderr before its start line, that line included.
+    pub startup: Vec<String>,
     /// What it writes to stderr after its start line, once it closes stderr
     /// (when it exits).
     pub log: tokio::task::JoinHandle<String>,
@@ -67,9 +69,14 @@ pub struct Spawned {
 /// addr=…`), so no other process can take it in between. It is killed
 /// when dropped.
 pub async fn spawn_herald(args: &[&str]) -> Spawned {
+    spawn_herald_on("127.0.0.1:0", args).await
+}
+
+/// [`spawn_herald`] with `--listen listen`.
+pub async fn spawn_herald_on(listen: &str, args: &[&str]) -> Spawned {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(args)
         .env("HERALD_LOG", "info")
         .stdout(std::process::Stdio::null())
@@ -78,11 +85,13 @@ pub async fn spawn_herald(args: &[&str]) -> Spawned {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let mut startup = Vec::new();
     let addr = tokio::time::timeout(WAIT, async {
         let mut line = String::new();
         loop {
             line.clear();
             assert!(lines.read_line(&mut line).await.unwrap() > 0, "herald exited before it started");
+            startup.push(line.trim_end().to_string());
             if let Some(rest) = line.split_once("herald started").map(|(_, r)| r) {
                 let addr = rest.split_whitespace().find_map(|f| f.strip_prefix("addr=")).expect("an addr= field");
                 break addr.parse::<SocketAddr>().unwrap();
@@ -96,15 +105,21 @@ pub async fn spawn_herald(args: &[&str]) -> Spawned {
         let _ = lines.read_to_string(&mut rest).await;
         rest
     });
-    Spawned { child, addr, log }
+    Spawned { child, addr, startup, log }
 }
 
-/// Sends a WebSocket upgrade for `path` on a connected socket and returns
-/// it once the server answered 101, for hand-made frames.
-pub async fn upgrade(mut s: TcpStream, path: &str) -> TcpStream {
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+/// Sends a WebSocket upgrade for `path`, with `extra` header lines
+/// (`name: value`), on a connected socket; returns the socket and the
+/// response head, whatever its status, read to its end and no further.
+pub async fn handshake(mut s: TcpStream, path: &str, extra: &[String]) -> (TcpStream, String) {
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     );
+    for h in extra {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -112,7 +127,14 @@ pub async fn upgrade(mut s: TcpStream, path: &str) -> TcpStream {
         s.read_exact(&mut b).await.unwrap();
         head.push(b[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Sends a WebSocket upgrade for `path` on a connected socket and returns
+/// it once the server answered 101, for hand-made frames.
+pub async fn upgrade(s: TcpStream, path: &str) -> TcpStream {
+    let (s, head) = handshake(s, path, &[]).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     s
 }
 

@@ -30,22 +30,9 @@ struct Got {
 
 /// The upgrade's response head (lowercase) for an offer.
 async fn handshake(a: std::net::SocketAddr, path: &str, extensions: &[&str]) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(a).await.unwrap();
-    let mut req = format!(
-        "GET {path} HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
-    for e in extensions {
-        req.push_str(&format!("sec-websocket-extensions: {e}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    (s, String::from_utf8_lossy(&head).to_ascii_lowercase())
+    let extra: Vec<String> = extensions.iter().map(|e| format!("sec-websocket-extensions: {e}")).collect();
+    let (s, head) = crate::common::handshake(TcpStream::connect(a).await.unwrap(), path, &extra).await;
+    (s, head.to_ascii_lowercase())
 }
 
 fn extension_of(head: &str) -> Option<&str> {

@@ -53,7 +53,7 @@ async fn healthz_turns_503_once_shutdown_begins() {
 /// The `herald` binary as an operator runs it: SIGTERM drains and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_standalone_server_and_exits_0() {
-    let Spawned { mut child, addr: a, log } = spawn_herald(&["--shards", "2", "--shutdown-grace-secs", "5"]).await;
+    let Spawned { mut child, addr: a, log, .. } = spawn_herald(&["--shards", "2", "--shutdown-grace-secs", "5"]).await;
     let mut w = ws(a, "/ws?channel=term").await;
     let mut s = Sse::open(a, "channel=term").await;
     for i in 0..20 {
