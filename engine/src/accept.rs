@@ -1,12 +1,15 @@
 //! The standalone server's acceptor: one task on shard 0 accepts every
 //! connection and hands it to a shard round-robin, where HTTP is served.
-//! Over `max_connections`, a connection gets a 503 and is closed.
+//! Over `max_connections`, a connection gets a 503 and is closed. With TLS,
+//! the handshake runs on the connection's shard, within the request head
+//! deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::engine::Engine;
 use crate::http;
@@ -14,13 +17,13 @@ use crate::proto::{json, ErrorCode};
 use crate::shard::Control;
 
 /// Starts the acceptor on shard 0; it stops when that shard drains.
-pub(crate) fn start(engine: &Arc<Engine>, listener: std::net::TcpListener) {
+pub(crate) fn start(engine: &Arc<Engine>, listener: std::net::TcpListener, tls: Option<TlsAcceptor>) {
     let e = Arc::clone(engine);
     let run = Control::Run(Box::new(move |shard| {
         let drained = shard.drain_signal();
         tokio::task::spawn_local(async move {
             tokio::select! {
-                _ = accept_loop(e, listener) => {}
+                _ = accept_loop(e, listener, tls) => {}
                 _ = drained => {}
             }
         });
@@ -31,7 +34,7 @@ pub(crate) fn start(engine: &Arc<Engine>, listener: std::net::TcpListener) {
     }
 }
 
-async fn accept_loop(engine: Arc<Engine>, listener: std::net::TcpListener) {
+async fn accept_loop(engine: Arc<Engine>, listener: std::net::TcpListener, tls: Option<TlsAcceptor>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -53,13 +56,17 @@ async fn accept_loop(engine: Arc<Engine>, listener: std::net::TcpListener) {
             let m = engine.metrics_here();
             m.rejected_max_connections.inc();
             m.error(ErrorCode::Limit);
-            tokio::task::spawn_local(reject(stream));
+            // Over TLS the 503 would cost a handshake when the server is
+            // already full: the connection is closed instead.
+            if tls.is_none() {
+                tokio::task::spawn_local(reject(stream));
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
         let target = engine.next_shard();
         if let Some(here) = crate::shard::current(&*engine).filter(|s| s.id == target) {
-            http::serve(&engine, &here, stream, permit);
+            open(&engine, &here, stream, permit, tls.clone());
             continue;
         }
         let std = match stream.into_std() {
@@ -70,12 +77,65 @@ async fn accept_loop(engine: Arc<Engine>, listener: std::net::TcpListener) {
             }
         };
         let e = Arc::clone(&engine);
+        let tls = tls.clone();
         let handoff = Control::Run(Box::new(move |shard| match TcpStream::from_std(std) {
-            Ok(s) => http::serve(&e, shard, s, permit),
+            Ok(s) => open(&e, shard, s, permit, tls),
             Err(err) => tracing::debug!(error = %err, "cannot register an accepted socket"),
         }));
         if engine.send_control(target, handoff).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Serves a connection on its shard: HTTP at once, or after the TLS
+/// handshake.
+fn open(
+    engine: &Arc<Engine>,
+    shard: &std::rc::Rc<crate::shard::Shard>,
+    tcp: TcpStream,
+    permit: crate::shard::Permit,
+    tls: Option<TlsAcceptor>,
+) {
+    let remote = tcp.peer_addr().ok();
+    let Some(tls) = tls else {
+        return http::serve(engine, shard, tcp, remote, permit);
+    };
+    let (engine, shard) = (Arc::clone(engine), std::rc::Rc::clone(shard));
+    let deadline = Duration::from_millis(engine.config.request_head_timeout_ms);
+    let drained = shard.drain_signal();
+    tokio::task::spawn_local(async move {
+        let handshake = tokio::time::timeout(deadline, tls.accept(tcp));
+        let r = tokio::select! {
+            r = handshake => r,
+            _ = drained => return,
+        };
+        let m = engine.metrics_here();
+        match r {
+            Ok(Ok(stream)) => {
+                m.tls_handshakes.inc();
+                http::serve(&engine, &shard, stream, remote, permit);
+            }
+            Ok(Err(e)) => {
+                m.tls_handshake_failures.inc();
+                tracing::debug!(remote = %DisplayAddr(remote), error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                m.tls_handshake_failures.inc();
+                tracing::debug!(remote = %DisplayAddr(remote), "TLS handshake timed out");
+            }
+        }
+    });
+}
+
+/// An optional address for logs: the address, or `-`.
+pub(crate) struct DisplayAddr(pub Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for DisplayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
         }
     }
 }

@@ -175,6 +175,14 @@ pub struct Config {
     /// (each node refreshes every third of it): a node that dies stops
     /// counting in presence within it. Default 60.
     pub presence_ttl_s: u64,
+    /// The standalone server's certificate chain (PEM, leaf first): with
+    /// [`Config::tls_key`], the listener speaks TLS only (`wss://`,
+    /// `https://`). Default: none (plain text). An embedding server
+    /// terminates TLS itself.
+    pub tls_cert: Option<String>,
+    /// The private key of [`Config::tls_cert`] (PEM: PKCS#8, PKCS#1 or
+    /// SEC1). Default: none.
+    pub tls_key: Option<String>,
     /// The `redis` broker: `redis://[user:password@]host:port`. Every
     /// publish then goes through this Redis, and every node using it serves
     /// the same channels. Default: none (the local broker).
@@ -182,6 +190,9 @@ pub struct Config {
     /// The `redis-cluster` broker: seed URLs of a Redis Cluster (≥ 7), used
     /// with sharded pub/sub. Default: none.
     pub redis_cluster: Vec<String>,
+    /// A PEM bundle of the CA certificates trusted for `rediss://` (TLS)
+    /// Redis URLs. Default: none (the system's CAs).
+    pub redis_tls_ca: Option<String>,
     /// Prefix of Herald's Redis keys and channels. Default `herald:`.
     pub redis_prefix: String,
     /// Deadline of one Redis command (a publish, a subscription's
@@ -370,6 +381,9 @@ impl Default for Config {
             demo: false,
             redis: None,
             redis_cluster: Vec::new(),
+            redis_tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             allowed_origins: vec!["*".to_string()],
             auth: None,
             api_key: None,
@@ -659,8 +673,17 @@ impl Config {
             )?;
         }
         for url in c.redis.iter().chain(&c.redis_cluster) {
-            check(url.starts_with("redis://"), &format!("Redis URL {url:?} must start with redis:// (TLS is not supported)"))?;
+            check(
+                url.starts_with("redis://") || url.starts_with("rediss://"),
+                &format!("Redis URL {:?} must start with redis:// or rediss:// (TLS)", redact_url(url)),
+            )?;
         }
+        let tls_redis = c.redis.iter().chain(&c.redis_cluster).filter(|u| u.starts_with("rediss://")).count();
+        check(
+            tls_redis == 0 || tls_redis == c.redis.iter().chain(&c.redis_cluster).count(),
+            "redis_cluster: use rediss:// for every seed or for none",
+        )?;
+        check(c.tls_cert.is_some() == c.tls_key.is_some(), "tls_cert and tls_key go together: set both or neither")?;
         check(c.redis_prefix.len() <= 64 && !c.redis_prefix.contains(['{', '}']), "redis_prefix must be at most 64 bytes, without { or }")?;
         check(c.redis_timeout_ms >= 1, "redis_timeout_ms must be at least 1")?;
         // A message must fit Redis's pub/sub output buffer (32 MiB hard
@@ -677,8 +700,31 @@ impl Config {
     }
 }
 
+/// `url` with the password of its user info replaced by `<redacted>`, for
+/// logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:<redacted>@{}", &rest[at + 1..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redacts_passwords_of_urls() {
+        use super::redact_url;
+        assert_eq!(redact_url("redis://:hunter2@h:6379/0"), "redis://:<redacted>@h:6379/0");
+        assert_eq!(redact_url("rediss://app:hunter2@h"), "rediss://app:<redacted>@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("redis://h/x@y"), "redis://h/x@y");
+    }
+
     use super::*;
 
     #[test]

@@ -62,6 +62,7 @@ pub mod proto;
 mod proxy;
 mod router;
 mod shard;
+pub mod tls;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -102,6 +103,9 @@ pub enum StartError {
     /// The `[auth]` key cannot be used.
     #[error(transparent)]
     Key(#[from] auth::KeyError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Binding the listener or starting a shard thread failed.
     #[error("{what}: {source}")]
     Io {
@@ -124,29 +128,45 @@ impl Herald {
     pub fn start(config: Config) -> Result<Herald, StartError> {
         // A bad setting is reported as itself, before the port is taken.
         config.validated()?;
+        let tls = server_tls(&config)?;
         let listener = bind(config.listen, config.listen_backlog)
             .map_err(|source| StartError::Io { what: format!("cannot listen on {}", config.listen), source })?;
-        Herald::start_on(listener, config)
+        Herald::serve_on(listener, config, tls)
     }
 
     /// Serves on a listener the caller bound (for example on port 0).
     pub fn start_on(listener: TcpListener, config: Config) -> Result<Herald, StartError> {
+        let tls = server_tls(&config)?;
+        Herald::serve_on(listener, config, tls)
+    }
+
+    fn serve_on(listener: TcpListener, config: Config, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Herald, StartError> {
         let io = |what: &str| {
             let what = what.to_string();
             move |source| StartError::Io { what, source }
         };
         listener.set_nonblocking(true).map_err(io("cannot configure the listener"))?;
         let addr = listener.local_addr().map_err(io("cannot read the listener's address"))?;
-        Herald::launch(config, Some(listener), Some(addr))
+        Herald::launch(config, Some((listener, tls)), Some(addr))
     }
 
     /// Starts the shards without a listener: serve the endpoints from your
     /// own server through [`Herald::service`].
     pub fn start_embedded(config: Config) -> Result<Herald, StartError> {
+        if config.tls_cert.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls_cert applies to Herald's own listener; an embedding server terminates TLS itself".into(),
+            )
+            .into());
+        }
         Herald::launch(config, None, None)
     }
 
-    fn launch(config: Config, listener: Option<TcpListener>, local_addr: Option<SocketAddr>) -> Result<Herald, StartError> {
+    fn launch(
+        config: Config,
+        listener: Option<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+        local_addr: Option<SocketAddr>,
+    ) -> Result<Herald, StartError> {
         let config = config.validated()?;
         let n = config.shards;
         let router = Arc::new(Router::new(n, config.shard_queue_capacity, config.max_channels));
@@ -194,11 +214,12 @@ impl Herald {
                 }
             })));
         }
-        if let Some(listener) = listener {
-            accept::start(&engine, listener);
+        let scheme = if listener.as_ref().is_some_and(|(_, tls)| tls.is_some()) { "https" } else { "http" };
+        if let Some((listener, tls)) = listener {
+            accept::start(&engine, listener, tls);
         }
         match local_addr {
-            Some(addr) => tracing::info!(%addr, shards = n, broker = engine.broker.mode(), "herald started"),
+            Some(addr) => tracing::info!(%addr, %scheme, shards = n, broker = engine.broker.mode(), "herald started"),
             None => tracing::info!(shards = n, broker = engine.broker.mode(), "herald started (embedded)"),
         }
         Ok(Herald { engine })
@@ -293,6 +314,15 @@ impl Herald {
 /// Binds `addr` with a listen backlog of `backlog` (`std`'s `bind` fixes it
 /// at 128, which a connection storm overflows), warning when the kernel
 /// caps it lower.
+/// The listener's TLS, loaded (and its files checked) before anything is
+/// bound.
+fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, StartError> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(tls::acceptor(cert, key)?)),
+        _ => Ok(None),
+    }
+}
+
 fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;

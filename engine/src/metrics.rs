@@ -161,6 +161,8 @@ pub(crate) struct ShardMetrics {
     pub sse_opened: Counter,
     pub sse_closed: Counter,
     pub rejected_max_connections: Counter,
+    pub tls_handshakes: Counter,
+    pub tls_handshake_failures: Counter,
     pub subscriptions_added: Counter,
     pub subscriptions_removed: Counter,
     pub published: Counter,
@@ -289,6 +291,10 @@ impl Metrics {
         head(&mut out, "herald_connections_rejected_total", "counter", "Connections refused, by reason.");
         let _ =
             writeln!(out, "herald_connections_rejected_total{{reason=\"max_connections\"}} {}", self.sum(|s| &s.rejected_max_connections));
+
+        head(&mut out, "herald_tls_handshakes_total", "counter", "TLS handshakes on the listener, by result.");
+        let _ = writeln!(out, "herald_tls_handshakes_total{{result=\"ok\"}} {}", self.sum(|s| &s.tls_handshakes));
+        let _ = writeln!(out, "herald_tls_handshakes_total{{result=\"failed\"}} {}", self.sum(|s| &s.tls_handshake_failures));
 
         head(&mut out, "herald_subscriptions", "gauge", "Active subscriptions (connection, channel).");
         let subs = self.sum(|s| &s.subscriptions_added).saturating_sub(self.sum(|s| &s.subscriptions_removed));

@@ -99,6 +99,10 @@ pub(crate) struct ScenarioArgs {
     /// Herald then runs with `compression = true`.
     #[arg(long)]
     pub(crate) compression: bool,
+    /// PEM bundle of the CAs that wss:// and https:// targets are checked
+    /// against (default: the system's).
+    #[arg(long)]
+    pub(crate) tls_ca: Option<String>,
     /// New connections per second while connecting.
     #[arg(long, default_value_t = 2000.0)]
     pub(crate) connect_rate: f64,
@@ -244,6 +248,10 @@ pub(crate) struct ConnectArgs {
     pub(crate) url: Vec<String>,
     #[arg(long, value_enum, default_value = "ws")]
     pub(crate) transport: TransportArg,
+    /// PEM bundle of the CAs that wss:// and https:// targets are checked
+    /// against (default: the system's).
+    #[arg(long)]
+    pub(crate) tls_ca: Option<String>,
     #[arg(long, default_value_t = 1000)]
     pub(crate) connections: u64,
     /// New connections per second.
@@ -313,12 +321,16 @@ impl ScenarioArgs {
         };
         let first = &urls[0];
         let herald_path = first.path.starts_with("/ws") || first.path.starts_with("/sse");
+        net::set_tls_ca(self.tls_ca.clone())?;
+        if first.tls && self.publish_url.is_none() && matches!(self.publish, PublishArg::Ws) {
+            bail!("--publish ws speaks plain text only: give a ws:// --publish-url, or publish with --publish http (https://) or redis");
+        }
         let authority = method_default_url.unwrap_or_else(|| first.authority());
         let method = match self.publish {
             PublishArg::Http => {
                 let u = match &self.publish_url {
                     Some(u) => u.clone(),
-                    None if herald_path => format!("http://{authority}/publish/{{channel}}"),
+                    None if herald_path => format!("{}://{authority}/publish/{{channel}}", if first.tls { "https" } else { "http" }),
                     None => bail!("--publish http needs --publish-url for a target that is not Herald"),
                 };
                 let sign = self.publish_sign.as_deref().map(publish::Sign::parse).transpose()?;
@@ -340,11 +352,11 @@ impl ScenarioArgs {
                     None if herald_path => format!("ws://{authority}/ws"),
                     None => bail!("--publish ws needs --publish-url for a target that is not Herald"),
                 };
-                Method::Ws { url: Url::parse(&u)? }
+                Method::Ws { url: Url::parse(&u)?.plain("--publish ws")? }
             }
             PublishArg::WsRaw => {
                 let u = self.publish_url.clone().context("--publish ws-raw needs --publish-url (a WebSocket URL template)")?;
-                Method::WsRaw { url: Url::parse(&u)? }
+                Method::WsRaw { url: Url::parse(&u)?.plain("--publish ws-raw")? }
             }
             PublishArg::Redis => Method::Redis {
                 url: self.publish_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".into()),

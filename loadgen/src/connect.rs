@@ -84,6 +84,7 @@ pub async fn connect_all(sc: &Connections, plan: Plan, progress: &Progress) -> a
 /// `loadgen connect`: open the connections at a rate, hold them, close.
 pub async fn run(a: ConnectArgs) -> anyhow::Result<()> {
     let progress = Progress::new(a.quiet);
+    net::set_tls_ca(a.tls_ca.clone())?;
     sys::fd_budget(a.connections, &progress);
     let herald = if a.url.is_empty() { Some(embedded(a.shards, false)?) } else { None };
     let urls = match &herald {

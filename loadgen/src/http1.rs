@@ -2,8 +2,7 @@
 //! exchange that opens a WebSocket or an SSE stream, splitting pipelined
 //! responses, and a streaming chunked-body decoder.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::net::{ConnectError, Url};
 
@@ -22,7 +21,7 @@ pub struct Head {
 
 /// Sends `request` and reads the response head; returns it with any bytes
 /// that followed it.
-pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(Head, Vec<u8>), ConnectError> {
+pub async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, request: &[u8]) -> Result<(Head, Vec<u8>), ConnectError> {
     stream.write_all(request).await.map_err(|e| ConnectError::io(&e))?;
     let mut buf = Vec::with_capacity(1024);
     let mut tmp = [0u8; 2048];
@@ -69,7 +68,7 @@ pub fn refused(status: u16) -> ConnectError {
 
 /// Opens an SSE stream on `stream`; returns whether the body is chunked
 /// and bytes received after the head.
-pub async fn sse_open(stream: &mut TcpStream, url: &Url, path: &str) -> Result<(bool, Vec<u8>), ConnectError> {
+pub async fn sse_open<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, url: &Url, path: &str) -> Result<(bool, Vec<u8>), ConnectError> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n", url.authority());
     let (head, rest) = exchange(stream, req.as_bytes()).await?;
     if head.status != 200 {

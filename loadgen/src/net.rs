@@ -6,26 +6,34 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context as TaskContext, Poll};
+
 use anyhow::{bail, Context};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// A parsed `ws://` or `http://` URL (a template: may hold `{channel}`).
+/// A parsed `ws://`, `wss://`, `http://` or `https://` URL (a template: may
+/// hold `{channel}`).
 #[derive(Debug, Clone)]
 pub struct Url {
     pub host: String,
     pub port: u16,
     /// Path and query, starting with `/`.
     pub path: String,
+    /// `wss://` or `https://`.
+    pub tls: bool,
 }
 
 impl Url {
     pub fn parse(s: &str) -> anyhow::Result<Url> {
         let (scheme, rest) = s.split_once("://").with_context(|| format!("{s:?} is not a URL (expected ws://… or http://…)"))?;
-        let default_port = match scheme {
-            "ws" | "http" => 80,
-            "wss" | "https" => bail!("{s:?}: TLS is not supported; measure the plain-text port (ws:// or http://)"),
-            "redis" => 6379,
-            _ => bail!("{s:?}: unsupported scheme {scheme:?} (ws, http, redis)"),
+        let (default_port, tls) = match scheme {
+            "ws" | "http" => (80, false),
+            "wss" | "https" => (443, true),
+            "redis" => (6379, false),
+            _ => bail!("{s:?}: unsupported scheme {scheme:?} (ws, wss, http, https, redis)"),
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
@@ -41,7 +49,15 @@ impl Url {
         if host.is_empty() {
             bail!("{s:?}: no host");
         }
-        Ok(Url { host, port, path })
+        Ok(Url { host, port, path, tls })
+    }
+
+    /// Refuses a TLS URL where loadgen speaks plain text only.
+    pub fn plain(self, what: &str) -> anyhow::Result<Url> {
+        if self.tls {
+            bail!("{what} over TLS is not supported: use a plain-text URL (ws:// or http://) for it");
+        }
+        Ok(self)
     }
 
     /// The path with `{channel}` replaced.
@@ -130,6 +146,7 @@ impl ConnectError {
                  or widen net.ipv4.ip_local_port_range",
             ),
             "timeout" => Some("the server did not answer in time: lower --connect-rate or check the server's accept backlog"),
+            "tls" => Some("the TLS handshake failed: for a private or self-signed certificate pass its CA with --tls-ca FILE"),
             _ => None,
         }
     }
@@ -138,6 +155,84 @@ impl ConnectError {
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.kind, self.detail)
+    }
+}
+
+/// The CA bundle `--tls-ca` names, if any (else the system's roots).
+static TLS_CA: OnceLock<Option<String>> = OnceLock::new();
+static TLS_CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+
+/// Sets the CAs that `wss://` and `https://` servers are checked against
+/// (once, before connecting); `None` trusts the system's.
+pub fn set_tls_ca(path: Option<String>) -> anyhow::Result<()> {
+    let _ = TLS_CA.set(path);
+    tls_config().map(drop).map_err(anyhow::Error::msg)
+}
+
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    TLS_CONFIG
+        .get_or_init(|| {
+            let ca = TLS_CA.get().and_then(Option::as_deref);
+            let roots = herald::tls::roots("--tls-ca", ca).map_err(|e| e.to_string())?;
+            Ok(herald::tls::client_config(roots))
+        })
+        .clone()
+}
+
+/// A connection to the target: plain TCP, or TLS over it.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens a connection to `url` at `addr`, with the TLS handshake if the
+/// URL asks for it.
+pub async fn open(url: &Url, addr: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> Result<Stream, ConnectError> {
+    let tcp = connect(addr, source, timeout).await?;
+    if !url.tls {
+        return Ok(Stream::Plain(tcp));
+    }
+    let config = tls_config().map_err(|e| ConnectError::new("tls", e))?;
+    let name = rustls_pki_types::ServerName::try_from(url.host.clone())
+        .map_err(|_| ConnectError::new("tls", format!("{:?} is not a TLS server name", url.host)))?;
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(s)) => Ok(Stream::Tls(Box::new(s))),
+        Ok(Err(e)) => Err(ConnectError::new("tls", e.to_string())),
+        Err(_) => Err(ConnectError::new("timeout", "no TLS handshake within the connect timeout")),
     }
 }
 
@@ -171,7 +266,9 @@ mod tests {
         assert_eq!((u.port, u.path.as_str()), (80, "/?x=1"));
         let u = Url::parse("ws://[::1]:9/").unwrap();
         assert_eq!((u.host.as_str(), u.authority()), ("::1", "[::1]:9".to_string()));
-        assert!(Url::parse("wss://x/").is_err());
+        let u = Url::parse("wss://x/").unwrap();
+        assert_eq!((u.port, u.tls), (443, true));
+        assert!(u.plain("publishing").is_err());
         assert!(Url::parse("ftp://x/").is_err());
         assert!(Url::parse("localhost:80").is_err());
     }

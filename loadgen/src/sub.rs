@@ -8,12 +8,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::clock;
-use crate::net::{self, ConnectError, Url};
+use crate::net::{self, ConnectError, Stream, Url};
 use crate::payload;
 use crate::stats::{Live, Plan, Seq, WorkerStats};
 use herald::proto::deflate::Agreed;
@@ -124,9 +124,9 @@ impl Worker {
 /// the bytes that followed the response head.
 /// The stream, the bytes after the head, whether an SSE body is chunked,
 /// and the compression a WebSocket agreed.
-pub async fn open(spec: &SubSpec) -> Result<(TcpStream, Vec<u8>, bool, Option<Agreed>), ConnectError> {
+pub async fn open(spec: &SubSpec) -> Result<(Stream, Vec<u8>, bool, Option<Agreed>), ConnectError> {
     let fut = async {
-        let mut s = net::connect(spec.addr, spec.source, spec.connect_timeout).await?;
+        let mut s = net::open(&spec.url, spec.addr, spec.source, spec.connect_timeout).await?;
         match spec.transport {
             Transport::Ws => ws::upgrade(&mut s, &spec.url, &spec.path, spec.compression).await.map(|(rest, a)| (s, rest, false, a)),
             Transport::Sse => http1::sse_open(&mut s, &spec.url, &spec.path).await.map(|(chunked, rest)| (s, rest, chunked, None)),
@@ -229,14 +229,7 @@ fn ws_frames(ctx: &Ctx, r: &mut WsReader, channel: u64, data: &[u8], fresh: usiz
     }
 }
 
-async fn read_ws(
-    ctx: &Ctx,
-    mut stream: TcpStream,
-    first: Vec<u8>,
-    channel: u64,
-    subscribe: Option<&str>,
-    agreed: Option<Agreed>,
-) -> String {
+async fn read_ws(ctx: &Ctx, mut stream: Stream, first: Vec<u8>, channel: u64, subscribe: Option<&str>, agreed: Option<Agreed>) -> String {
     let mut r = WsReader {
         seq: Seq::default(),
         masker: ws::Masker::new(clock::now_ns() ^ channel),
@@ -263,9 +256,26 @@ async fn read_ws(
         if let Some(e) = ended {
             return e;
         }
-        if let Err(e) = stream.readable().await {
+        let tcp = match &mut stream {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => {
+                // TLS: decrypted into the connection's own buffer.
+                pending.reserve(4096);
+                let fresh = match tls.read_buf(&mut pending).await {
+                    Ok(0) => return "eof".into(),
+                    Ok(n) => n,
+                    Err(e) => return io_end(&e),
+                };
+                let (used, e) = ws_frames(ctx, &mut r, channel, &pending, fresh);
+                pending.drain(..used);
+                ended = e;
+                continue;
+            }
+        };
+        if let Err(e) = tcp.readable().await {
             return io_end(&e);
         }
+        let stream = &*tcp;
         let mut scratch = ctx.scratch.borrow_mut();
         let p = pending.len();
         if p + 4096 > scratch.len() {
@@ -282,7 +292,7 @@ async fn read_ws(
             ended = e;
         } else {
             scratch[..p].copy_from_slice(&pending);
-            let len = match read_drained(&stream, &mut scratch[p..]) {
+            let len = match read_drained(stream, &mut scratch[p..]) {
                 Ok(0) => return "eof".into(),
                 Ok(n) => p + n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -320,7 +330,7 @@ fn read_drained(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-async fn read_sse(ctx: &Ctx, stream: TcpStream, first: Vec<u8>, chunked: bool, channel: u64) -> String {
+async fn read_sse(ctx: &Ctx, mut stream: Stream, first: Vec<u8>, chunked: bool, channel: u64) -> String {
     let mut seq = Seq::default();
     let mut dechunker = Dechunker::default();
     // Decoded body bytes not yet ending in a line break.
@@ -357,11 +367,23 @@ async fn read_sse(ctx: &Ctx, stream: TcpStream, first: Vec<u8>, chunked: bool, c
                 return "eof".into();
             }
         }
-        if let Err(e) = stream.readable().await {
+        let tcp = match &mut stream {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => {
+                raw.reserve(4096);
+                match tls.read_buf(&mut raw).await {
+                    Ok(0) => return "eof".into(),
+                    Ok(_) => {}
+                    Err(e) => return io_end(&e),
+                }
+                continue;
+            }
+        };
+        if let Err(e) = tcp.readable().await {
             return io_end(&e);
         }
         let mut scratch = ctx.scratch.borrow_mut();
-        match read_drained(&stream, &mut scratch[..]) {
+        match read_drained(tcp, &mut scratch[..]) {
             Ok(0) => return "eof".into(),
             Ok(n) => raw.extend_from_slice(&scratch[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

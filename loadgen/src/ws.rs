@@ -3,7 +3,7 @@
 
 use herald::proto::deflate::{self, Agreed};
 use herald::proto::frame::{self, OpCode, ProtocolError};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::http1::{exchange, refused};
 use crate::net::{ConnectError, Url};
@@ -11,7 +11,12 @@ use crate::net::{ConnectError, Url};
 /// Opens a WebSocket on `stream`, offering permessage-deflate when
 /// `compression`; returns bytes received after the head and what the
 /// server agreed.
-pub async fn upgrade(stream: &mut TcpStream, url: &Url, path: &str, compression: bool) -> Result<(Vec<u8>, Option<Agreed>), ConnectError> {
+pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    url: &Url,
+    path: &str,
+    compression: bool,
+) -> Result<(Vec<u8>, Option<Agreed>), ConnectError> {
     let offer = if compression { format!("Sec-WebSocket-Extensions: {}\r\n", deflate::CLIENT_OFFER) } else { String::new() };
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n{offer}\r\n",

@@ -616,3 +616,65 @@ fn exit_status_says_whether_the_run_passed() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("not a duration"), "{text}");
 }
+
+/// A Herald serving TLS only, with a self-signed certificate for
+/// `localhost`; the certificate's file.
+fn tls_herald() -> (herald::Herald, std::path::PathBuf, u16) {
+    let dir = std::env::temp_dir().join(format!("loadgen-tls-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&key_file, key.signing_key.serialize_pem()).unwrap();
+    let mut c = herald::Config::default();
+    c.shards(2);
+    c.tls_cert = Some(cert.to_str().unwrap().into());
+    c.tls_key = Some(key_file.to_str().unwrap().into());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (herald::Herald::start_on(listener, c).unwrap(), cert, port)
+}
+
+#[test]
+fn tls_targets_are_measured_over_wss_and_https() {
+    let (_herald, cert, port) = tls_herald();
+    let ca = cert.to_str().unwrap();
+    for (transport, url) in [
+        ("ws", format!("wss://localhost:{port}/ws?channel={{channel}}")),
+        ("sse", format!("https://localhost:{port}/sse?channel={{channel}}")),
+    ] {
+        // Published over https too (derived from the target's URL).
+        let (r, _) = loadgen(&[
+            "fanout",
+            "--url",
+            &url,
+            "--transport",
+            transport,
+            "--tls-ca",
+            ca,
+            "--subscribers",
+            "20",
+            "--channels",
+            "2",
+            "--rate",
+            "100",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+        ]);
+        assert_eq!(u(&r, "connected"), 20, "{transport}");
+        assert_eq!(u(&r, "sent"), 100, "{transport}");
+        assert_eq!(u(&r, "deliveries"), 100 * 10, "{transport}");
+        assert_eq!((u(&r, "lost"), u(&r, "out_of_order")), (0, 0), "{transport}");
+    }
+    let url = format!("wss://localhost:{port}/ws?channel={{channel}}");
+    let (code, text) = status(&["connect", "--url", &url, "--tls-ca", ca, "--connections", "50", "--rate", "500", "--hold", "200ms"]);
+    assert_eq!(code, 0, "{text}");
+    // Without the CA, the system's roots do not trust the certificate: a
+    // clear error that names the remedy.
+    let (code, text) = status(&["fanout", "--url", &url, "--subscribers", "2", "--duration", "1s", "--connect-timeout", "2s"]);
+    assert_eq!(code, 4, "{text}");
+    assert!(text.contains("tls") && text.contains("--tls-ca"), "{text}");
+    let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+}

@@ -119,6 +119,15 @@ struct Args {
     /// Use the `redis-cluster` broker (sharded pub/sub) with these seed URLs.
     #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',')]
     redis_cluster: Option<Vec<String>>,
+    /// PEM bundle of the CAs trusted for rediss:// URLs (default: the system's).
+    #[arg(long, env = "HERALD_REDIS_TLS_CA")]
+    redis_tls_ca: Option<String>,
+    /// Serve TLS only (wss://, https://) with this PEM certificate chain; needs --tls-key.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<String>,
     /// The server API key: POST /publish and GET /history then need
     /// `Authorization: Bearer <key>` (prefer the variable: flags show in `ps`).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
@@ -213,6 +222,11 @@ fn config(args: &Args) -> anyhow::Result<Config> {
         c.redis_cluster = urls.clone();
         c.redis = None;
     }
+    for (v, f) in [(&args.redis_tls_ca, &mut c.redis_tls_ca), (&args.tls_cert, &mut c.tls_cert), (&args.tls_key, &mut c.tls_key)] {
+        if let Some(v) = v {
+            *f = Some(v.clone());
+        }
+    }
     if let Some(k) = &args.api_key {
         c.api_key = Some(herald::auth::Secret::new(k.clone()));
     }
@@ -250,7 +264,19 @@ fn log_config(file: Option<&std::path::Path>, config: &Config) {
     else {
         return;
     };
-    let changed: Vec<String> = now.iter().filter(|(k, v)| default.get(*k) != Some(v)).map(|(k, v)| format!("{k}={v}")).collect();
+    let changed: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| default.get(*k) != Some(v))
+        .map(|(k, v)| match (k.as_str(), v) {
+            // Redis URLs may carry a password.
+            ("redis", toml::Value::String(u)) => format!("{k}={:?}", herald::config::redact_url(u)),
+            ("redis_cluster", toml::Value::Array(urls)) => {
+                let urls: Vec<String> = urls.iter().filter_map(|u| u.as_str()).map(herald::config::redact_url).collect();
+                format!("{k}={urls:?}")
+            }
+            _ => format!("{k}={v}"),
+        })
+        .collect();
     let file = file.map_or_else(|| "none".to_string(), |p| p.display().to_string());
     let changed = if changed.is_empty() { "none (all defaults)".to_string() } else { changed.join(" ") };
     tracing::info!(%file, %changed, "configuration");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::engine::Engine;
 use crate::shard::{Permit, Shard};
@@ -25,10 +25,14 @@ impl PermitSlot {
 
 /// Serves HTTP/1.1 on a socket on this shard, until the client leaves or
 /// the shard drains (then hyper finishes the request in flight).
-pub(crate) fn serve(engine: &Arc<Engine>, shard: &Rc<Shard>, stream: TcpStream, permit: Permit) {
+/// `stream` is a TCP socket or a TLS stream over one.
+pub(crate) fn serve<S>(engine: &Arc<Engine>, shard: &Rc<Shard>, stream: S, remote: Option<std::net::SocketAddr>, permit: Permit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = &engine.config;
     let slot = PermitSlot(Arc::new(Mutex::new(Some(permit))));
-    let remote = stream.peer_addr().ok().map(super::query::RemoteAddr);
+    let remote = remote.map(super::query::RemoteAddr);
     let service = {
         let engine = Arc::clone(engine);
         hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {

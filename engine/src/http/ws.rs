@@ -110,6 +110,11 @@ async fn attach(shard: Rc<Shard>, conn: Rc<Conn>, upgraded: hyper::upgrade::Upgr
             }
             ws::run_tcp(shard, conn, tcp, parts.read_buf).await;
         }
-        Err(upgraded) => ws::run(shard, conn, TokioIo::new(upgraded), Bytes::new()).await,
+        Err(upgraded) => match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            // TLS: served over the stream itself (the handshake ran on this
+            // shard), without the fan-out's direct writes.
+            Ok(parts) => ws::run(shard, conn, parts.io.into_inner(), parts.read_buf).await,
+            Err(upgraded) => ws::run(shard, conn, TokioIo::new(upgraded), Bytes::new()).await,
+        },
     }
 }

@@ -126,3 +126,25 @@ async fn broker_nodes_count_the_configured_node_before_it_connects() {
     assert_eq!(metric(&text, "herald_broker_nodes"), 1);
     assert_eq!(metric(&text, "herald_broker_up"), 0);
 }
+
+#[tokio::test]
+async fn tls_files_are_checked_before_the_port_is_bound_and_redis_passwords_never_logged() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let (code, text) = run(&["--listen", &port, "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"]).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("tls_cert \"/nonexistent/cert.pem\""), "{text}");
+    assert!(!text.contains("in use"), "{text}");
+    let (code, text) = run(&["--tls-cert", "/x.pem"]).await;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--tls-key"), "{text}");
+    // A Redis URL with a password: redacted in the start log and in errors.
+    let (code, text) = run(&["--redis", "rediss://app:hunter2-secret@127.0.0.1:1", "--redis-tls-ca", "/nonexistent/ca.pem"]).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("redis_tls_ca \"/nonexistent/ca.pem\""), "{text}");
+    assert!(text.contains("app:<redacted>@"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+    let (code, text) = run(&["--redis", "unix://:hunter2-secret@/tmp/x.sock", "--print-config"]).await;
+    assert_eq!(code, 1, "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}

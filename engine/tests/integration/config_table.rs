@@ -143,6 +143,9 @@ fn other_value(key: &str, default: &Value) -> (Option<String>, Value) {
                 "redis" => ("redis://127.0.0.1:1", Value::from("redis://127.0.0.1:1")),
                 "redis_cluster" => ("redis://a:1,redis://b:2", serde_json::json!(["redis://a:1", "redis://b:2"])),
                 "redis_prefix" => ("other:", Value::from("other:")),
+                "redis_tls_ca" => ("/etc/ca.pem", Value::from("/etc/ca.pem")),
+                "tls_cert" => ("/etc/cert.pem", Value::from("/etc/cert.pem")),
+                "tls_key" => ("/etc/key.pem", Value::from("/etc/key.pem")),
                 "api_key" => ("an-api-key-of-some-length", Value::from("<redacted>")),
                 "auth" => (
                     "a-secret-of-at-least-16",
@@ -166,15 +169,25 @@ fn each_flag_and_each_variable_sets_its_key() {
     assert_eq!(printed(&[], &[]), defaults, "--print-config with nothing set prints the defaults");
     for r in table() {
         let (arg, want) = other_value(&r.key, &defaults[&r.key]);
-        let by_flag = match &arg {
-            Some(v) => printed(&[&r.flag, v], &[]),
-            None => printed(&[&r.flag], &[]),
+        // tls_cert and tls_key are set together or not at all.
+        let partner = match r.key.as_str() {
+            "tls_cert" => Some(("--tls-key", "/etc/key.pem", "tls_key")),
+            "tls_key" => Some(("--tls-cert", "/etc/cert.pem", "tls_cert")),
+            _ => None,
         };
-        let by_var = printed(&[], &[(&r.var, arg.as_deref().unwrap_or("true"))]);
+        let extra: Vec<&str> = partner.iter().flat_map(|(f, v, _)| [*f, *v]).collect();
+        let by_flag = match &arg {
+            Some(v) => printed(&[&[r.flag.as_str(), v.as_str()][..], &extra].concat(), &[]),
+            None => printed(&[&[r.flag.as_str()][..], &extra].concat(), &[]),
+        };
+        let by_var = printed(&extra, &[(&r.var, arg.as_deref().unwrap_or("true"))]);
         for (how, got) in [("flag", by_flag), ("variable", by_var)] {
             assert_eq!(got[&r.key], want, "{} set by its {how}", r.key);
             let changed: Vec<&String> = got.keys().filter(|k| got[*k] != defaults[*k]).collect();
-            assert_eq!(changed, [&r.key], "{} by its {how} changed only its key", r.key);
+            let mut expected = vec![r.key.as_str()];
+            expected.extend(partner.map(|(_, _, k)| k));
+            expected.sort_unstable();
+            assert_eq!(changed, expected, "{} by its {how} changed only its key", r.key);
         }
     }
 }

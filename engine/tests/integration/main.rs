@@ -27,3 +27,4 @@ mod presence;
 mod redis_history;
 mod shutdown;
 mod slow;
+mod tls;

@@ -72,6 +72,20 @@ async fn presence(c: &mut Ws, channel: &str) -> Value {
     v
 }
 
+/// `presence`'s `key` once it is `want`: across nodes, a change reaches
+/// Redis through each node's presence writer, after the reply that made it.
+async fn settled(c: &mut Ws, channel: &str, key: &str, want: Value) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = presence(c, channel).await;
+        if v[key] == want || tokio::time::Instant::now() > deadline {
+            assert_eq!(v[key], want, "{v}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_counts_users_once_and_announces_first_and_last_connections() {
     let h = node(None);
@@ -148,14 +162,14 @@ async fn nodes_share_presence_and_join_leave_through_redis() {
     let mut on_a = joined(&a, Some("alice"), "chat:x").await;
     let _dave = joined(&b, Some("dave"), "chat:x").await;
     assert_eq!(next_event(&mut carol).await, ev("join", "dave"));
-    assert_eq!(presence(&mut carol, "chat:x").await["users"], json!(["alice", "carol", "dave"]));
-    assert_eq!(presence(&mut carol, "chat:x").await["clients"], 4);
+    settled(&mut carol, "chat:x", "users", json!(["alice", "carol", "dave"])).await;
+    settled(&mut carol, "chat:x", "clients", json!(4)).await;
     // Her device on B leaves: she is still on A.
     assert_eq!(ask(&mut on_b, json!({"op":"unsubscribe","channel":"chat:x","id":2})).await["op"], "unsubscribed");
-    assert_eq!(presence(&mut carol, "chat:x").await["clients"], 3);
+    settled(&mut carol, "chat:x", "clients", json!(3)).await;
     assert_eq!(ask(&mut on_a, json!({"op":"unsubscribe","channel":"chat:x","id":2})).await["op"], "unsubscribed");
     assert_eq!(next_event(&mut carol).await, ev("leave", "alice"), "her last device, on the other node, left");
-    assert_eq!(presence(&mut carol, "chat:x").await["users"], json!(["carol", "dave"]));
+    settled(&mut carol, "chat:x", "users", json!(["carol", "dave"])).await;
     let fields: Vec<String> = redis.query(&["HKEYS", "herald:{chat:x}:presence"]).unwrap();
     assert_eq!(fields.len(), 2, "one field per user and node: {fields:?}");
 }

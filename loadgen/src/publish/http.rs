@@ -45,7 +45,7 @@ pub(super) async fn http_conn(addr: SocketAddr, mut target: Target, mut rx: mpsc
     // error, `Connection: close` after every answer): reconnect and go on;
     // what was in flight is counted failed.
     loop {
-        let stream = match net::connect(addr, None, Duration::from_secs(10)).await {
+        let stream = match net::open(&target.url, addr, None, Duration::from_secs(10)).await {
             Ok(s) => s,
             Err(e) => {
                 // Nothing to talk to: refuse one message, then try again.
@@ -59,7 +59,17 @@ pub(super) async fn http_conn(addr: SocketAddr, mut target: Target, mut rx: mpsc
                 continue;
             }
         };
-        if http_session(stream, &target, &mut rx, &mut carry, &state).await {
+        let done = match stream {
+            net::Stream::Plain(tcp) => {
+                let (read, write) = tcp.into_split();
+                http_session(read, write, &target, &mut rx, &mut carry, &state).await
+            }
+            net::Stream::Tls(tls) => {
+                let (read, write) = tokio::io::split(*tls);
+                http_session(read, write, &target, &mut rx, &mut carry, &state).await
+            }
+        };
+        if done {
             return;
         }
     }
@@ -67,17 +77,21 @@ pub(super) async fn http_conn(addr: SocketAddr, mut target: Target, mut rx: mpsc
 
 /// Serves one connection; returns true when the queue closed (the run is
 /// over), false when the connection failed.
-async fn http_session(
-    stream: tokio::net::TcpStream,
+async fn http_session<R, W>(
+    mut read: R,
+    mut write: W,
     target: &Target,
     rx: &mut mpsc::Receiver<Item>,
     carry: &mut Option<Item>,
     state: &Rc<RefCell<State>>,
-) -> bool {
+) -> bool
+where
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let Target { url, names, limit, .. } = target;
     let limit = *limit;
     let host = url.authority();
-    let (mut read, mut write) = stream.into_split();
     // `(message, when its request was written)`, oldest first.
     let in_flight: Rc<RefCell<VecDeque<(u64, u64)>>> = Rc::default();
     let room = Rc::new(tokio::sync::Notify::new());

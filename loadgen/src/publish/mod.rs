@@ -412,7 +412,7 @@ async fn connect(job: &IoJob, state: &Rc<RefCell<State>>) -> anyhow::Result<(Vec
         Method::Http { url, connections, content_type, sign, .. } => {
             let addr = url.resolve().await?;
             // Fail early, with a clear message, if nothing listens there.
-            drop(net::connect(addr, None, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("cannot connect to {url}: {e}"))?);
+            drop(net::open(url, addr, None, Duration::from_secs(10)).await.map_err(|e| anyhow::anyhow!("cannot connect to {url}: {e}"))?);
             for _ in 0..(*connections).clamp(1, job.channel_names.len()) {
                 let (tx, rx) = mpsc::channel(BACKLOG);
                 tasks.push(tokio::task::spawn_local(http::http_conn(

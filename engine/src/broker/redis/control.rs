@@ -43,7 +43,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let info = shared.seeds[seed % shared.seeds.len()].clone();
         seed += 1;
         let session = async {
-            let client = redis::Client::open(info)?;
+            let client = shared.client(info)?;
             let mut pubsub = tokio::time::timeout(shared.timeout, client.get_async_pubsub())
                 .await
                 .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;

@@ -80,8 +80,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     let _ = shared.publisher.set(publisher);
     let mut c = Coordinator { shared: Arc::clone(&shared), nodes: Vec::new(), slots: Vec::new(), assigned: HashMap::new() };
     if !shared.cluster {
-        if let redis::ConnectionAddr::Tcp(host, port) = shared.seeds[0].addr() {
-            c.nodes.push(Node::new((host.clone(), *port)));
+        if let Some(node) = super::host_port(shared.seeds[0].addr()) {
+            c.nodes.push(Node::new(node));
         }
     }
     let mut refreshed: Option<tokio::time::Instant> = None;
@@ -134,10 +134,7 @@ impl Coordinator {
     async fn refresh_slots(&mut self, stop: &watch::Receiver<bool>) -> bool {
         let shared = &self.shared;
         let Some(publisher) = shared.publisher.get() else { return false };
-        let seed_host = match shared.seeds[0].addr() {
-            redis::ConnectionAddr::Tcp(h, _) => h.clone(),
-            _ => String::new(),
-        };
+        let seed_host = super::host_port(shared.seeds[0].addr()).map(|(h, _)| h).unwrap_or_default();
         let map = match script::cluster_slots(publisher, shared.timeout, &seed_host).await {
             Ok(map) if !map.is_empty() => map,
             // Keep routing with the map we have, if any (and then say so

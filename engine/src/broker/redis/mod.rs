@@ -92,9 +92,29 @@ pub enum BrokerError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A URL that is not `redis://host:port` (a Unix socket, TLS).
-    #[error("Redis URL {0:?}: only redis://host:port is supported")]
+    /// A URL that is not `redis[s]://host:port` (a Unix socket).
+    #[error("Redis URL {0:?}: only redis://host:port and rediss://host:port are supported")]
     Unsupported(String),
+    /// `redis_tls_ca` cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// The host and port of a TCP (plain or TLS) Redis address.
+pub(crate) fn host_port(addr: &redis::ConnectionAddr) -> Option<(String, u16)> {
+    match addr {
+        redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => Some((h.clone(), *p)),
+        _ => None,
+    }
+}
+
+/// How Herald's connections to Redis use TLS (`rediss://`).
+pub(crate) struct RedisTls {
+    /// For the subscriber connections Herald reads itself.
+    pub client: Arc<rustls::ClientConfig>,
+    /// The CA bundle for redis-rs's connections, if one was configured
+    /// (else redis-rs trusts the system's CAs, as `client` does).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// A start waiting for a read of its channel: its position, and where the
@@ -114,6 +134,8 @@ struct StartReads {
 pub(crate) struct Shared {
     cluster: bool,
     seeds: Vec<redis::ConnectionInfo>,
+    /// Set when the URLs are `rediss://`.
+    tls: Option<RedisTls>,
     timeout: Duration,
     scripts: Scripts,
     recovery_max: usize,
@@ -167,6 +189,20 @@ impl Shared {
         }
     }
 
+    /// The CA redis-rs must trust, when one is configured for `rediss://`.
+    fn certs(&self) -> Option<redis::TlsCertificates> {
+        let ca = self.tls.as_ref()?.ca_pem.clone()?;
+        Some(redis::TlsCertificates { client_tls: None, root_cert: Some(ca) })
+    }
+
+    /// A redis-rs client for `info`, trusting the configured CA.
+    fn client(&self, info: redis::ConnectionInfo) -> redis::RedisResult<redis::Client> {
+        match self.certs() {
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+            None => redis::Client::open(info),
+        }
+    }
+
     /// Asks the coordinator to route every channel again.
     fn request_resync(&self) {
         self.resync.store(true, Ordering::Release);
@@ -180,7 +216,7 @@ impl Shared {
         let mut backoff = Backoff::default();
         loop {
             let connected = tokio::select! {
-                r = Publisher::connect(self.cluster, &self.seeds, self.timeout) => r,
+                r = Publisher::connect(self.cluster, &self.seeds, self.certs(), self.timeout) => r,
                 _ = stop.changed() => return None,
             };
             match connected {
@@ -353,18 +389,35 @@ impl RedisBroker {
         };
         let mut seeds = Vec::new();
         for url in urls {
+            let shown = crate::config::redact_url(url);
             let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                .map_err(|e| BrokerError::BadUrl { url: url.clone(), reason: e.to_string() })?;
-            if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
-                return Err(BrokerError::Unsupported(url.clone()));
+                .map_err(|e| BrokerError::BadUrl { url: shown.clone(), reason: e.to_string() })?;
+            if host_port(info.addr()).is_none() {
+                return Err(BrokerError::Unsupported(shown));
             }
             seeds.push(info);
         }
+        let tls = match seeds[0].addr() {
+            redis::ConnectionAddr::TcpTls { .. } => {
+                let roots = crate::tls::roots("redis_tls_ca", c.redis_tls_ca.as_deref())?;
+                let ca_pem = match &c.redis_tls_ca {
+                    Some(path) => Some(std::fs::read(path).map_err(|e| crate::tls::TlsError::File {
+                        setting: "redis_tls_ca",
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?),
+                    None => None,
+                };
+                Some(RedisTls { client: crate::tls::client_config(roots), ca_pem })
+            }
+            _ => None,
+        };
         let timeout = Config::dur(c.redis_timeout_ms);
         let seed_count = seeds.len() as u64;
         let shared = Shared {
             cluster,
             seeds,
+            tls,
             timeout,
             scripts: Scripts::new(wire::Names::new(&c.redis_prefix), cluster, timeout, script::Limits::from_config(c)),
             recovery_max: c.recovery_max,

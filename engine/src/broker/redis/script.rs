@@ -100,18 +100,26 @@ pub(crate) enum Publisher {
 }
 
 impl Publisher {
-    pub(crate) async fn connect(cluster: bool, seeds: &[redis::ConnectionInfo], timeout: Duration) -> redis::RedisResult<Publisher> {
+    pub(crate) async fn connect(
+        cluster: bool,
+        seeds: &[redis::ConnectionInfo],
+        certs: Option<redis::TlsCertificates>,
+        timeout: Duration,
+    ) -> redis::RedisResult<Publisher> {
         if cluster {
             // No retries: a publish retried after an I/O error could run its
             // script twice (two offsets for one message).
-            let client = redis::cluster::ClusterClient::builder(seeds.to_vec())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .retries(0)
-                .build()?;
-            Ok(Publisher::Cluster(client.get_async_connection().await?))
+            let mut builder =
+                redis::cluster::ClusterClient::builder(seeds.to_vec()).connection_timeout(timeout).response_timeout(timeout).retries(0);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Ok(Publisher::Cluster(builder.build()?.get_async_connection().await?))
         } else {
-            let client = redis::Client::open(seeds[0].clone())?;
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(seeds[0].clone(), certs)?,
+                None => redis::Client::open(seeds[0].clone())?,
+            };
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(timeout))
                 .set_response_timeout(Some(timeout))

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
@@ -62,6 +61,8 @@ enum Session {
 enum LinkError {
     #[error("connect timed out")]
     ConnectTimeout,
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("no answer to AUTH")]
@@ -158,7 +159,7 @@ impl Subscriber {
             Ok(s) => s,
             Err(e) => return Session::NoConnect(e),
         };
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = tokio::io::split(stream);
         self.backoff.reset();
         let m = &self.shared.metrics;
         if self.ever_up {
@@ -182,7 +183,7 @@ impl Subscriber {
         r
     }
 
-    async fn serve(&mut self, live: &mut Live, rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf) -> Session {
+    async fn serve(&mut self, live: &mut Live, rd: &mut ReadHalf<Link>, wr: &mut WriteHalf<Link>) -> Session {
         let fail = |e: std::io::Error| Session::Failed(e.into());
         let mut buf = BytesMut::with_capacity(READ_BYTES);
         let ping_every = self.shared.timeout.max(Duration::from_millis(200));
@@ -251,7 +252,7 @@ impl Subscriber {
 
     /// Subscribes what is waiting, a window at a time (sharded pub/sub: one
     /// channel per command, since one SSUBSCRIBE stays in one slot).
-    async fn send_backlog(&self, live: &mut Live, wr: &mut OwnedWriteHalf) -> std::io::Result<()> {
+    async fn send_backlog(&self, live: &mut Live, wr: &mut WriteHalf<Link>) -> std::io::Result<()> {
         let per_command = if self.shared.cluster { 1 } else { SUBSCRIBE_BATCH };
         while live.unacked < MAX_UNACKED && !live.backlog.is_empty() {
             let mut batch = Vec::new();
@@ -449,10 +450,65 @@ async fn read_range(shared: &Shared, fill: &Fill) -> Option<Vec<Arc<crate::messa
     None
 }
 
-async fn connect(shared: &Shared, node: &(String, u16)) -> Result<TcpStream, LinkError> {
+/// A subscriber connection: plain TCP, or TLS over it (`rediss://`).
+pub(crate) enum Link {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Link::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Link::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Link::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Link::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Link::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+async fn connect(shared: &Shared, node: &(String, u16)) -> Result<Link, LinkError> {
     let connect = TcpStream::connect((node.0.as_str(), node.1));
-    let mut stream = tokio::time::timeout(shared.timeout, connect).await.map_err(|_| LinkError::ConnectTimeout)??;
-    let _ = stream.set_nodelay(true);
+    let tcp = tokio::time::timeout(shared.timeout, connect).await.map_err(|_| LinkError::ConnectTimeout)??;
+    let _ = tcp.set_nodelay(true);
+    let mut stream = match &shared.tls {
+        None => Link::Plain(tcp),
+        Some(tls) => {
+            let name = rustls_pki_types::ServerName::try_from(node.0.clone())
+                .map_err(|_| LinkError::Tls(format!("{:?} is not a host name for TLS", node.0)))?;
+            let handshake = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client)).connect(name, tcp);
+            let s = tokio::time::timeout(shared.timeout, handshake)
+                .await
+                .map_err(|_| LinkError::ConnectTimeout)?
+                .map_err(|e| LinkError::Tls(e.to_string()))?;
+            Link::Tls(Box::new(s))
+        }
+    };
     let info = shared.seeds[0].redis_settings();
     if let Some(pass) = info.password() {
         let mut cmd = Vec::new();
