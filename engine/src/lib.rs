@@ -219,8 +219,8 @@ impl Herald {
             accept::start(&engine, listener, tls);
         }
         match local_addr {
-            Some(addr) => tracing::info!(%addr, %scheme, shards = n, broker = engine.broker.mode(), "herald started"),
-            None => tracing::info!(shards = n, broker = engine.broker.mode(), "herald started (embedded)"),
+            Some(addr) => tracing::info!(%addr, %scheme, shards = n, broker = %engine.broker.mode(), "herald started"),
+            None => tracing::info!(shards = n, broker = %engine.broker.mode(), "herald started (embedded)"),
         }
         Ok(Herald { engine })
     }

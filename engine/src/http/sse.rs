@@ -48,9 +48,10 @@ pub(crate) async fn open<B>(engine: Arc<Engine>, req: Request<B>) -> Response<Bo
     let (frames_tx, frames_rx) = mpsc::channel(sse::SSE_CHANNEL_FRAMES);
     let (abort_tx, abort_rx) = oneshot::channel();
     let (tx, rx) = oneshot::channel();
+    let remote = req.extensions().get::<super::query::RemoteAddr>().map(|a| a.0);
     let (target, _) = engine.pick_shard();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, access, permit, None) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Sse, format, &channels, since, access, permit, None, remote) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 tokio::task::spawn_local(sse::pump(Rc::clone(shard), conn, frames_tx, abort_tx));

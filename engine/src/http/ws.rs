@@ -58,10 +58,11 @@ pub(crate) async fn upgrade<B>(engine: Arc<Engine>, mut req: Request<B>, echo: b
         Ok(p) => p,
         Err(r) => return r,
     };
+    let remote = req.extensions().get::<super::query::RemoteAddr>().map(|a| a.0);
     let (target, local) = engine.pick_shard();
     let (tx, rx) = oneshot::channel();
     let opened = engine
-        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, access, permit, deflate) {
+        .on_shard(target, move |shard| match shard.open_conn(Transport::Ws, format, &channels, None, access, permit, deflate, remote) {
             Ok(conn) => {
                 let _ = tx.send(Ok(()));
                 let shard = Rc::clone(shard);

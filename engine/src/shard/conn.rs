@@ -307,7 +307,28 @@ pub(crate) struct Conn {
     /// unsubscribe meanwhile removes them, and the hook's answer is then
     /// not acted on. At most one per command in flight.
     hooked: RefCell<Vec<(Arc<str>, u64)>>,
+    /// The client's address (standalone server).
+    pub remote: Option<std::net::SocketAddr>,
+    /// Its log span, only while `herald::conn` logs at `debug`.
+    pub log: Option<Box<ConnLog>>,
     _permit: Permit,
+}
+
+/// A connection's log span (fields `conn`, `transport`, `shard`, `remote`,
+/// `user`) and when it opened.
+#[derive(Debug)]
+pub(crate) struct ConnLog {
+    pub span: tracing::Span,
+    pub opened: std::time::Instant,
+}
+
+impl Transport {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
 }
 
 impl Conn {
@@ -330,6 +351,8 @@ impl Conn {
             held_bytes: Cell::new(0),
             holds: Cell::new(0),
             hooked: RefCell::new(Vec::new()),
+            remote: None,
+            log: None,
             _permit: permit,
         }
     }

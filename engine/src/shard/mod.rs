@@ -36,7 +36,7 @@ use crate::metrics::{Disconnect, Metrics, ShardMetrics};
 use crate::proto::json::Payload;
 use crate::proto::ErrorCode;
 pub(crate) use conn::Access;
-use conn::{Check, Conn, Format, Offer, Pending, Transport};
+use conn::{Check, Conn, ConnLog, Format, Offer, Pending, Transport};
 use inbox::Inbox;
 
 /// A boxed future that may move between threads.
@@ -215,6 +215,7 @@ impl Shard {
         access: Access,
         permit: Permit,
         deflate: Option<crate::proto::deflate::Agreed>,
+        remote: Option<std::net::SocketAddr>,
     ) -> Result<Rc<Conn>, OpenError> {
         if self.draining() {
             return Err(OpenError::ShuttingDown);
@@ -224,6 +225,22 @@ impl Shard {
             let mut conns = self.conns.borrow_mut();
             let entry = conns.vacant_entry();
             let mut conn = Conn::new(entry.key(), transport, format, permit);
+            conn.remote = remote;
+            if tracing::enabled!(target: "herald::conn", tracing::Level::DEBUG) {
+                let span = tracing::debug_span!(
+                    target: "herald::conn",
+                    "conn",
+                    conn = entry.key(),
+                    transport = %transport.as_str(),
+                    shard = self.id,
+                    remote = %crate::accept::DisplayAddr(remote),
+                    user = %access.user().unwrap_or("-"),
+                );
+                span.in_scope(
+                    || tracing::debug!(target: "herald::conn", channels = channels.len(), compression = deflate.is_some(), "opened"),
+                );
+                conn.log = Some(Box::new(ConnLog { span, opened: std::time::Instant::now() }));
+            }
             if positioned {
                 conn.form = conn.form.with_id();
             }
@@ -448,6 +465,7 @@ impl Shard {
                 m.compression_closed.inc();
             }
             m.disconnect(reason);
+            log_close(self.id, conn, reason);
         }
     }
 
@@ -855,5 +873,34 @@ impl FanoutBench {
             while out.pop_frame(&self.metrics, Transport::Ws).is_some() {}
         }
         self.conns.len()
+    }
+}
+
+/// Says why a connection closed: at `debug` in its span, and a slow
+/// consumer's cut at `info` always (an operator's signal).
+fn log_close(shard: usize, conn: &Conn, reason: Disconnect) {
+    let access = conn.access.borrow();
+    let user = access.user().unwrap_or("-");
+    let subscriptions = conn.subs.borrow().len();
+    match (&conn.log, reason) {
+        (Some(log), _) => log.span.in_scope(|| {
+            let ms = log.opened.elapsed().as_millis() as u64;
+            if reason == Disconnect::SlowConsumer {
+                tracing::info!(target: "herald::conn", reason = %reason.label(), %user, ms, "closed: its outbound queue overflowed");
+            } else {
+                tracing::debug!(target: "herald::conn", reason = %reason.label(), ms, "closed");
+            }
+        }),
+        (None, Disconnect::SlowConsumer) => tracing::info!(
+            target: "herald::conn",
+            conn = conn.key,
+            transport = %conn.transport.as_str(),
+            shard,
+            remote = %crate::accept::DisplayAddr(conn.remote),
+            %user,
+            subscriptions,
+            "slow consumer cut: its outbound queue overflowed"
+        ),
+        (None, _) => {}
     }
 }

@@ -164,6 +164,9 @@ where
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
+        // What the connection logs is in its span (when `herald::conn` is at debug).
+        let conn = Rc::clone(&self.conn);
+        let _entered = conn.log.as_ref().map(|l| l.span.enter());
         self.conn.out.borrow_mut().set_waker(cx.waker());
         loop {
             if let Poll::Ready(reason) = self.step(cx) {

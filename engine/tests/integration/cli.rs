@@ -3,6 +3,7 @@
 //! `--help`, the configuration logged at start.
 
 use crate::common::*;
+use tokio::io::AsyncWriteExt;
 
 async fn run(args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -147,4 +148,61 @@ async fn tls_files_are_checked_before_the_port_is_bound_and_redis_passwords_neve
     let (code, text) = run(&["--redis", "unix://:hunter2-secret@/tmp/x.sock", "--print-config"]).await;
     assert_eq!(code, 1, "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[tokio::test]
+async fn connections_log_their_fields_and_close_reason_and_a_slow_consumer_is_said_at_info() {
+    // At debug for herald::conn: one span per connection, its open and close.
+    let mut h = spawn_herald_logging("127.0.0.1:0", "info,herald::conn=debug", &[]).await;
+    let mut c = ws(h.addr, "/ws?channel=news").await;
+    c.close(None).await.unwrap();
+    let _ = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut c)).await;
+    drop(c);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, text) = http(h.addr, "GET", "/metrics", &[], b"").await;
+        if metric(&text, "herald_connections_open{transport=\"ws\"}") == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the connection never closed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    h.child.start_kill().unwrap();
+    let log = h.log.await.unwrap();
+    let opened = log.lines().find(|l| l.contains("opened")).unwrap_or_else(|| panic!("no open line: {log}"));
+    for field in ["transport=ws", "shard=", "remote=127.0.0.1:", "user=-", "channels=1"] {
+        assert!(opened.contains(field), "{field} in {opened}");
+    }
+    assert!(log.lines().any(|l| l.contains("closed") && l.contains("reason=client") && l.contains("transport=ws")), "{log}");
+    assert!(!log.contains("Some("), "fields are displayed, not debug-printed: {log}");
+    // At info: only a slow consumer's cut, with who it was.
+    let h = spawn_herald(&["--max-message-bytes", "65536", "--outbound-queue-bytes", "400000", "--close-timeout-ms", "200"]).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let (mut stalled, head) = handshake(sock.connect(h.addr).await.unwrap(), "/ws?channel=flood", &[]).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let body = "x".repeat(60_000);
+    let mut cut = false;
+    for _ in 0..2_000 {
+        let (status, _, text) = http(h.addr, "GET", "/metrics", &[], b"").await;
+        assert_eq!(status, 200);
+        if metric(&text, "herald_disconnects_total{reason=\"slow_consumer\"}") == 1 {
+            cut = true;
+            break;
+        }
+        if metric(&text, "herald_subscriptions") == 1 {
+            publish(h.addr, "flood", &body, false).await;
+        } else {
+            // Cut: its close frame waits for the close timeout.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert!(cut, "the stalled subscriber was never cut");
+    let mut h = h;
+    h.child.start_kill().unwrap();
+    let log = h.log.await.unwrap();
+    let cut = log.lines().find(|l| l.contains("slow consumer cut")).unwrap_or_else(|| panic!("no slow consumer line: {log}"));
+    assert!(cut.contains("INFO") && cut.contains("remote=127.0.0.1:") && cut.contains("transport=ws"), "{cut}");
+    assert!(!log.contains("opened"), "no per-connection lines at info: {log}");
+    drop(stalled.shutdown().await);
 }

@@ -74,11 +74,16 @@ pub async fn spawn_herald(args: &[&str]) -> Spawned {
 
 /// [`spawn_herald`] with `--listen listen`.
 pub async fn spawn_herald_on(listen: &str, args: &[&str]) -> Spawned {
+    spawn_herald_logging(listen, "info", args).await
+}
+
+/// [`spawn_herald_on`] with `HERALD_LOG=filter`.
+pub async fn spawn_herald_logging(listen: &str, filter: &str, args: &[&str]) -> Spawned {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["--listen", listen])
         .args(args)
-        .env("HERALD_LOG", "info")
+        .env("HERALD_LOG", filter)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -75,8 +75,18 @@ impl Node {
 /// Runs until the broker stops.
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut stop = shared.stop.subscribe();
-    let failed = |e: &redis::RedisError| tracing::warn!(broker = shared.mode(), error = %e, "cannot connect to Redis; retrying");
+    let outage = std::cell::RefCell::new(super::Outage::default());
+    let failed = |e: &redis::RedisError| {
+        let mut o = outage.borrow_mut();
+        if o.failed(std::time::Instant::now()) {
+            let attempts = o.attempts();
+            tracing::warn!(broker = %shared.mode(), error = %e, attempts, "cannot connect to Redis; retrying (said again every 10 s while it lasts)");
+        }
+    };
     let Some(publisher) = shared.connect_publisher(failed).await else { return };
+    if let Some(attempts) = outage.borrow_mut().ended() {
+        tracing::info!(broker = %shared.mode(), attempts, "connected to Redis");
+    }
     let _ = shared.publisher.set(publisher);
     let mut c = Coordinator { shared: Arc::clone(&shared), nodes: Vec::new(), slots: Vec::new(), assigned: HashMap::new() };
     if !shared.cluster {

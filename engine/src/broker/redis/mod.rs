@@ -749,6 +749,50 @@ impl RedisBroker {
 #[derive(Debug, Default)]
 struct Backoff(u32);
 
+/// Says a repeated failure once when it starts, then at most every
+/// [`Outage::EVERY`] with the attempts made since, and once when it ends:
+/// an outage is a few lines in the log, not one per retry.
+#[derive(Debug, Default)]
+pub(crate) struct Outage {
+    /// When it was last said, and the attempts since.
+    said: Option<std::time::Instant>,
+    quiet: u64,
+    attempts: u64,
+}
+
+impl Outage {
+    pub(crate) const EVERY: Duration = Duration::from_secs(10);
+
+    /// A failure: true when it is to be logged now (then `attempts()` is
+    /// how many failed in all).
+    pub(crate) fn failed(&mut self, now: std::time::Instant) -> bool {
+        self.attempts += 1;
+        match self.said {
+            Some(at) if now.duration_since(at) < Self::EVERY => {
+                self.quiet += 1;
+                false
+            }
+            _ => {
+                self.said = Some(now);
+                self.quiet = 0;
+                true
+            }
+        }
+    }
+
+    pub(crate) fn attempts(&self) -> u64 {
+        self.attempts
+    }
+
+    /// A success: the failed attempts before it, if there were any.
+    pub(crate) fn ended(&mut self) -> Option<u64> {
+        let n = std::mem::take(&mut self.attempts);
+        self.said = None;
+        self.quiet = 0;
+        (n > 0).then_some(n)
+    }
+}
+
 impl Backoff {
     fn next(&mut self) -> Duration {
         let base = 50u64 << self.0.min(4);
@@ -757,5 +801,25 @@ impl Backoff {
     }
     fn reset(&mut self) {
         self.0 = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outage;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_outage_is_said_when_it_starts_every_ten_seconds_and_when_it_ends() {
+        let t0 = Instant::now();
+        let mut o = Outage::default();
+        // Retries twice a second for 25 s: said at 0 s, 10 s and 20 s.
+        let said: Vec<u64> = (0..50u64).filter(|i| o.failed(t0 + Duration::from_millis(500 * i))).map(|i| i / 2).collect();
+        assert_eq!(said, [0, 10, 20]);
+        assert_eq!(o.attempts(), 50);
+        assert_eq!(o.ended(), Some(50));
+        assert_eq!(o.ended(), None, "a success after a success is no news");
+        // The next outage is said at once.
+        assert!(o.failed(t0 + Duration::from_secs(26)));
     }
 }
