@@ -28,6 +28,18 @@ pub(crate) enum Cmd {
     Connect(ConnectArgs),
     /// The same fan-out scenario against several targets, interleaved.
     Compare(CompareArgs),
+    /// Renders a saved report (`fanout --json` or `compare --json`) again:
+    /// its summary on standard output, its page with --html.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReportArgs {
+    /// The JSON report.
+    pub(crate) json: PathBuf,
+    /// Write the HTML page here.
+    #[arg(long)]
+    pub(crate) html: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,8 +309,12 @@ pub(crate) struct CompareArgs {
     pub(crate) rounds: usize,
     #[command(flatten)]
     pub(crate) scenario: ScenarioArgs,
+    /// Write every run and the medians as JSON.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
+    /// Write a page with the medians, the ratios and each target's curves.
+    #[arg(long)]
+    pub(crate) html: Option<PathBuf>,
     #[arg(long)]
     pub(crate) quiet: bool,
 }

@@ -6,11 +6,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{CompareArgs, FormatArg, PublishArg, ScenarioArgs};
 use crate::progress::Progress;
-use crate::report::FanoutReport;
+use crate::report::{us, FanoutReport};
 use crate::sys::fd_budget;
 
 #[derive(Debug, Clone)]
@@ -65,28 +65,47 @@ fn parse_target(spec: &str, base: &ScenarioArgs) -> anyhow::Result<Target> {
 }
 
 /// Medians of one target over the rounds.
-#[derive(Debug, Serialize)]
-struct Row {
-    name: String,
-    runs: usize,
-    deliveries_per_s: f64,
-    delivery_p50_us: f64,
-    delivery_p99_us: f64,
-    completion_p50_us: f64,
-    completion_p99_us: f64,
-    lost: f64,
-    client_cpu_us_per_delivery: f64,
-    server_cpu_us_per_delivery: Option<f64>,
-    server_rss_per_connection_kib: Option<f64>,
-    client_saturated_runs: usize,
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Row {
+    pub name: String,
+    pub runs: usize,
+    pub deliveries_per_s: f64,
+    pub delivery_p50_us: f64,
+    pub delivery_p99_us: f64,
+    pub completion_p50_us: f64,
+    pub completion_p99_us: f64,
+    pub lost: f64,
+    pub client_cpu_us_per_delivery: f64,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    pub server_rss_per_connection_kib: Option<f64>,
+    pub client_saturated_runs: usize,
 }
 
-#[derive(Debug, Serialize)]
-struct CompareReport {
-    rows: Vec<Row>,
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct CompareReport {
+    pub rows: Vec<Row>,
     /// The runs in the order they ran: `name#round`.
-    sequence: Vec<String>,
-    runs: Vec<FanoutReport>,
+    pub sequence: Vec<String>,
+    /// Every run, target by target in the rows' order (each row's `runs`
+    /// of them).
+    pub runs: Vec<FanoutReport>,
+}
+
+impl CompareReport {
+    /// The runs of each row's target, in the rows' order.
+    pub fn runs_by_target(&self) -> Vec<Vec<FanoutReport>> {
+        let mut rest = self.runs.as_slice();
+        self.rows
+            .iter()
+            .map(|r| {
+                let (mine, after) = rest.split_at(r.runs.min(rest.len()));
+                rest = after;
+                mine.to_vec()
+            })
+            .collect()
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -148,6 +167,10 @@ pub async fn run(a: CompareArgs) -> anyhow::Result<()> {
         })
         .collect();
     print!("{}", table(&rows));
+    if let Some(path) = &a.html {
+        let page = crate::html::render_compare(&rows, &runs, &sequence);
+        std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if let Some(path) = &a.json {
         let report = CompareReport { rows, sequence, runs: runs.into_iter().flatten().collect() };
         std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
@@ -155,27 +178,27 @@ pub async fn run(a: CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn table(rows: &[Row]) -> String {
+pub(crate) fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
         "{:<20}{:>14}{:>12}{:>12}{:>14}{:>14}{:>8}{:>14}{:>14}",
-        "median of runs", "deliveries/s", "deliv p50", "deliv p99", "complete p50", "complete p99", "lost", "client us/d", "server us/d"
+        "median of runs", "deliveries/s", "deliv p50", "deliv p99", "complete p50", "complete p99", "lost", "client CPU/d", "server CPU/d"
     );
     let base = rows.first();
     for r in rows {
-        let server = r.server_cpu_us_per_delivery.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let server = r.server_cpu_us_per_delivery.map_or("-".to_string(), |v| format!("{v:.2} µs"));
         let _ = writeln!(
             s,
-            "{:<20}{:>14.0}{:>12.0}{:>12.0}{:>14.0}{:>14.0}{:>8.0}{:>14.2}{:>14}{}",
+            "{:<20}{:>14.0}{:>12}{:>12}{:>14}{:>14}{:>8.0}{:>14}{:>14}{}",
             r.name,
             r.deliveries_per_s,
-            r.delivery_p50_us,
-            r.delivery_p99_us,
-            r.completion_p50_us,
-            r.completion_p99_us,
+            us(r.delivery_p50_us),
+            us(r.delivery_p99_us),
+            us(r.completion_p50_us),
+            us(r.completion_p99_us),
             r.lost,
-            r.client_cpu_us_per_delivery,
+            format!("{:.2} µs", r.client_cpu_us_per_delivery),
             server,
             if r.client_saturated_runs > 0 { format!("  ({} runs client-saturated)", r.client_saturated_runs) } else { String::new() }
         );

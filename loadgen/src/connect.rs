@@ -125,6 +125,7 @@ pub async fn run(a: ConnectArgs) -> anyhow::Result<()> {
     let c = connect_all(&sc, plan, &progress).await?;
     let opened = c.per_channel.iter().sum::<u64>();
     let open_s = c.open_s;
+    progress.timed(Duration::from_secs_f64(a.hold.max(0.0)));
     progress.phase("hold");
     let until = Instant::now() + Duration::from_secs_f64(a.hold.max(0.0));
     while Instant::now() < until {

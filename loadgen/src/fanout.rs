@@ -82,6 +82,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
     let mut cpu1 = None;
     let (mut prev_sent, mut prev_recv) = (0u64, 0u64);
     let mut next_sample = start_ns;
+    progress.timed(Duration::from_secs_f64(sc.load.warmup + sc.load.duration + sc.load.drain));
     progress.phase("warmup");
     loop {
         let now = clock::now_ns();
@@ -114,7 +115,7 @@ pub async fn run(sc: &Scenario, progress: &Progress) -> anyhow::Result<FanoutRep
             };
             timeline.push(Sample {
                 t: (now as f64 - start_ns as f64) / 1e9,
-                phase,
+                phase: phase.to_string(),
                 connections: live.connected.load(Ordering::Relaxed),
                 sent: sent - prev_sent,
                 deliveries: recv - prev_recv,

@@ -16,7 +16,7 @@ dl.scenario dt{color:#666}dl.scenario dd{margin:0}
 table{border-collapse:collapse;margin:.5em 0}
 th,td{padding:.25em .8em;border-bottom:1px solid #e3e3e3;text-align:left;font-weight:normal}
 thead th{font-weight:600;text-align:right}td{text-align:right;font-variant-numeric:tabular-nums}
-tr.bad td{color:#b00020;font-weight:600}
+tr.bad td{color:#b00020;font-weight:600}tbody th{white-space:nowrap}
 .banner{background:#b00020;color:#fff;padding:.7em 1em;border-radius:4px;margin:1em 0}
 .warnings{background:#fff4e5;border:1px solid #f0a030;border-left-width:6px;padding:.4em 1em;border-radius:4px;margin:1em 0}
 .warnings h2{margin:.3em 0;font-size:1.05em}
@@ -38,16 +38,30 @@ const BLUE: &str = "#1f77b4";
 const ORANGE: &str = "#e6731a";
 const GREEN: &str = "#2ca02c";
 
-/// The whole page for one run.
-pub fn render(r: &FanoutReport) -> String {
-    let mut out = String::with_capacity(32 * 1024);
+/// The page's head, up to the opening of its body.
+fn page_open(out: &mut String, title: &str) {
     let _ = writeln!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>loadgen fanout: {}</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>",
-        esc(&r.target)
+         <title>{}</title>\n<style>\n{CSS}\n</style>\n</head>\n<body>",
+        esc(title)
     );
+}
+
+fn page_close(out: &mut String, command: &str) {
+    let _ = write!(
+        out,
+        "<footer>Produced by <code>{command}</code>. \
+         For the same figures as JSON, run it with <code>--json FILE</code>; \
+         <code>loadgen report FILE --html PAGE</code> renders a saved report again.</footer>\n</body>\n</html>\n"
+    );
+}
+
+/// The whole page for one run.
+pub fn render(r: &FanoutReport) -> String {
+    let mut out = String::with_capacity(32 * 1024);
+    page_open(&mut out, &format!("loadgen fanout: {}", r.target));
     header(&mut out, r);
     alerts(&mut out, r);
     figures(&mut out, r);
@@ -61,13 +75,197 @@ pub fn render(r: &FanoutReport) -> String {
             ("publish round trip", &r.publish_rtt_us, GREEN),
         ],
     );
+    let phases = phases(r);
+    out.push_str("<h2>Delivery latency over time</h2>\n");
+    latency_time_plot(&mut out, &[("delivery p99", &r.timeline, BLUE)], &phases);
     out.push_str("<h2>Throughput over time</h2>\n");
-    timeline_plot(&mut out, &r.timeline);
-    out.push_str(
-        "<footer>Produced by <code>loadgen fanout</code>. \
-         For the same figures as JSON, run it with <code>--json FILE</code>.</footer>\n</body>\n</html>\n",
-    );
+    timeline_plot(&mut out, &r.timeline, &phases);
+    page_close(&mut out, "loadgen fanout");
     out
+}
+
+/// The page of a `loadgen compare`: the medians with their ratios to the
+/// first target, and each target's curves (from its median run).
+pub fn render_compare(rows: &[crate::compare::Row], runs: &[Vec<FanoutReport>], sequence: &[String]) -> String {
+    const COLORS: [&str; 6] = [BLUE, ORANGE, GREEN, "#9467bd", "#8c564b", "#d62728"];
+    let mut out = String::with_capacity(64 * 1024);
+    page_open(&mut out, "loadgen compare");
+    let first = runs.iter().flatten().next().cloned().unwrap_or_default();
+    let _ = writeln!(out, "<header>\n<h1>Compare: {} targets</h1>\n<dl class=\"scenario\">", rows.len());
+    let items = [
+        ("subscribers", int(first.subscribers)),
+        ("channels", int(first.channels)),
+        ("transport", esc(&first.transport)),
+        ("rate", format!("{} msg/s", num(first.rate))),
+        ("duration", format!("{} s", num(first.duration_s))),
+        ("warm-up", format!("{} s", num(first.warmup_s))),
+        ("payload", format!("{} B", int(first.payload_bytes))),
+        ("runs", esc(&sequence.join(" "))),
+    ];
+    for (key, value) in items {
+        let _ = writeln!(out, "<dt>{key}</dt><dd>{value}</dd>");
+    }
+    out.push_str("</dl>\n</header>\n");
+    if rows.iter().any(|r| r.client_saturated_runs > 0) {
+        out.push_str(
+            "<div class=\"banner\"><strong>Client saturated</strong> in some runs (see the table): those figures may measure the \
+             load generator or the machine rather than the target.</div>\n",
+        );
+    }
+    out.push_str("<h2>Medians of the runs</h2>\n<table>\n<thead><tr><th>target</th>");
+    let cols = [
+        "deliveries/s",
+        "delivery p50",
+        "delivery p99",
+        "completion p50",
+        "completion p99",
+        "lost",
+        "client CPU / delivery",
+        "server CPU / delivery",
+        "client-saturated runs",
+    ];
+    for c in cols {
+        let _ = write!(out, "<th>{c}</th>");
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    let base = rows.first();
+    for r in rows {
+        let cells = [
+            num(r.deliveries_per_s),
+            crate::report::us(r.delivery_p50_us),
+            crate::report::us(r.delivery_p99_us),
+            crate::report::us(r.completion_p50_us),
+            crate::report::us(r.completion_p99_us),
+            num(r.lost),
+            format!("{} µs", num(r.client_cpu_us_per_delivery)),
+            r.server_cpu_us_per_delivery.map_or("–".into(), |v| format!("{} µs", num(v))),
+            format!("{} of {}", r.client_saturated_runs, r.runs),
+        ];
+        let class = if r.lost > 0.0 { " class=\"bad\"" } else { "" };
+        let _ = write!(out, "<tr{class}><th>{}</th>", esc(&r.name));
+        for c in cells {
+            let _ = write!(out, "<td>{c}</td>");
+        }
+        out.push_str("</tr>\n");
+    }
+    if let (Some(b), true) = (base, rows.len() > 1) {
+        let ratio = |x: f64, y: f64| if y > 0.0 { format!("{:.2}×", x / y) } else { "–".into() };
+        for r in &rows[1..] {
+            let server = match (r.server_cpu_us_per_delivery, b.server_cpu_us_per_delivery) {
+                (Some(x), Some(y)) => ratio(x, y),
+                _ => "–".into(),
+            };
+            let cells = [
+                ratio(r.deliveries_per_s, b.deliveries_per_s),
+                ratio(r.delivery_p50_us, b.delivery_p50_us),
+                ratio(r.delivery_p99_us, b.delivery_p99_us),
+                ratio(r.completion_p50_us, b.completion_p50_us),
+                ratio(r.completion_p99_us, b.completion_p99_us),
+                String::new(),
+                ratio(r.client_cpu_us_per_delivery, b.client_cpu_us_per_delivery),
+                server,
+                String::new(),
+            ];
+            let _ = write!(out, "<tr><th>{} ÷ {}</th>", esc(&r.name), esc(&b.name));
+            for c in cells {
+                let _ = write!(out, "<td>{c}</td>");
+            }
+            out.push_str("</tr>\n");
+        }
+    }
+    out.push_str("</tbody>\n</table>\n");
+    // Each target's run whose delivery p99 is its median.
+    let median_runs: Vec<Option<&FanoutReport>> = runs
+        .iter()
+        .map(|rs| {
+            let mut by_p99: Vec<&FanoutReport> = rs.iter().collect();
+            by_p99.sort_by(|a, b| a.delivery_latency_us.p99.total_cmp(&b.delivery_latency_us.p99));
+            by_p99.get(by_p99.len().saturating_sub(1) / 2).copied()
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    let series: Vec<(&str, &Percentiles, &str)> = median_runs
+        .iter()
+        .zip(&names)
+        .zip(COLORS.iter().cycle())
+        .filter_map(|((r, name), color)| r.map(|r| (*name, &r.delivery_latency_us, *color)))
+        .collect();
+    out.push_str("<h2>Delivery latency by percentile (each target's median run)</h2>\n");
+    percentile_plot(&mut out, &series);
+    let timelines: Vec<(&str, &[Sample], &str)> = median_runs
+        .iter()
+        .zip(&names)
+        .zip(COLORS.iter().cycle())
+        .filter_map(|((r, name), color)| r.map(|r| (*name, r.timeline.as_slice(), *color)))
+        .collect();
+    out.push_str("<h2>Delivery p99 over time (each target's median run)</h2>\n");
+    latency_time_plot(&mut out, &timelines, &phases(&first));
+    page_close(&mut out, "loadgen compare");
+    out
+}
+
+/// The run's phases on the timeline's clock (seconds since the first
+/// publish): connecting before 0, then warm-up, measurement and drain.
+fn phases(r: &FanoutReport) -> [(&'static str, f64, f64); 4] {
+    let (w, m) = (r.warmup_s, r.warmup_s + r.duration_s);
+    [("connect", f64::NEG_INFINITY, 0.0), ("warmup", 0.0, w), ("measure", w, m), ("drain", m, f64::INFINITY)]
+}
+
+/// Shades each phase where it lies on the frame, named if there is room.
+fn phase_bands(out: &mut String, f: Frame, phases: &[(&str, f64, f64)]) {
+    for &(phase, from, to) in phases {
+        let (from, to) = (from.max(f.x0), to.min(f.x1));
+        if to <= from {
+            continue;
+        }
+        let (x, width) = (f.x(from), f.x(to) - f.x(from));
+        let _ = writeln!(out, "<rect x=\"{x:.1}\" y=\"{TOP}\" width=\"{width:.1}\" height=\"{PLOT_H}\" fill=\"{}\"/>", phase_fill(phase));
+        if width >= 7.0 * phase.len() as f64 + 6.0 {
+            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", x + width / 2.0, TOP + 14.0, esc(phase));
+        }
+    }
+}
+
+/// The time axis of the timeline plots: the samples' span, half a second
+/// beyond each end.
+fn time_frame<'a>(timelines: impl Iterator<Item = &'a [Sample]>, y_max: f64) -> Frame {
+    let (lo, hi) = timelines
+        .flat_map(|t| t.iter().map(|s| s.t))
+        .filter(|t| t.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), t| (lo.min(t), hi.max(t)));
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
+    Frame::new(lo - 0.5, hi + 0.5, y_max)
+}
+
+fn time_ticks(out: &mut String, f: Frame) {
+    let step = nice_step(f.x1 - f.x0, 8.0);
+    for k in (f.x0 / step).ceil() as i64..=(f.x1 / step).floor() as i64 {
+        let t = k as f64 * step;
+        x_tick(out, f.x(t), &tick_label(t, step));
+    }
+    centred(out, H - 6.0, "seconds since the first publish");
+}
+
+/// Each second's p99 delivery latency (ms), one line per timeline.
+fn latency_time_plot(out: &mut String, series: &[(&str, &[Sample], &str)], phases: &[(&str, f64, f64)]) {
+    let with_latency =
+        |t: &'_ [Sample]| t.iter().filter(|s| s.p99_us > 0.0 && s.p99_us.is_finite()).map(|s| (s.t, s.p99_us / 1000.0)).collect::<Vec<_>>();
+    let max = series.iter().flat_map(|(_, t, _)| with_latency(t)).map(|(_, v)| v).fold(0.0, f64::max);
+    let (y_end, y_step) = nice_axis(max);
+    let f = time_frame(series.iter().map(|(_, t, _)| *t), y_end);
+    svg_open(out, "Delivery latency p99 per second");
+    phase_bands(out, f, phases);
+    y_axis(out, f, y_step, false, "p99 of the second (ms)", "#444");
+    time_ticks(out, f);
+    let mut legend = Vec::new();
+    for &(name, t, color) in series {
+        polyline(out, with_latency(t).into_iter().map(|(x, y)| (f.x(x), f.y(y))), color, false);
+        legend.push((name.to_string(), color, false));
+    }
+    if max == 0.0 {
+        centred(out, TOP + PLOT_H / 2.0, "no deliveries timed");
+    }
+    finish_svg(out, &legend);
 }
 
 fn header(out: &mut String, r: &FanoutReport) {
@@ -161,7 +359,7 @@ fn map_row(out: &mut String, label: &str, map: &BTreeMap<String, u64>) {
 }
 
 fn latency_table(out: &mut String, r: &FanoutReport) {
-    out.push_str("<h2>Latency</h2>\n<table>\n<thead><tr><th>µs</th>");
+    out.push_str("<h2>Latency</h2>\n<table>\n<thead><tr><th></th>");
     for col in ["p50", "p90", "p99", "p99.9", "max", "count"] {
         let _ = write!(out, "<th>{col}</th>");
     }
@@ -176,7 +374,7 @@ fn latency_table(out: &mut String, r: &FanoutReport) {
     ] {
         let _ = write!(out, "<tr><th>{name}</th>");
         for v in [p.p50, p.p90, p.p99, p.p999, p.max] {
-            let _ = write!(out, "<td>{}</td>", if p.count == 0 { "–".to_string() } else { num(v) });
+            let _ = write!(out, "<td>{}</td>", if p.count == 0 { "–".to_string() } else { crate::report::us(v) });
         }
         let _ = writeln!(out, "<td>{}</td></tr>", int(p.count));
     }
@@ -185,12 +383,15 @@ fn latency_table(out: &mut String, r: &FanoutReport) {
 
 /// Latency (ms, linear) against percentile, on the usual HdrHistogram axis:
 /// log10(1 / (1 − p)), so that 90 %, 99 %, 99.9 % … are evenly spaced.
+/// Each curve ends where its samples do: its maximum is one sample in
+/// `count`, at log10(count).
 fn percentile_plot(out: &mut String, series: &[(&str, &Percentiles, &str)]) {
-    let lx = |p: f64| if p < 100.0 { -(1.0 - p / 100.0).log10() } else { f64::INFINITY };
+    let end = |p: &Percentiles| (p.count.max(2) as f64).log10();
+    let lx = |p: &Percentiles, pc: f64| if pc < 100.0 { (-(1.0 - pc / 100.0).log10()).min(end(p)) } else { end(p) };
     let all = || series.iter().flat_map(|(_, p, _)| points(p));
-    let widest = all().map(|(p, _)| lx(p)).filter(|x| x.is_finite()).fold(0.0, f64::max);
-    // Whole decades, one past the densest finite point; 100 % sits on the right edge.
-    let decades = (widest.floor() + 1.0).clamp(2.0, 9.0);
+    let widest = series.iter().filter(|(_, p, _)| points(p).next().is_some()).map(|(_, p, _)| end(p)).fold(0.0, f64::max);
+    // Whole decades up to the longest curve's end.
+    let decades = widest.ceil().clamp(2.0, 9.0);
     let (y_end, y_step) = nice_axis(all().map(|(_, v)| v / 1000.0).fold(0.0, f64::max));
     let f = Frame::new(0.0, decades, y_end);
     svg_open(out, "Latency by percentile");
@@ -199,10 +400,10 @@ fn percentile_plot(out: &mut String, series: &[(&str, &Percentiles, &str)]) {
     for d in 1..=decades as u32 {
         x_tick(out, f.x(f64::from(d)), &nines(d));
     }
-    centred(out, H - 6.0, "percentile (maximum at the right edge)");
+    centred(out, H - 6.0, "percentile (a curve ends at its maximum, one sample in n)");
     let mut legend = Vec::new();
     for &(name, p, color) in series {
-        polyline(out, points(p).map(|(pc, v)| (f.x(lx(pc).min(decades)), f.y(v / 1000.0))), color, false);
+        polyline(out, points(p).map(|(pc, v)| (f.x(lx(p, pc)), f.y(v / 1000.0))), color, false);
         let n = if p.spectrum.is_empty() { "no samples".to_string() } else { format!("n = {}", int(p.count)) };
         legend.push((format!("{name} ({n})"), color, false));
     }
@@ -227,40 +428,17 @@ fn nines(d: u32) -> String {
 }
 
 /// Deliveries (left axis) and messages sent (right axis) per second, over
-/// bands shaded by phase.
-fn timeline_plot(out: &mut String, timeline: &[Sample]) {
-    let (lo, hi) = timeline
-        .iter()
-        .map(|s| s.t)
-        .filter(|t| t.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), t| (lo.min(t), hi.max(t)));
-    let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 0.0) };
+/// the phases shaded at their true times.
+fn timeline_plot(out: &mut String, timeline: &[Sample], phases: &[(&str, f64, f64)]) {
     let (d_end, d_step) = nice_axis(timeline.iter().map(|s| s.deliveries as f64).fold(0.0, f64::max));
     let (s_end, s_step) = nice_axis(timeline.iter().map(|s| s.sent as f64).fold(0.0, f64::max));
-    let f = Frame::new(lo - 0.5, hi + 0.5, d_end);
+    let f = time_frame(std::iter::once(timeline), d_end);
     let sent = Frame { y_max: s_end, ..f };
     svg_open(out, "Deliveries and messages sent per second");
-    // Phase bands: each run of samples in one phase, split half-way between neighbours.
-    let mut start = 0;
-    for run in timeline.chunk_by(|a, b| a.phase == b.phase) {
-        let end = start + run.len();
-        let left = if start == 0 { f.x0 } else { (timeline[start - 1].t + timeline[start].t) / 2.0 };
-        let right = timeline.get(end).map_or(f.x1, |next| (timeline[end - 1].t + next.t) / 2.0);
-        let (x, width, phase) = (f.x(left), (f.x(right) - f.x(left)).max(0.0), run[0].phase);
-        let _ = writeln!(out, "<rect x=\"{x:.1}\" y=\"{TOP}\" width=\"{width:.1}\" height=\"{PLOT_H}\" fill=\"{}\"/>", phase_fill(phase));
-        if width >= 7.0 * phase.len() as f64 + 6.0 {
-            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", x + width / 2.0, TOP + 14.0, esc(phase));
-        }
-        start = end;
-    }
+    phase_bands(out, f, phases);
     y_axis(out, f, d_step, false, "deliveries / s", BLUE);
     y_axis(out, sent, s_step, true, "sent / s", ORANGE);
-    let step = nice_step(f.x1 - f.x0, 8.0);
-    for k in (f.x0 / step).ceil() as i64..=(f.x1 / step).floor() as i64 {
-        let t = k as f64 * step;
-        x_tick(out, f.x(t), &tick_label(t, step));
-    }
-    centred(out, H - 6.0, "seconds since the first publish");
+    time_ticks(out, f);
     polyline(out, timeline.iter().map(|s| (f.x(s.t), f.y(s.deliveries as f64))), BLUE, false);
     polyline(out, timeline.iter().map(|s| (sent.x(s.t), sent.y(s.sent as f64))), ORANGE, true);
     if timeline.is_empty() {
@@ -492,6 +670,45 @@ mod tests {
         assert!(page.contains("--json FILE"));
     }
 
+    /// The `<rect>` of phase `name`: its x and width.
+    fn band(page: &str, fill: &str) -> (f64, f64) {
+        let at = page.find(&format!("fill=\"{fill}\"")).expect("the band");
+        let rect = &page[page[..at].rfind("<rect").unwrap()..at];
+        let attr = |k: &str| rect.split(&format!("{k}=\"")).nth(1).unwrap().split('"').next().unwrap().parse::<f64>().unwrap();
+        (attr("x"), attr("width"))
+    }
+
+    #[test]
+    fn phases_are_shaded_at_their_true_times_and_curves_end_with_their_samples() {
+        // Samples every second from 0 to 10 s; a 2 s warm-up, 8 s measured.
+        let timeline =
+            (0..=10).map(|t| Sample { t: f64::from(t), phase: "x".into(), deliveries: 10, p99_us: 1000.0, ..Sample::default() }).collect();
+        let r = FanoutReport { warmup_s: 2.0, duration_s: 8.0, timeline, ..FanoutReport::default() };
+        let page = render(&r);
+        // The frame spans -0.5 … 10.5 s.
+        let sec = PLOT_W / 11.0;
+        let (x, w) = band(&page, phase_fill("warmup"));
+        assert!((x - (LEFT + 0.5 * sec)).abs() < 0.2 && (w - 2.0 * sec).abs() < 0.2, "warm-up at {x}, {w} wide");
+        let (x, w) = band(&page, phase_fill("measure"));
+        assert!((x - (LEFT + 2.5 * sec)).abs() < 0.2 && (w - 8.0 * sec).abs() < 0.2, "measure at {x}, {w} wide");
+        assert!(page.contains("Delivery latency over time"));
+        // 1,000 samples beside 100,000: the first curve ends at 99.9 %, three
+        // decades in, not at the right edge (five decades).
+        let spectrum = vec![[0.0, 100.0], [50.0, 200.0], [90.0, 300.0], [99.0, 400.0], [99.9, 500.0], [100.0, 600.0]];
+        let few = Percentiles { count: 1000, spectrum: spectrum.clone(), ..Percentiles::default() };
+        let many = Percentiles { count: 100_000, spectrum, ..Percentiles::default() };
+        let mut out = String::new();
+        percentile_plot(&mut out, &[("few", &few, BLUE), ("many", &many, ORANGE)]);
+        let f = Frame::new(0.0, 5.0, 1.0);
+        let last_x = |i: usize| -> f64 {
+            let pts = out.split("points=\"").nth(i).unwrap().split('"').next().unwrap();
+            pts.split(' ').next_back().unwrap().split(',').next().unwrap().parse().unwrap()
+        };
+        assert!((last_x(1) - f.x(3.0)).abs() < 0.2, "the 1,000-sample curve ends at {}", last_x(1));
+        assert!((last_x(2) - f.x(5.0)).abs() < 0.2, "the 100,000-sample curve ends at {}", last_x(2));
+        assert!(out.contains(">99.999%<") && !out.contains(">99.9999%<"), "five decades: {out}");
+    }
+
     #[test]
     fn filled_report_escapes_strings() {
         let spectrum = vec![[0.0, 80.0], [50.0, 200.0], [90.0, 450.0], [99.0, 900.0], [99.5, 1100.0], [99.9, 2400.0], [100.0, 5200.0]];
@@ -501,7 +718,14 @@ mod tests {
         let timeline = phases
             .iter()
             .zip(-2_i32..)
-            .map(|(&phase, t)| Sample { t: f64::from(t), phase, connections: 100, sent: 1000, deliveries: 100_000, p99_us: 900.0 })
+            .map(|(&phase, t)| Sample {
+                t: f64::from(t),
+                phase: phase.into(),
+                connections: 100,
+                sent: 1000,
+                deliveries: 100_000,
+                p99_us: 900.0,
+            })
             .collect();
         let r = FanoutReport {
             target: "ws://host/<script>alert('x')</script>".to_string(),
@@ -526,7 +750,7 @@ mod tests {
         assert!(page.contains("123,456 KiB"));
         assert!(page.contains("2023-11-14 22:13:20 UTC"));
         assert!(page.contains("publish round trip (n = 5,000)") && page.contains("closed loop"));
-        assert_eq!(page.matches("<polyline").count(), 5);
+        assert_eq!(page.matches("<polyline").count(), 6);
         assert!(!page.contains("NaN"));
     }
 }

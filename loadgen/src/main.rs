@@ -70,6 +70,7 @@ fn main() {
             Cmd::Fanout(a) => cmd_fanout(a).await,
             Cmd::Connect(a) => connect::run(a).await.map(|()| 0),
             Cmd::Compare(a) => compare::run(a).await.map(|()| 0),
+            Cmd::Report(a) => report_again(&a).map(|()| 0),
         }
     });
     match r {
@@ -80,6 +81,29 @@ fn main() {
             std::process::exit(if failed_run { EXIT_FAILED_RUN } else { 1 });
         }
     }
+}
+
+/// `loadgen report`: a saved fan-out or compare report, rendered again.
+fn report_again(a: &cli::ReportArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&a.json).with_context(|| format!("cannot read {}", a.json.display()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", a.json.display()))?;
+    let page = if value.get("rows").is_some() && value.get("runs").is_some() {
+        let c: compare::CompareReport =
+            serde_json::from_value(value).with_context(|| format!("{} is not a loadgen compare report", a.json.display()))?;
+        print!("{}", compare::table(&c.rows));
+        html::render_compare(&c.rows, &c.runs_by_target(), &c.sequence)
+    } else if value.get("delivery_latency_us").is_some() {
+        let r: report::FanoutReport =
+            serde_json::from_value(value).with_context(|| format!("{} is not a loadgen fanout report", a.json.display()))?;
+        print!("{}", r.summary());
+        html::render(&r)
+    } else {
+        anyhow::bail!("{}: not a report of loadgen fanout or compare (loadgen connect's has no page)", a.json.display());
+    };
+    if let Some(path) = &a.html {
+        std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Exit status of a run whose threshold was crossed.

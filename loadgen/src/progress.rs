@@ -17,6 +17,9 @@ pub struct Progress {
     phase: Cell<&'static str>,
     last_line: Cell<Option<Instant>>,
     label: RefCell<String>,
+    /// When the timed part of the run began, and how long it lasts
+    /// (warm-up, measurement and drain; a hold).
+    timed: Cell<Option<(Instant, Duration)>>,
 }
 
 impl Progress {
@@ -29,7 +32,20 @@ impl Progress {
             b.enable_steady_tick(Duration::from_millis(200));
             b
         });
-        Progress { bar, quiet, phase: Cell::new("start"), last_line: Cell::new(None), label: RefCell::new(String::new()) }
+        Progress {
+            bar,
+            quiet,
+            phase: Cell::new("start"),
+            last_line: Cell::new(None),
+            label: RefCell::new(String::new()),
+            timed: Cell::new(None),
+        }
+    }
+
+    /// The timed part of the run starts now and lasts `total`: progress
+    /// then shows the time elapsed of it and its total.
+    pub fn timed(&self, total: Duration) {
+        self.timed.set(Some((Instant::now(), total)));
     }
 
     /// Names the run in progress lines (for `compare`).
@@ -42,6 +58,7 @@ impl Progress {
         if self.bar.is_none() && !self.quiet {
             eprintln!("{}phase: {phase}", self.prefix());
         }
+        self.line_now();
     }
 
     fn prefix(&self) -> String {
@@ -65,15 +82,19 @@ impl Progress {
         if self.quiet {
             return;
         }
+        let clock = match self.timed.get() {
+            Some((from, total)) => format!("{:>5.1} s / {:.0} s  ", from.elapsed().as_secs_f64(), total.as_secs_f64()),
+            None => String::new(),
+        };
+        let p99 = if p99_us > 0.0 { format!("  p99 {}", crate::report::us(p99_us)) } else { String::new() };
         let msg = format!(
-            "{}{:<8} connections {}/{}  sent {}  received {}  p99 {:.2} ms",
+            "{}{clock}{:<8} connections {}/{}  sent {}  received {}{p99}",
             self.prefix(),
             self.phase.get(),
             live.connected.load(Ordering::Relaxed),
             subscribers,
             live.sent.load(Ordering::Relaxed),
             live.received.load(Ordering::Relaxed),
-            p99_us / 1000.0
         );
         match &self.bar {
             Some(b) => b.set_message(msg),
@@ -85,6 +106,11 @@ impl Progress {
                 }
             }
         }
+    }
+
+    /// Prints the next line now (without a terminal), as a phase starts.
+    fn line_now(&self) {
+        self.last_line.set(None);
     }
 
     pub fn finish(&self) {

@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Percentiles of a latency histogram, in microseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Percentiles {
     pub count: u64,
     pub min: f64,
@@ -62,12 +63,13 @@ impl Percentiles {
 }
 
 /// One second of the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Sample {
     /// Seconds since the first publish (negative while connecting).
     pub t: f64,
     /// Phase at the end of the second.
-    pub phase: &'static str,
+    pub phase: String,
     pub connections: u64,
     /// Messages sent during this second.
     pub sent: u64,
@@ -89,8 +91,10 @@ pub fn us(v: f64) -> String {
     }
 }
 
-/// The report of one `loadgen fanout` run.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The report of one `loadgen fanout` run (read back by `loadgen report`:
+/// keys missing from an older report take their defaults).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FanoutReport {
     pub target: String,
     pub transport: String,
@@ -268,7 +272,7 @@ impl FanoutReport {
         }
         let _ = writeln!(
             s,
-            "client CPU   {:.2} s  ({:.2} us per delivery, busiest thread {:.0}% of a core, {} threads){}",
+            "client CPU   {:.2} s  ({:.2} µs per delivery, busiest thread {:.0}% of a core, {} threads){}",
             self.client_cpu_s,
             self.client_cpu_us_per_delivery,
             self.client_busiest_thread * 100.0,
@@ -276,7 +280,7 @@ impl FanoutReport {
             if self.client_saturated { format!("  SATURATED: {}", self.saturation.join("; ")) } else { String::new() }
         );
         if let (Some(cpu), Some(per)) = (self.server_cpu_s, self.server_cpu_us_per_delivery) {
-            let _ = write!(s, "server CPU   {cpu:.2} s  ({per:.2} us per delivery)");
+            let _ = write!(s, "server CPU   {cpu:.2} s  ({per:.2} µs per delivery)");
             if let Some(rss) = self.server_rss_kib {
                 let _ = write!(s, "  RSS {rss} KiB");
             }
@@ -329,7 +333,8 @@ impl ConnectReport {
             self.opened, self.connections, self.transport, self.open_s, self.opened_per_s, self.hold_s, self.dropped_while_held
         );
         let p = &self.connect_latency_us;
-        let _ = writeln!(s, "connect (us) p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}", p.p50, p.p90, p.p99, p.p999, p.max);
+        let _ =
+            writeln!(s, "connect      p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", us(p.p50), us(p.p90), us(p.p99), us(p.p999), us(p.max));
         if self.connect_errors > 0 {
             let _ = writeln!(s, "connect errs {} {:?}", self.connect_errors, self.connect_errors_by_kind);
         }

@@ -29,6 +29,16 @@ fn loadgen(args: &[&str]) -> (Value, String) {
     let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("<svg"), "the HTML report has its plots");
+    // `loadgen report` renders the saved run again: the same page, the
+    // same summary.
+    let again = dir.join("again.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["report", json.to_str().unwrap(), "--html", again.to_str().unwrap()])
+        .output()
+        .expect("run loadgen report");
+    assert!(out.status.success(), "loadgen report failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), page, "the saved run renders the same page");
+    assert!(stdout.contains(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()), "the same summary");
     let _ = std::fs::remove_dir_all(&dir);
     (report, stdout)
 }
@@ -337,12 +347,25 @@ fn compare_interleaves_targets_and_prints_ratios() {
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["compare", "--target", "name=http", "--target", "name=ws publish=ws publish-inflight=1", "--rounds", "2"])
         .args(["--subscribers", "20", "--rate", "100", "--duration", "1", "--warmup", "0", "--drain", "1", "--quiet"])
-        .args(["--json", json.to_str().unwrap()])
+        .args(["--json", json.to_str().unwrap(), "--html", dir.join("cmp.html").to_str().unwrap()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ratio to http"), "{stdout}");
+    assert!(stdout.contains(" ms") || stdout.contains(" µs"), "latencies with their unit: {stdout}");
+    // The page: both targets, their ratio, a curve each; and `loadgen
+    // report` renders the same page again from the JSON.
+    let page = std::fs::read_to_string(dir.join("cmp.html")).unwrap();
+    assert!(page.contains("<th>ws ÷ http</th>") && page.contains("(n = 2,000)"), "{page}");
+    assert_eq!(page.matches("<polyline").count(), 4, "a percentile curve and a p99-over-time line per target");
+    let again = dir.join("again.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["report", json.to_str().unwrap(), "--html", again.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&again).unwrap(), page, "the saved report renders the same page");
     let r: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = r["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
@@ -677,4 +700,44 @@ fn tls_targets_are_measured_over_wss_and_https() {
     assert_eq!(code, 4, "{text}");
     assert!(text.contains("tls") && text.contains("--tls-ca"), "{text}");
     let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+}
+
+#[test]
+fn a_lossy_server_passes_by_default_and_fails_a_loss_threshold() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let addr = rt.block_on(lossy_server(Duration::from_millis(1)));
+    let (url, publish) = (format!("ws://{addr}/sub"), format!("ws://{addr}/pub"));
+    let run = |extra: &[&str]| {
+        let base = [
+            "fanout",
+            "--url",
+            &url,
+            "--format",
+            "raw",
+            "--publish",
+            "ws-raw",
+            "--publish-url",
+            &publish,
+            "--subscribers",
+            "5",
+            "--rate",
+            "50",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0",
+            "--drain",
+            "1s",
+        ];
+        status(&[&base[..], extra].concat())
+    };
+    // 10 % lost: reported, but no threshold was set, so it passes (0).
+    let (code, text) = run(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("lost 25 "), "5 messages for 5 subscribers: {text}");
+    // With --max-loss 1 %: 3, and which threshold.
+    let (code, text) = run(&["--max-loss", "0.01"]);
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("THRESHOLD CROSSED: loss 10.0000 % > --max-loss 1.0000 %"), "{text}");
+    drop(rt);
 }
