@@ -206,3 +206,76 @@ async fn nodes_share_channels_through_rediss() {
     assert_eq!(metric(&m, "herald_broker_publisher_up"), 0, "{m}");
     assert!(untrusting.publish("news", Payload::text("x")).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_over_tls_carries_every_channel() {
+    let cert = Cert::new();
+    let tls_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nodes: Vec<RedisServer> = tls_ports
+        .iter()
+        .map(|p| {
+            let p = p.to_string();
+            RedisServer::start(&[
+                "--tls-port",
+                &p,
+                "--tls-cert-file",
+                &cert.cert(),
+                "--tls-key-file",
+                &cert.key(),
+                "--tls-ca-cert-file",
+                &cert.cert(),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cluster",
+                "yes",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+            ])
+        })
+        .collect();
+    let addrs: Vec<String> = tls_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--tls", "--cacert", &cert.cert(), "--cluster", "create"])
+        .args(&addrs)
+        .arg("--cluster-yes")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for n in &nodes {
+        while !n.query::<String>(&["CLUSTER", "INFO"]).unwrap().contains("cluster_state:ok") {
+            assert!(std::time::Instant::now() < deadline, "the cluster never became ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let urls: Vec<String> = tls_ports.iter().map(|p| format!("rediss://127.0.0.1:{p}")).collect();
+    let node = |seeds: &[String]| {
+        ready(start(2, |c| {
+            c.redis_cluster(seeds.to_vec()).redis_timeout(Duration::from_millis(1000));
+            c.redis_tls_ca = Some(cert.cert());
+        }))
+    };
+    let (a, b) = (node(&urls[..2]), node(&urls[2..]));
+    // Channels on every master (16 names cover the three slot ranges).
+    let channels: Vec<String> = (0..16).map(|i| format!("c{i}")).collect();
+    let mut on_b = ws(addr(&b), "/ws").await;
+    for ch in &channels {
+        let r = command(&mut on_b, json!({"op": "subscribe", "channel": ch})).await;
+        assert_eq!(r["op"], "subscribed", "{r}");
+    }
+    wait_metric(&b, "herald_broker_subscriptions", |v| v == 16).await;
+    assert_eq!(metric(&b.metrics_text(), "herald_broker_up"), 3, "one TLS subscriber connection per master");
+    for ch in &channels {
+        a.publish(ch, Payload::text(format!("to {ch}"))).await.unwrap();
+    }
+    let mut got: Vec<String> = Vec::new();
+    for _ in &channels {
+        got.push(next_json(&mut on_b).await["data"].as_str().unwrap().to_string());
+    }
+    got.sort();
+    let mut want: Vec<String> = channels.iter().map(|c| format!("to {c}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+}
