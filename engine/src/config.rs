@@ -678,6 +678,13 @@ impl Config {
                 &format!("Redis URL {:?} must start with redis:// or rediss:// (TLS)", redact_url(url)),
             )?;
         }
+        for url in c.redis.iter().chain(&c.redis_cluster) {
+            let after_host = url.rsplit_once('@').map_or(url.as_str(), |(_, h)| h);
+            check(
+                !after_host.contains('#'),
+                &format!("Redis URL {:?}: fragments (#insecure) are not supported: trust a private CA with redis_tls_ca", redact_url(url)),
+            )?;
+        }
         let tls_redis = c.redis.iter().chain(&c.redis_cluster).filter(|u| u.starts_with("rediss://")).count();
         check(
             tls_redis == 0 || tls_redis == c.redis.iter().chain(&c.redis_cluster).count(),
@@ -701,13 +708,17 @@ impl Config {
 }
 
 /// `url` with the password of its user info replaced by `<redacted>`, for
-/// logs and error messages.
+/// logs and error messages. The user info ends at the last `@` (a password
+/// may hold `/`, `?` or `#`; a Redis URL has no `@` after its host), and a
+/// string without a scheme is taken as an authority.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    match rest.rfind('@') {
         Some(at) => match rest[..at].split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:<redacted>@{}", &rest[at + 1..]),
+            Some((user, _)) => format!("{scheme}{user}:<redacted>@{}", &rest[at + 1..]),
             None => url.to_string(),
         },
         None => url.to_string(),
@@ -722,7 +733,9 @@ mod tests {
         assert_eq!(redact_url("redis://:hunter2@h:6379/0"), "redis://:<redacted>@h:6379/0");
         assert_eq!(redact_url("rediss://app:hunter2@h"), "rediss://app:<redacted>@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
-        assert_eq!(redact_url("redis://h/x@y"), "redis://h/x@y");
+        // A password holding URL delimiters, and no scheme at all.
+        assert_eq!(redact_url("rediss://:ab/cd?e#f=@host:6380"), "rediss://:<redacted>@host:6380");
+        assert_eq!(redact_url("user:hunter2@host:6379"), "user:<redacted>@host:6379");
     }
 
     use super::*;

@@ -311,9 +311,6 @@ impl Herald {
     }
 }
 
-/// Binds `addr` with a listen backlog of `backlog` (`std`'s `bind` fixes it
-/// at 128, which a connection storm overflows), warning when the kernel
-/// caps it lower.
 /// The listener's TLS, loaded (and its files checked) before anything is
 /// bound.
 fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, StartError> {
@@ -323,6 +320,9 @@ fn server_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Star
     }
 }
 
+/// Binds `addr` with a listen backlog of `backlog` (`std`'s `bind` fixes it
+/// at 128, which a connection storm overflows), warning when the kernel
+/// caps it lower.
 fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;

@@ -29,6 +29,9 @@ pub enum TlsError {
     /// The key does not fit the certificate, or rustls refused them.
     #[error("tls_cert and tls_key cannot be used together: {0}")]
     Pair(String),
+    /// rustls refused its own setup (a protocol version its provider lacks).
+    #[error("TLS cannot be set up: {0}")]
+    Setup(String),
 }
 
 fn file_error(setting: &'static str, path: &str, reason: impl ToString) -> TlsError {
@@ -53,7 +56,9 @@ pub(crate) fn acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAccepto
     // The parse error never quotes the key's bytes.
     let key_der =
         PrivateKeyDer::from_pem_slice(&pem).map_err(|_| file_error("tls_key", key, "holds no PEM private key (PKCS#8, PKCS#1 or SEC1)"))?;
-    let mut config = rustls::ServerConfig::builder()
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key_der)
         .map_err(|e| TlsError::Pair(e.to_string()))?;
@@ -80,8 +85,20 @@ pub fn roots(setting: &'static str, ca: Option<&str>) -> Result<RootCertStore, T
 }
 
 /// A client configuration that trusts `roots`.
-pub fn client_config(roots: RootCertStore) -> Arc<rustls::ClientConfig> {
-    Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+pub fn client_config(roots: RootCertStore) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    Ok(Arc::new(builder.with_root_certificates(roots).with_no_client_auth()))
+}
+
+/// ring, named rather than left to rustls's choice among the providers
+/// compiled in, and installed as the process default for the TLS that
+/// redis-rs sets up itself.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let ring = Arc::new(rustls::crypto::ring::default_provider());
+    let _ = rustls::crypto::CryptoProvider::install_default(rustls::crypto::ring::default_provider());
+    ring
 }
 
 #[cfg(test)]

@@ -600,6 +600,15 @@ fn num(v: f64) -> String {
     if !v.is_finite() {
         return "n/a".to_string();
     }
+    // Rounded to the decimals shown first, so that 99.9999… and 100 (a
+    // value and its rounded JSON) print alike.
+    let shown = |v: f64| match v.abs() {
+        a if v.fract() == 0.0 || a >= 100.0 => 0,
+        a if a >= 10.0 => 1,
+        a if a >= 1.0 => 2,
+        _ => 3,
+    };
+    let v: f64 = format!("{v:.*}", shown(v)).parse().unwrap_or(v);
     let decimals = match v.abs() {
         a if v.fract() == 0.0 || a >= 100.0 => 0,
         a if a >= 10.0 => 1,
@@ -660,6 +669,15 @@ fn esc(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_print_alike_whatever_their_last_bits() {
+        assert_eq!(num(99.999_999_999_9), "100");
+        assert_eq!(num(100.0), "100");
+        assert_eq!(num(7.354), "7.35");
+        assert_eq!(num(0.012_34), "0.012");
+        assert_eq!(num(124_997.0), "124,997");
+    }
 
     #[test]
     fn empty_report_renders_without_nan() {

@@ -174,7 +174,7 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
         .get_or_init(|| {
             let ca = TLS_CA.get().and_then(Option::as_deref);
             let roots = herald::tls::roots("--tls-ca", ca).map_err(|e| e.to_string())?;
-            Ok(herald::tls::client_config(roots))
+            herald::tls::client_config(roots).map_err(|e| e.to_string())
         })
         .clone()
 }

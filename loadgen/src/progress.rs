@@ -51,6 +51,8 @@ impl Progress {
     /// Names the run in progress lines (for `compare`).
     pub fn label(&self, label: &str) {
         *self.label.borrow_mut() = label.to_string();
+        // A new run: its own clock starts with its timed part.
+        self.timed.set(None);
     }
 
     pub fn phase(&self, phase: &'static str) {

@@ -248,7 +248,11 @@ async fn read_ws(ctx: &Ctx, mut stream: Stream, first: Vec<u8>, channel: u64, su
     drop(first);
     loop {
         if !r.reply.is_empty() {
-            if stream.write_all(&r.reply).await.is_err() && ended.is_none() {
+            let written = async {
+                stream.write_all(&r.reply).await?;
+                stream.flush().await
+            };
+            if written.await.is_err() && ended.is_none() {
                 ended = Some("io_write".into());
             }
             r.reply.clear();

@@ -358,7 +358,10 @@ fn compare_interleaves_targets_and_prints_ratios() {
     // report` renders the same page again from the JSON.
     let page = std::fs::read_to_string(dir.join("cmp.html")).unwrap();
     assert!(page.contains("<th>ws ÷ http</th>") && page.contains("(n = 2,000)"), "{page}");
-    assert_eq!(page.matches("<polyline").count(), 4, "a percentile curve and a p99-over-time line per target");
+    // A percentile curve per target, and a p99-over-time line for each
+    // target whose run timed a second's deliveries.
+    assert!((2..=4).contains(&page.matches("<polyline").count()), "{page}");
+    assert!(page.contains("http (n = 2,000)") && page.contains("ws (n = 2,000)"), "{page}");
     let again = dir.join("again.html");
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(["report", json.to_str().unwrap(), "--html", again.to_str().unwrap()])

@@ -114,10 +114,10 @@ struct Args {
     bench_compression_per_connection: bool,
     /// Use the `redis` broker at this URL (redis://[user:password@]host:port):
     /// every publish goes through Redis, so many nodes serve one set of channels.
-    #[arg(long, env = "HERALD_REDIS", conflicts_with = "redis_cluster")]
+    #[arg(long, env = "HERALD_REDIS", conflicts_with = "redis_cluster", hide_env_values = true)]
     redis: Option<String>,
     /// Use the `redis-cluster` broker (sharded pub/sub) with these seed URLs.
-    #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',')]
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',', hide_env_values = true)]
     redis_cluster: Option<Vec<String>>,
     /// PEM bundle of the CAs trusted for rediss:// URLs (default: the system's).
     #[arg(long, env = "HERALD_REDIS_TLS_CA")]
@@ -256,27 +256,36 @@ fn config(args: &Args) -> anyhow::Result<Config> {
     Ok(c)
 }
 
-/// Logs, once, where the configuration came from and every setting that
-/// differs from its default (secrets print as `<redacted>`).
-fn log_config(file: Option<&std::path::Path>, config: &Config) {
-    let (Ok(toml::Value::Table(now)), Ok(toml::Value::Table(default))) =
-        (toml::Value::try_from(config), toml::Value::try_from(Config::default()))
-    else {
-        return;
+/// The configuration as it is shown (logged, printed): secrets are
+/// `<redacted>` already, and so are the passwords of URLs (Redis, hooks).
+fn shown(config: &Config) -> Option<toml::Table> {
+    let redact = |v: &mut toml::Value| {
+        if let toml::Value::String(u) = v {
+            *u = herald::config::redact_url(u);
+        }
     };
-    let changed: Vec<String> = now
-        .iter()
-        .filter(|(k, v)| default.get(*k) != Some(v))
-        .map(|(k, v)| match (k.as_str(), v) {
-            // Redis URLs may carry a password.
-            ("redis", toml::Value::String(u)) => format!("{k}={:?}", herald::config::redact_url(u)),
-            ("redis_cluster", toml::Value::Array(urls)) => {
-                let urls: Vec<String> = urls.iter().filter_map(|u| u.as_str()).map(herald::config::redact_url).collect();
-                format!("{k}={urls:?}")
+    let toml::Value::Table(mut t) = toml::Value::try_from(config).ok()? else { return None };
+    if let Some(v) = t.get_mut("redis") {
+        redact(v);
+    }
+    if let Some(toml::Value::Array(urls)) = t.get_mut("redis_cluster") {
+        urls.iter_mut().for_each(redact);
+    }
+    if let Some(toml::Value::Table(proxy)) = t.get_mut("proxy") {
+        for key in ["connect_url", "subscribe_url", "publish_url"] {
+            if let Some(v) = proxy.get_mut(key) {
+                redact(v);
             }
-            _ => format!("{k}={v}"),
-        })
-        .collect();
+        }
+    }
+    Some(t)
+}
+
+/// Logs, once, where the configuration came from and every setting that
+/// differs from its default (secrets and URL passwords as `<redacted>`).
+fn log_config(file: Option<&std::path::Path>, config: &Config) {
+    let (Some(now), Some(default)) = (shown(config), shown(&Config::default())) else { return };
+    let changed: Vec<String> = now.iter().filter(|(k, v)| default.get(*k) != Some(v)).map(|(k, v)| format!("{k}={v}")).collect();
     let file = file.map_or_else(|| "none".to_string(), |p| p.display().to_string());
     let changed = if changed.is_empty() { "none (all defaults)".to_string() } else { changed.join(" ") };
     tracing::info!(%file, %changed, "configuration");
@@ -366,8 +375,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     // itself, not as whatever binding the port says.
     config.validated()?;
     if args.print_config {
-        // Printed as given (`shards = 0` stays "one per core").
-        print!("{}", toml::to_string(&config).context("cannot render the configuration")?);
+        // Printed as given (`shards = 0` stays "one per core"), secrets
+        // and URL passwords redacted.
+        let table = shown(&config).context("cannot render the configuration")?;
+        print!("{}", toml::to_string(&table).context("cannot render the configuration")?);
         return Ok(());
     }
     log_config(args.config.as_deref(), &config);

@@ -147,6 +147,39 @@ pub(crate) struct Shard {
     tasks: Cell<usize>,
     /// Set when the shard starts draining.
     drain: watch::Sender<bool>,
+    /// How many slow-consumer cuts were said lately (a burst is a few lines).
+    slow_log: Cell<LogBudget>,
+}
+
+/// At most [`LogBudget::LINES`] lines per [`LogBudget::WINDOW`]; the rest
+/// are counted and said as one line when the next window opens.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct LogBudget {
+    window: Option<Instant>,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub(crate) const LINES: u32 = 10;
+    pub(crate) const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Whether a line may be written at `now`, and how many went unsaid in
+    /// the window before (to say first).
+    pub(crate) fn admit(&mut self, now: Instant) -> (bool, Option<u64>) {
+        let mut unsaid = None;
+        if self.window.is_none_or(|w| now.duration_since(w) >= Self::WINDOW) {
+            unsaid = (self.suppressed > 0).then_some(self.suppressed);
+            *self = LogBudget { window: Some(now), lines: 0, suppressed: 0 };
+        }
+        if self.lines < Self::LINES {
+            self.lines += 1;
+            (true, unsaid)
+        } else {
+            self.suppressed += 1;
+            (false, unsaid)
+        }
+    }
 }
 
 impl std::fmt::Debug for Shard {
@@ -465,7 +498,18 @@ impl Shard {
                 m.compression_closed.inc();
             }
             m.disconnect(reason);
-            log_close(self.id, conn, reason);
+            let said = if reason == Disconnect::SlowConsumer {
+                let mut budget = self.slow_log.get();
+                let (say, unsaid) = budget.admit(Instant::now());
+                self.slow_log.set(budget);
+                if let Some(n) = unsaid {
+                    tracing::info!(target: "herald::conn", shard = self.id, count = n, "more slow consumers cut, unsaid (herald_disconnects_total counts them all)");
+                }
+                say
+            } else {
+                true
+            };
+            log_close(self.id, conn, reason, said);
         }
     }
 
@@ -790,6 +834,7 @@ pub(crate) fn spawn(
                 scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
                 tasks: Cell::new(0),
                 drain: watch::channel(false).0,
+                slow_log: Cell::new(LogBudget::default()),
             });
             CURRENT.with(|c| *c.borrow_mut() = Some(Rc::clone(&shard)));
             tokio::task::spawn_local(Rc::clone(&shard).run_inbox());
@@ -877,21 +922,26 @@ impl FanoutBench {
 }
 
 /// Says why a connection closed: at `debug` in its span, and a slow
-/// consumer's cut at `info` always (an operator's signal).
-fn log_close(shard: usize, conn: &Conn, reason: Disconnect) {
+/// consumer's cut at `info` always (an operator's signal) unless the
+/// shard's budget for such lines is spent (`say`).
+fn log_close(shard: usize, conn: &Conn, reason: Disconnect, say: bool) {
+    let slow = reason == Disconnect::SlowConsumer;
+    if conn.log.is_none() && !(slow && say) {
+        return;
+    }
     let access = conn.access.borrow();
     let user = access.user().unwrap_or("-");
     let subscriptions = conn.subs.borrow().len();
-    match (&conn.log, reason) {
-        (Some(log), _) => log.span.in_scope(|| {
+    match &conn.log {
+        Some(log) => log.span.in_scope(|| {
             let ms = log.opened.elapsed().as_millis() as u64;
-            if reason == Disconnect::SlowConsumer {
-                tracing::info!(target: "herald::conn", reason = %reason.label(), %user, ms, "closed: its outbound queue overflowed");
+            if slow && say {
+                tracing::info!(target: "herald::conn", reason = %reason.label(), %user, subscriptions, ms, "slow consumer cut: its outbound queue overflowed");
             } else {
                 tracing::debug!(target: "herald::conn", reason = %reason.label(), ms, "closed");
             }
         }),
-        (None, Disconnect::SlowConsumer) => tracing::info!(
+        None => tracing::info!(
             target: "herald::conn",
             conn = conn.key,
             transport = %conn.transport.as_str(),
@@ -901,6 +951,22 @@ fn log_close(shard: usize, conn: &Conn, reason: Disconnect) {
             subscriptions,
             "slow consumer cut: its outbound queue overflowed"
         ),
-        (None, _) => {}
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::LogBudget;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_burst_of_cuts_is_ten_lines_then_one_count() {
+        let t0 = Instant::now();
+        let mut b = LogBudget::default();
+        let said = (0..1000).filter(|i| b.admit(t0 + Duration::from_millis(*i)).0).count();
+        assert_eq!(said, 10, "ten lines in the first 10 s");
+        // The next window: the 990 unsaid are said as one count first.
+        assert_eq!(b.admit(t0 + Duration::from_secs(11)), (true, Some(990)));
+        assert_eq!(b.admit(t0 + Duration::from_secs(12)), (true, None));
     }
 }

@@ -165,8 +165,8 @@ where
 impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Disconnect> {
         // What the connection logs is in its span (when `herald::conn` is at debug).
-        let conn = Rc::clone(&self.conn);
-        let _entered = conn.log.as_ref().map(|l| l.span.enter());
+        let logged = self.conn.log.is_some().then(|| Rc::clone(&self.conn));
+        let _entered = logged.as_ref().and_then(|c| c.log.as_ref()).map(|l| l.span.enter());
         self.conn.out.borrow_mut().set_waker(cx.waker());
         loop {
             if let Poll::Ready(reason) = self.step(cx) {
@@ -326,7 +326,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTask<S> {
                 // A subscriber that dropped frames and caught up is told.
                 self.conn.caught_up(self.shard.config().outbound_queue_bytes, metrics);
                 if self.conn.out.borrow().is_empty() {
-                    return Poll::Ready(Ok(()));
+                    // A TLS stream holds what it encrypted until flushed
+                    // (a plain socket's flush does nothing).
+                    return Pin::new(&mut self.io).poll_flush(cx);
                 }
                 continue;
             }

@@ -167,7 +167,9 @@ async fn connections_log_their_fields_and_close_reason_and_a_slow_consumer_is_sa
         assert!(tokio::time::Instant::now() < deadline, "the connection never closed");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    h.child.start_kill().unwrap();
+    // A graceful stop: the shard that counted the close has logged it
+    // before it drains and the process exits.
+    terminate(&mut h).await;
     let log = h.log.await.unwrap();
     let opened = log.lines().find(|l| l.contains("opened")).unwrap_or_else(|| panic!("no open line: {log}"));
     for field in ["transport=ws", "shard=", "remote=127.0.0.1:", "user=-", "channels=1"] {
@@ -199,10 +201,18 @@ async fn connections_log_their_fields_and_close_reason_and_a_slow_consumer_is_sa
     }
     assert!(cut, "the stalled subscriber was never cut");
     let mut h = h;
-    h.child.start_kill().unwrap();
+    terminate(&mut h).await;
     let log = h.log.await.unwrap();
     let cut = log.lines().find(|l| l.contains("slow consumer cut")).unwrap_or_else(|| panic!("no slow consumer line: {log}"));
     assert!(cut.contains("INFO") && cut.contains("remote=127.0.0.1:") && cut.contains("transport=ws"), "{cut}");
     assert!(!log.contains("opened"), "no per-connection lines at info: {log}");
     drop(stalled.shutdown().await);
+}
+
+/// SIGTERM, and waits for the process to drain and exit.
+async fn terminate(h: &mut Spawned) {
+    let pid = h.child.id().expect("running").to_string();
+    let status = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    assert!(status.success());
+    let _ = tokio::time::timeout(WAIT, h.child.wait()).await.expect("herald did not stop on SIGTERM");
 }

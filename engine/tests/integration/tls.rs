@@ -279,3 +279,42 @@ async fn a_redis_cluster_over_tls_carries_every_channel() {
     want.sort();
     assert_eq!(got, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_subscriber_that_stalls_then_reads_gets_everything_without_waiting_for_a_ping() {
+    let cert = Cert::new();
+    // No ping for an hour: only the flush after the queue drains can push
+    // out what TLS holds once the socket was full.
+    let h = start(1, |c| {
+        c.tls_cert = Some(cert.cert());
+        c.tls_key = Some(cert.key());
+        c.ping_interval(Duration::from_secs(3600)).idle_timeout(Duration::from_secs(7200)).outbound_queue_bytes(64 << 20);
+    });
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(addr(&h)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = cert.connector().connect(name, tcp).await.unwrap();
+    let (mut sub, _) = tokio_tungstenite::client_async("wss://localhost/ws?channel=bulk", tls).await.unwrap();
+    wait_metric(&h, "herald_subscriptions", |v| v == 1).await;
+    // 8 MiB while it does not read: far past the kernel's socket buffers.
+    let payload = "p".repeat(2048);
+    for _ in 0..4096 {
+        h.publish("bulk", Payload::text(payload.clone())).await.unwrap();
+    }
+    h.publish("bulk", Payload::text("end")).await.unwrap();
+    // Read slowly, so that the socket stays full to the end and the last
+    // frames are taken by TLS while the socket cannot take them.
+    let mut n = 0;
+    loop {
+        let m = next_json(&mut sub).await;
+        if m["data"] == "end" {
+            break;
+        }
+        n += 1;
+        if n % 16 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(n, 4096, "every message before the last");
+}

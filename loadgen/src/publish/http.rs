@@ -193,7 +193,8 @@ where
                 next = rx.try_recv().ok();
             }
         }
-        if reader.is_finished() || write.write_all(&out).await.is_err() {
+        // Flushed: over TLS the records wait in the stream until then.
+        if reader.is_finished() || write.write_all(&out).await.is_err() || write.flush().await.is_err() {
             break false;
         }
         out.clear();

@@ -408,7 +408,7 @@ impl RedisBroker {
                     })?),
                     None => None,
                 };
-                Some(RedisTls { client: crate::tls::client_config(roots), ca_pem })
+                Some(RedisTls { client: crate::tls::client_config(roots)?, ca_pem })
             }
             _ => None,
         };
@@ -754,9 +754,8 @@ struct Backoff(u32);
 /// an outage is a few lines in the log, not one per retry.
 #[derive(Debug, Default)]
 pub(crate) struct Outage {
-    /// When it was last said, and the attempts since.
+    /// When it was last said, and the attempts in all.
     said: Option<std::time::Instant>,
-    quiet: u64,
     attempts: u64,
 }
 
@@ -768,13 +767,9 @@ impl Outage {
     pub(crate) fn failed(&mut self, now: std::time::Instant) -> bool {
         self.attempts += 1;
         match self.said {
-            Some(at) if now.duration_since(at) < Self::EVERY => {
-                self.quiet += 1;
-                false
-            }
+            Some(at) if now.duration_since(at) < Self::EVERY => false,
             _ => {
                 self.said = Some(now);
-                self.quiet = 0;
                 true
             }
         }
@@ -788,7 +783,6 @@ impl Outage {
     pub(crate) fn ended(&mut self) -> Option<u64> {
         let n = std::mem::take(&mut self.attempts);
         self.said = None;
-        self.quiet = 0;
         (n > 0).then_some(n)
     }
 }

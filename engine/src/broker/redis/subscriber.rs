@@ -230,7 +230,7 @@ impl Subscriber {
                             self.shared.metrics.subscribed.fetch_sub(1, Ordering::Relaxed);
                         }
                         *live.unsubscribing.entry(Arc::clone(&ch)).or_default() += 1;
-                        if let Err(e) = wr.write_all(&self.shared.scripts.names.sub_command(self.shared.cluster, false, &[ch])).await {
+                        if let Err(e) = write_flushed(wr, &self.shared.scripts.names.sub_command(self.shared.cluster, false, &[ch])).await {
                             return fail(e);
                         }
                     }
@@ -241,7 +241,7 @@ impl Subscriber {
                     }
                     let mut cmd = Vec::new();
                     resp::command(&mut cmd, &[b"PING"]);
-                    if let Err(e) = wr.write_all(&cmd).await {
+                    if let Err(e) = write_flushed(wr, &cmd).await {
                         return fail(e);
                     }
                     awaiting_pong = true;
@@ -267,6 +267,8 @@ impl Subscriber {
             }
             live.unacked += batch.len();
             wr.write_all(&self.shared.scripts.names.sub_command(self.shared.cluster, true, &batch)).await?;
+            // Over TLS the records wait in the stream until flushed.
+            wr.flush().await?;
         }
         Ok(())
     }
@@ -450,6 +452,12 @@ async fn read_range(shared: &Shared, fill: &Fill) -> Option<Vec<Arc<crate::messa
     None
 }
 
+/// Writes `bytes` and flushes them (a TLS stream holds records until then).
+async fn write_flushed(wr: &mut WriteHalf<Link>, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
 /// A subscriber connection: plain TCP, or TLS over it (`rediss://`).
 pub(crate) enum Link {
     Plain(TcpStream),
@@ -517,6 +525,7 @@ async fn connect(shared: &Shared, node: &(String, u16)) -> Result<Link, LinkErro
             None => resp::command(&mut cmd, &[b"AUTH", pass.as_bytes()]),
         }
         stream.write_all(&cmd).await?;
+        stream.flush().await?;
         let mut buf = BytesMut::with_capacity(256);
         let reply = loop {
             if let Some(v) = resp::decode(&mut buf)? {
